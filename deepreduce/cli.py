@@ -1,0 +1,158 @@
+"""The `deepreduce` command: a thin layer over the library (see README for the Python API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+from .spec import THIN_MODES, ModelSpec
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model spec (or --spec FILE.json)")
+    g.add_argument("--spec", help="a ModelSpec JSON file; the flags below override its fields")
+    g.add_argument("--arch", choices=["resnet18", "wrn22_8"])
+    g.add_argument("--input-size", type=int)
+    g.add_argument("--classes", type=int, dest="num_classes")
+    g.add_argument("--in-channels", type=int, choices=[1, 3])
+    g.add_argument("--alpha", type=float, help="channel width multiplier")
+    g.add_argument("--rho", type=float, help="input downsampling (stem stride round(1/rho))")
+    g.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 2,1,1,1")
+    g.add_argument("--cull", type=_int_list, help="stages whose ReLUs are all removed, e.g. 1,4")
+    g.add_argument("--thin", choices=THIN_MODES)
+    g.add_argument("--stem-relu", dest="stem_relu", action="store_true", default=None)
+    g.add_argument("--no-stem-relu", dest="stem_relu", action="store_false")
+    g.add_argument("--remove", type=lambda t: [s for s in t.split(",") if s], help="extra ReLU sites to remove")
+
+
+SPEC_FIELDS = ("arch", "input_size", "num_classes", "in_channels", "alpha", "rho", "blocks", "cull", "thin",
+               "stem_relu", "remove")
+
+
+def spec_from_args(args, **defaults) -> ModelSpec:
+    base = ModelSpec.load(args.spec).to_dict() if args.spec else {}
+    base.pop("format_version", None)
+    changes = {k: getattr(args, k) for k in SPEC_FIELDS if getattr(args, k, None) is not None}
+    if changes.get("arch") and changes["arch"] != base.get("arch") and "blocks" not in changes:
+        base.pop("blocks", None)  # a new arch brings its own default depth
+    merged = {**defaults, **base, **changes}
+    return ModelSpec.from_dict(merged)
+
+
+# -- count ------------------------------------------------------------------------------------
+
+def cmd_count(args) -> None:
+    from .relus import measured_relu_count, relu_count, relu_count_by_stage, relu_sites
+    spec = spec_from_args(args)
+    total, stages = relu_count(spec), relu_count_by_stage(spec)
+    if args.json:
+        out = {"relu_count": total, "stages": stages, "sites": relu_sites(spec), "spec": spec.to_dict()}
+        if args.measure:
+            out["measured_relu_count"] = measured_relu_count(spec)
+        print(json.dumps(out))
+        return
+    print(f"{'stage':<6} {'ReLUs':>12} {'share':>7}")
+    for name, n in stages.items():
+        print(f"{name:<6} {n:>12,} {100.0 * n / max(1, total):>6.1f}%")
+    print(f"{'total':<6} {total:>12,}")
+    if args.measure:
+        print(f"measured with forward hooks: {measured_relu_count(spec):,}")
+
+
+# -- train / evaluate ----------------------------------------------------------------------------
+
+def cmd_train(args) -> None:
+    from .data import load_dataset
+    from .train import TrainConfig, train
+    probe = spec_from_args(args)
+    data = load_dataset(args.data, input_size=probe.input_size if (args.input_size or args.spec) else None,
+                        resize=args.resize)
+    # Channels, input size and classes come from the data unless the user fixed them.
+    spec = spec_from_args(args, in_channels=data.in_channels, input_size=data.input_size,
+                          num_classes=len(data.classes))
+    if args.spec is None and args.num_classes is None:
+        spec = spec.replace(num_classes=len(data.classes))
+    if args.spec is None and args.in_channels is None:
+        spec = spec.replace(in_channels=data.in_channels)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         subset=args.subset, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
+                         weight_decay=args.weight_decay, compile=args.compile)
+    result = train(spec, data, args.out, config, teacher=args.teacher, resume=args.resume,
+                   progress=not args.no_progress)
+    print(json.dumps({"final": result.checkpoint, "test_acc": result.metrics["test_acc"],
+                      "relu_count": result.metrics["relu_count"],
+                      "train_seconds": result.metrics["train_seconds"]}))
+
+
+def cmd_evaluate(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .train import evaluate_model
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.data, input_size=ckpt.spec.input_size, resize=args.resize)
+    acc = evaluate_model(ckpt.build(), data.test, ckpt.mean, ckpt.std)
+    print(json.dumps({"checkpoint": args.checkpoint, "test_acc": acc, "images": len(data.test)})
+          if args.json else f"top-1 accuracy: {acc:.2f}% on {len(data.test)} test images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepreduce", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("count", help="ReLU count of a spec, per stage")
+    add_spec_args(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", action="store_true", help="also measure with forward hooks")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("train", help="train a spec on a dataset (resumable)")
+    add_spec_args(p)
+    p.add_argument("--data", required=True, help="cifar10:DIR, cifar100:DIR, folder:PATH or tinyimagenet:DIR")
+    p.add_argument("--out", required=True, help="run directory (last.pt, final.pt)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--subset", type=int, help="train on a fixed random subset of N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resize", action="store_true", help="resize images to the spec's input size")
+    p.add_argument("--teacher", help="checkpoint to distil from (Hinton KD)")
+    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--kd-alpha", type=float, default=0.9)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster long runs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on a dataset's test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--resize", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
