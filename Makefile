@@ -29,3 +29,13 @@ test-fast: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# `make demo`: secure inference end to end on the shipped plan and images (scripts/demo.py), checked
+# against plaintext. Override the inputs, or add flags, e.g. DEMO_ARGS="--batch-size 1".
+DEMO_PLAN   ?= demo/model.plan
+DEMO_IMAGES ?= demo/images
+DEMO_ARGS   ?=
+
+.PHONY: demo
+demo: install
+	$(PY) scripts/demo.py --plan $(DEMO_PLAN) --images $(DEMO_IMAGES) $(DEMO_ARGS)

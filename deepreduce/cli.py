@@ -75,14 +75,10 @@ def cmd_train(args) -> None:
     from .train import TrainConfig, train
     probe = spec_from_args(args)
     data = load_dataset(args.data, input_size=probe.input_size if (args.input_size or args.spec) else None,
-                        resize=args.resize)
+                        resize=args.resize, progress=not args.no_progress)
     # Channels, input size and classes come from the data unless the user fixed them.
     spec = spec_from_args(args, in_channels=data.in_channels, input_size=data.input_size,
                           num_classes=len(data.classes))
-    if args.spec is None and args.num_classes is None:
-        spec = spec.replace(num_classes=len(data.classes))
-    if args.spec is None and args.in_channels is None:
-        spec = spec.replace(in_channels=data.in_channels)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          subset=args.subset, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
                          weight_decay=args.weight_decay, compile=args.compile)
@@ -96,12 +92,59 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .checkpoint import load_checkpoint
     from .data import load_dataset
-    from .train import evaluate_model
+    from .train import _check_fits, evaluate_model
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, input_size=ckpt.spec.input_size, resize=args.resize)
+    _check_fits(ckpt.spec, data)  # channels and classes too, not only the image size
     acc = evaluate_model(ckpt.build(), data.test, ckpt.mean, ckpt.std)
     print(json.dumps({"checkpoint": args.checkpoint, "test_acc": acc, "images": len(data.test)})
           if args.json else f"top-1 accuracy: {acc:.2f}% on {len(data.test)} test images")
+
+
+def cmd_train_bench(args) -> None:
+    from .trainbench import run
+    run(tuple(float(a) for a in args.alphas.split(",")), args.batch_size, args.steps, args.json_out)
+
+
+# -- export / predict (secure plans) ---------------------------------------------------------------
+
+def cmd_export(args) -> None:
+    from secure.plan import export_plan
+    plan = export_plan(args.checkpoint)
+    plan.save(args.out)
+    print(json.dumps({"plan": args.out, "plan_hash": plan.plan_hash, "relu_count": plan.relu_count,
+                      "ops": len(plan.ops)}))
+
+
+def cmd_predict(args) -> None:
+    from secure.plan import load_plan_or_checkpoint, predict_files
+    records = predict_files(load_plan_or_checkpoint(args.model), args.images, resize=args.resize)
+    if args.json:
+        print(json.dumps({"images": records}))
+        return
+    width = max(len("image"), *(len(r["image"]) for r in records))
+    print(f"{'image':<{width}}  {'class':<12} {'probability':>11}")
+    for r in records:
+        print(f"{r['image']:<{width}}  {r['class_name']:<12} {r['probability']:>11.4f}")
+
+
+# -- optimize / frontier (the DeepReDuce pipeline, deepreduce/optimize/) ---------------------------
+
+def cmd_optimize(args) -> None:
+    from .optimize import load_config, optimize
+    config = load_config(args.config, quick=args.quick)
+    optimize(args.data, args.out, config, resume=args.resume, teacher=args.teacher, quick=args.quick,
+             progress=not args.no_progress)
+
+
+def cmd_frontier(args) -> None:
+    from .optimize.report import format_frontier_table, load_frontier
+    if args.measure_latency:
+        from .optimize.latency import measure_frontier_latency
+        doc = measure_frontier_latency(args.dir, args.data, args.images)
+    else:
+        doc = load_frontier(args.dir)
+    print(json.dumps(doc, indent=2) if args.json else format_frontier_table(doc, show_all=args.all))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train-bench", help="training speed (images/s) on this machine per width multiplier")
+    p.add_argument("--alphas", default="1,0.5,0.25")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json-out", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_train_bench)
+
+    p = sub.add_parser("export", help="export a checkpoint to a secure plan (batch-norm folded, one file)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the plan file to write, e.g. model.plan")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="plaintext prediction on image files with a checkpoint or plan")
+    p.add_argument("model", metavar="CKPT_OR_PLAN")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files")
+    p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
+    p.add_argument("--json", action="store_true", help='print {"images": [records]}')
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("optimize", help="DeepReDuce: train candidates and write their Pareto frontier (resumable)")
+    p.add_argument("--data", required=True, help="cifar10:DIR, cifar100:DIR, folder:PATH or tinyimagenet:DIR")
+    p.add_argument("--config", help="YAML config (only the keys it changes; default: the built-in "
+                   "resnet18-cifar.yaml; built-in names such as wrn22_8-cifar.yaml work too)")
+    p.add_argument("--out", required=True, help="run directory (jobs/, criticality.json, frontier.json/csv/png)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run: finished jobs are skipped")
+    p.add_argument("--quick", action="store_true", help="apply the config's `quick` overrides (a smoke run in minutes)")
+    p.add_argument("--teacher", help="use this checkpoint as the KD teacher instead of training one")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("frontier", help="print the frontier of an optimize run (optionally measure secure latency)")
+    p.add_argument("dir", help="the optimize --out directory")
+    p.add_argument("--all", action="store_true", help="list every candidate, not only the frontier")
+    p.add_argument("--json", action="store_true", help="print frontier.json")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="run each frontier model in the two-party secure runtime and record latency/MB/rounds")
+    p.add_argument("--images", type=int, default=4, help="test images per latency measurement")
+    p.add_argument("--data", help="dataset for the latency images (default: the run's)")
+    p.set_defaults(func=cmd_frontier)
     return parser
 
 

@@ -100,10 +100,14 @@ def load_dataset(arg: str, input_size: int | None = None, resize: bool = False,
         try:
             raw = torch.load(cached, weights_only=True)
             data = _from_cache(raw, arg)
+        except Exception:
+            data = None  # a stale or damaged cache entry is rebuilt below
+        if data is not None:
             if input_size is None or data.input_size == input_size:
                 return data
-        except Exception:
-            pass  # a stale or damaged cache entry is rebuilt below
+            if not resize:
+                raise UserError(f"images in {arg} are {data.input_size}x{data.input_size} but the model expects "
+                                f"{input_size}x{input_size}: pass --resize to resize them")
     fit = _SizeFit(input_size, resize)
     train, test, classes = _LOADERS[kind](path, fit, progress)
     data = _assemble(arg, train, test, classes)
@@ -152,11 +156,11 @@ class _SizeFit:
     resize: bool
 
     def apply(self, img: Image.Image, where: str) -> Image.Image:
-        if self.size is None:
-            self.size = img.size[0] if img.size[0] == img.size[1] else None
-            if self.size is None and not self.resize:
+        if self.size is None:  # no size asked for: the first image sets it, so it must be square
+            if img.size[0] != img.size[1]:
                 raise UserError(f"image {where} is {img.size[0]}x{img.size[1]}, not square: "
                                 "pass --input-size N --resize to resize it")
+            self.size = img.size[0]
         if img.size != (self.size, self.size):
             if not self.resize:
                 raise UserError(f"image {where} is {img.size[0]}x{img.size[1]} but the model expects "

@@ -139,7 +139,7 @@ class ModelSpec:
             raise UserError(f"unknown spec fields {unknown}: valid fields are {sorted(known)}")
         try:
             return cls(**d)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # e.g. {"blocks": 5} or {"alpha": "wide"}
             raise UserError(f"malformed spec: {exc}") from None
 
     def to_json(self) -> str:

@@ -1,0 +1,1 @@
+"""pi-server: the model owner's long-running process (see server.app)."""

@@ -1,0 +1,150 @@
+"""Frontier files: DIR/frontier.json (the record), frontier.csv and frontier.png (views of it).
+
+frontier.json::
+
+    {"format_version": 1,
+     "frontier":   [point, ...],           # non-dominated candidates, fewest ReLUs first
+     "candidates": [point, ...],           # every trained candidate
+     "budget_picks": {"100000": point | null, ...},
+     "pruned":     [{"name", "parent", "relu_count", "spec", "reason"}, ...],
+     "teacher": point, "criticality": [row, ...], "stage_order": [3, 2, ...], "meta": {...}}
+
+    point = {"name", "kind", "parent", "relu_count", "accuracy" (percent), "spec" (ModelSpec.to_dict()),
+             "checkpoint" (relative to DIR), "train_seconds", "test_images",
+             after `deepreduce frontier DIR --measure-latency`: "latency_s", "mb", "rounds"}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+from ..errors import UserError
+from ..spec import atomic_write_text
+from .pareto import budget_picks, pareto_front
+
+FRONTIER_JSON = "frontier.json"
+FRONTIER_CSV = "frontier.csv"
+FRONTIER_PNG = "frontier.png"
+LATENCY_PNG = "frontier-latency.png"
+FORMAT_VERSION = 1
+CSV_COLUMNS = ("name", "on_frontier", "relu_count", "accuracy", "train_seconds", "kind", "parent", "alpha", "rho",
+               "blocks", "cull", "thin", "checkpoint", "latency_s", "mb", "rounds")
+
+
+def frontier_document(candidates: list[dict], budgets: list[int], pruned: list[dict] | None = None,
+                      **extra) -> dict:
+    front = pareto_front(candidates)
+    return {"format_version": FORMAT_VERSION, "frontier": front,
+            "candidates": sorted(candidates, key=lambda p: (p["relu_count"], p["name"])),
+            "budget_picks": budget_picks(candidates, budgets), "pruned": list(pruned or []), **extra}
+
+
+def write_reports(out_dir: str, doc: dict) -> None:
+    """frontier.json (atomically), frontier.csv and frontier.png (+ the latency plot when measured)."""
+    atomic_write_text(os.path.join(out_dir, FRONTIER_JSON), json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(os.path.join(out_dir, FRONTIER_CSV), frontier_csv(doc))
+    plot_frontier(doc, os.path.join(out_dir, FRONTIER_PNG))
+    if any(p.get("latency_s") is not None for p in doc["frontier"]):
+        plot_frontier(doc, os.path.join(out_dir, LATENCY_PNG), x="latency_s")
+
+
+def load_frontier(out_dir: str) -> dict:
+    path = os.path.join(out_dir, FRONTIER_JSON)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: run `deepreduce optimize --out {out_dir}` first "
+                        "(or --resume it to finish)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a frontier file of format {FORMAT_VERSION}")
+    return doc
+
+
+def frontier_csv(doc: dict) -> str:
+    on_front = {p["name"] for p in doc["frontier"]}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for p in doc["candidates"]:
+        spec = p["spec"]
+        writer.writerow({**{k: p.get(k) for k in CSV_COLUMNS if k in p}, "on_frontier": int(p["name"] in on_front),
+                         "alpha": spec["alpha"], "rho": spec["rho"], "blocks": "-".join(map(str, spec["blocks"])),
+                         "cull": "-".join(map(str, spec["cull"])), "thin": spec["thin"]})
+    return buf.getvalue()
+
+
+def plot_frontier(doc: dict, path: str, x: str = "relu_count") -> None:
+    """Accuracy vs ReLUs (log axis) or latency: every candidate grey, the frontier highlighted and labelled."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    points = [p for p in doc["candidates"] if p.get(x) is not None]
+    front = [p for p in doc["frontier"] if p.get(x) is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    ax.scatter([max(1, p[x]) if x == "relu_count" else p[x] for p in points], [p["accuracy"] for p in points],
+               c="0.7", s=22, label="candidates")
+    if front:
+        fx = [max(1, p[x]) if x == "relu_count" else p[x] for p in front]
+        ax.plot(fx, [p["accuracy"] for p in front], "o-", c="tab:red", ms=6, label="frontier")
+        for px, p in zip(fx, front):
+            ax.annotate(p["name"], (px, p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if x == "relu_count":
+        ax.set_xscale("log")
+        ax.set_xlabel("ReLUs per image (log scale)")
+    else:
+        ax.set_xlabel("online latency per image (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("DeepReDuce frontier")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- text tables ------------------------------------------------------------------------------
+
+def format_frontier_table(doc: dict, show_all: bool = False) -> str:
+    on_front = {p["name"] for p in doc["frontier"]}
+    rows = doc["candidates"] if show_all else doc["frontier"]
+    latency = any(p.get("latency_s") is not None for p in rows)
+    head = f"{'':1} {'candidate':<34} {'ReLUs':>10} {'acc %':>7} {'train s':>8}"
+    head += f" {'latency s':>10} {'MB':>9} {'rounds':>7}" if latency else ""
+    lines = [head]
+    for p in rows:
+        line = (f"{'*' if p['name'] in on_front else ' ':1} {p['name']:<34} {p['relu_count']:>10,} "
+                f"{p['accuracy']:>7.2f} {p.get('train_seconds') or 0:>8.1f}")
+        if latency:
+            line += f" {_num(p.get('latency_s'), '.3f'):>10} {_num(p.get('mb'), '.2f'):>9} {_num(p.get('rounds'), 'd'):>7}"
+        lines.append(line)
+    lines.append(f"({len(doc['frontier'])} frontier points of {len(doc['candidates'])} candidates"
+                 f"{', ' + str(len(doc.get('pruned', []))) + ' pruned' if doc.get('pruned') else ''}; * = on the frontier)")
+    lines.append("")
+    lines.append("budget picks:")
+    for budget, pick in doc["budget_picks"].items():
+        lines.append(f"  <= {int(budget):>10,} ReLUs: " +
+                     (f"{pick['name']} ({pick['relu_count']:,} ReLUs, {pick['accuracy']:.2f}%)" if pick else "none fits"))
+    return "\n".join(lines)
+
+
+def format_criticality_table(table: list[dict], no_relu_accuracy: float) -> str:
+    lines = [f"{'stage':<6} {'ReLUs':>10} {'acc %':>7} {'gain':>7} {'gain/1K ReLUs':>14}"]
+    for row in table:
+        lines.append(f"{row['name']:<6} {row['relu_count']:>10,} {row['accuracy']:>7.2f} {row['gain']:>+7.2f} "
+                     f"{row['gain_per_1k_relus']:>14.4f}")
+    lines.append(f"no-ReLU network: {no_relu_accuracy:.2f}%; order (most critical first): "
+                 + " > ".join(r["name"] for r in table))
+    return "\n".join(lines)
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)

@@ -1,0 +1,219 @@
+"""`make demo`: secure inference end to end on the shipped plan and images, checked against plaintext.
+
+Starts pi-dealer and pi-server on free 127.0.0.1 ports, runs pi-client on every image, compares each
+secure prediction with the true label (the parent folder's name, or the file name's prefix as in
+``cat_0123.png``) and with the plaintext prediction of the same plan, stops everything it started
+(also on Ctrl-C or failure) and ends with one line:
+
+    summary: secure==plaintext K/N, accuracy A/N, median S s/image
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DemoError(Exception):
+    pass
+
+
+class Role:
+    """One long-running role (pi-dealer or pi-server) started for the demo, logging to a file."""
+
+    def __init__(self, name: str, module: str, args: list[str], log_dir: str, timeout: float):
+        self.name, self.log_path = name, os.path.join(log_dir, f"{name}.log")
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.address = self._wait_listening(timeout)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            self.lines.put(line.rstrip("\n"))
+
+    def _wait_listening(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("listening on "):
+                return line.split()[-1]
+        raise DemoError(f"{self.name} did not start listening: {self.tail()}")
+
+    def wait_ready(self, marker: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if marker in self.lines.get(timeout=0.2):
+                    return
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+        raise DemoError(f"{self.name} is not ready: {self.tail()}")
+
+    def tail(self) -> str:
+        time.sleep(0.2)
+        with open(self.log_path) as f:
+            lines = [l.strip() for l in f if l.strip()]
+        return " | ".join(lines[-3:]) or f"no output (exit code {self.proc.poll()})"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+# -- images and labels --------------------------------------------------------------------------
+
+def find_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DemoError(f"image folder {folder} does not exist: pass --images DIR")
+    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DemoError(f"no images (.png, .jpg, ...) in {folder}")
+    return paths
+
+
+def true_label(path: str, root: str, classes: list[str]) -> str | None:
+    parent = Path(path).parent
+    if parent.resolve() != Path(root).resolve() and parent.name in classes:
+        return parent.name
+    prefix = Path(path).stem.rsplit("_", 1)[0]
+    return prefix if prefix in classes else None
+
+
+def plaintext_predictions(plan_path: str, paths: list[str], resize: bool) -> tuple[list[str], list[dict]]:
+    from secure.plan import SecurePlan, predict_files
+    plan = SecurePlan.load(plan_path)
+    return plan.classes, predict_files(plan, paths, resize=resize)
+
+
+# -- the demo ---------------------------------------------------------------------------------------
+
+def run_client(server: str, paths: list[str], args) -> dict:
+    cmd = [sys.executable, "-m", "client", "infer", "--server", server, "--json",
+           "--batch-size", str(args.batch_size), *(["--resize"] if args.resize else []), *paths]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise DemoError(f"pi-client did not finish within {args.timeout:g} s (--timeout)") from None
+    if done.returncode != 0:
+        raise DemoError(f"pi-client failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout)
+
+
+def report(paths, root, classes, secure: dict, plain: list[dict]) -> str:
+    same, correct = 0, 0
+    width = max(len(os.path.relpath(p, root)) for p in paths)
+    print(f"{'image':<{width}}  {'true':<11} {'secure':<18} plaintext")
+    for path, s, p in zip(paths, secure["images"], plain):
+        label = true_label(path, root, classes)
+        same += s["class_index"] == p["class_index"]
+        correct += s["class_name"] == label
+        mark = "" if s["class_index"] == p["class_index"] else "  MISMATCH"
+        print(f"{os.path.relpath(path, root):<{width}}  {label or '?':<11} {_pred(s):<18} {_pred(p):<18}{mark}".rstrip())
+    lat = secure["latency"]
+    print(f"latency: total {lat['total_s']:.1f} s for {len(paths)} images in {lat['sessions']} session(s); "
+          f"setup {lat['setup_s']:.1f} s, online {lat['online_s']:.2f} s/image, "
+          f"sent {lat['mb_sent']:.1f} MB, received {lat['mb_received']:.1f} MB, {lat['rounds']} rounds")
+    if secure.get("insecure_tfp"):
+        print("WARNING: INSECURE TFP mode (no dealer)")
+    per_image = [s["total_s"] / s["images"] for s in secure["sessions"]]
+    n = len(paths)
+    return (f"summary: secure==plaintext {same}/{n}, accuracy {correct}/{n}, "
+            f"median {statistics.median(per_image):.2f} s/image")
+
+
+def _pred(record: dict) -> str:
+    return f"{record['class_name']} {record['probability']:.2f}"
+
+
+def demo(args) -> str:
+    if not os.path.isfile(args.plan):
+        raise DemoError(f"{args.plan} is missing: the demo needs the shipped secure plan "
+                        "(export a trained model with `deepreduce export` to that path, or pass --plan)")
+    paths = find_images(args.images)
+    roles = []
+    with tempfile.TemporaryDirectory(prefix="pi-demo-") as logs:
+        try:
+            dealer = Role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"], logs, 60)
+            roles.append(dealer)
+            server = Role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1", "--port", "0",
+                                                  "--dealer", dealer.address], logs, 60)
+            roles.append(server)
+            server.wait_ready("serving plan", 120)
+            print(f"pi-dealer on {dealer.address}, pi-server on {server.address}; "
+                  f"classifying {len(paths)} images, {args.batch_size} per session ...", flush=True)
+            secure = run_client(server.address, paths, args)
+        finally:
+            for role in reversed(roles):
+                role.stop()
+    classes, plain = plaintext_predictions(args.plan, paths, args.resize)
+    return report(paths, args.images, classes, secure, plain)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", default="demo/model.plan", help="the secure plan (default demo/model.plan)")
+    p.add_argument("--images", default="demo/images", help="image folder (default demo/images/)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per secure session (default 4)")
+    p.add_argument("--resize", action="store_true", help="resize images to the plan's input size")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds the client may take (default 1800)")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = demo(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; everything the demo started was stopped", file=sys.stderr)
+        return 130
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ != "UserError":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary, flush=True)
+    return 0
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

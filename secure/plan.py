@@ -1,0 +1,400 @@
+"""Secure plans: a trained network flattened into a small op graph for two-party inference.
+
+A plan is what the server party runs: batch-norm folded away, removed ReLUs gone, every weight a
+float32 tensor, plus what the client needs to know (input shape, classes, normalisation, the op
+list without weight values). One file, read without pickle::
+
+    MAGIC (8 bytes) | header length (8 bytes, little-endian) | JSON header | raw tensor bytes
+
+The header holds the op list, the metadata, a tensor index (name, dtype, shape, offset, nbytes
+into the data section, little-endian float32) and ``plan_hash``, the sha256 of the canonical
+content (`_content_hash`), checked on load.
+
+Ops (``id`` = position; ``inputs`` = ids of earlier ops; ``shape`` = per-image output shape)::
+
+    input        the normalised image, N x C x H x W
+    conv         conv2d(x, weight, stride, padding) [+ bias]   (batch-norm folded into it)
+    scale_shift  x * scale[c] + shift[c]   (a batch-norm that no convolution can absorb)
+    relu         a kept ReLU site, with its ``site`` name and ``relu_count`` per image
+    add          residual sum of two inputs
+    avgpool      global average pool, N x C x H x W -> N x C
+    linear       x @ weight.T + bias
+The last op's output is the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepreduce.checkpoint import Checkpoint, load_checkpoint
+from deepreduce.errors import UserError
+from deepreduce.relus import relu_count as spec_relu_count
+from deepreduce.spec import ModelSpec
+
+MAGIC = b"DRPLAN\x00\x01"
+PLAN_FORMAT_VERSION = 1
+PLAN_KIND = "deepreduce-secure-plan"
+OP_KINDS = ("input", "conv", "scale_shift", "relu", "add", "avgpool", "linear")
+_LENGTH = struct.Struct("<Q")
+_MAX_HEADER = 64 << 20  # a header is a few hundred KB at most; refuse absurd lengths early
+
+
+@dataclass
+class SecurePlan:
+    ops: list[dict]
+    tensors: dict[str, torch.Tensor]  # float32, contiguous
+    input_shape: tuple[int, int, int]
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    spec: dict
+    relu_count: int
+    plan_hash: str = ""
+
+    def __post_init__(self):
+        self.input_shape = tuple(int(d) for d in self.input_shape)
+        if not self.plan_hash:
+            self.plan_hash = _content_hash(self._meta(), self.ops, self.tensors)
+
+    @property
+    def relu_per_layer(self) -> dict[str, int]:
+        """ReLUs per image at every kept site, in network order."""
+        return {op["site"]: op["relu_count"] for op in self.ops if op["op"] == "relu"}
+
+    def _meta(self) -> dict:
+        return {"input_shape": list(self.input_shape), "classes": list(self.classes),
+                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
+                "spec": self.spec, "relu_count": int(self.relu_count)}
+
+    def public_info(self) -> dict:
+        """Everything the client party may learn: the architecture without weight values."""
+        return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public",
+                "plan_hash": self.plan_hash, **self._meta(),
+                "relu_per_layer": self.relu_per_layer,
+                "ops": [dict(op) for op in self.ops],
+                "tensor_shapes": {name: list(t.shape) for name, t in self.tensors.items()}}
+
+    # -- file format ------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        index, offset = [], 0
+        for name, t in self.tensors.items():
+            nbytes = t.numel() * 4
+            index.append({"name": name, "dtype": "float32", "shape": list(t.shape),
+                          "offset": offset, "nbytes": nbytes})
+            offset += nbytes
+        header = {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND, "plan_hash": self.plan_hash,
+                  "meta": self._meta(), "ops": self.ops, "tensors": index}
+        blob = json.dumps(header, sort_keys=True).encode()
+        _atomic_write(path, [MAGIC, _LENGTH.pack(len(blob)), blob]
+                      + [_tensor_bytes(t) for t in self.tensors.values()])
+
+    @classmethod
+    def load(cls, path: str) -> "SecurePlan":
+        if not os.path.isfile(path):
+            raise UserError(f"plan {path} does not exist: write one with `deepreduce export CKPT --out {path}`")
+        with open(path, "rb") as f:
+            raw = f.read()
+        header, data = _split_file(raw, path)
+        try:
+            tensors = _read_tensors(header["tensors"], data)
+            meta = header["meta"]
+            plan = cls(ops=header["ops"], tensors=tensors, input_shape=tuple(meta["input_shape"]),
+                       classes=list(meta["classes"]), mean=list(meta["mean"]), std=list(meta["std"]),
+                       spec=meta["spec"], relu_count=int(meta["relu_count"]))
+            _validate_ops(plan.ops, plan.tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path} is a truncated or corrupt secure plan ({type(exc).__name__}: {exc}): "
+                            "export it again with `deepreduce export`") from None
+        if plan.plan_hash != header.get("plan_hash"):
+            raise UserError(f"{path} is a corrupt secure plan (content hash mismatch): "
+                            "export it again with `deepreduce export`")
+        return plan
+
+
+def is_plan_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def load_plan_or_checkpoint(path: str) -> SecurePlan:
+    """A plan file as is, or a checkpoint exported on the fly."""
+    return SecurePlan.load(path) if is_plan_file(path) else export_plan(path)
+
+
+def _content_hash(meta: dict, ops: list[dict], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"format_version": PLAN_FORMAT_VERSION, "meta": meta, "ops": ops,
+                         "tensors": [[n, list(t.shape)] for n, t in tensors.items()]},
+                        sort_keys=True).encode())
+    for t in tensors.values():
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+def _atomic_write(path: str, chunks: list[bytes]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".plan")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _split_file(raw: bytes, path: str) -> tuple[dict, bytes]:
+    fix = "export it again with `deepreduce export`"
+    if raw[:len(MAGIC)] != MAGIC:
+        raise UserError(f"{path} is not a secure plan (wrong magic bytes): write one with `deepreduce export`")
+    start = len(MAGIC) + _LENGTH.size
+    if len(raw) < start:
+        raise UserError(f"{path} is a truncated secure plan: {fix}")
+    (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
+    if length > _MAX_HEADER or start + length > len(raw):
+        raise UserError(f"{path} is a truncated or corrupt secure plan (bad header length): {fix}")
+    try:
+        header = json.loads(raw[start:start + length].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is a corrupt secure plan (unreadable header): {fix}") from None
+    if not isinstance(header, dict) or header.get("kind") != PLAN_KIND:
+        raise UserError(f"{path} is a corrupt secure plan (not a plan header): {fix}")
+    if header.get("format_version") != PLAN_FORMAT_VERSION:
+        raise UserError(f"{path} has plan format {header.get('format_version')}, this version reads "
+                        f"{PLAN_FORMAT_VERSION}: {fix}")
+    return header, raw[start + length:]
+
+
+def _read_tensors(index: list[dict], data: bytes) -> dict[str, torch.Tensor]:
+    expected = sum(int(e["nbytes"]) for e in index)
+    if len(data) != expected:  # truncated, or bytes appended
+        raise ValueError(f"{len(data)} data bytes but the tensor index lists {expected}")
+    tensors = {}
+    for entry in index:
+        shape, offset, nbytes = [int(d) for d in entry["shape"]], int(entry["offset"]), int(entry["nbytes"])
+        if entry["dtype"] != "float32" or nbytes != 4 * math.prod(shape) or offset < 0 \
+                or offset + nbytes > len(data):
+            raise ValueError(f"bad tensor index entry {entry['name']!r}")
+        flat = torch.frombuffer(bytearray(data[offset:offset + nbytes]), dtype=torch.float32)
+        tensors[str(entry["name"])] = flat.reshape(shape)
+    return tensors
+
+
+def _validate_ops(ops: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Structural checks so that a hand-edited header fails here, not inside the protocol."""
+    if not ops or ops[0]["op"] != "input":
+        raise ValueError("the op list must start with the input")
+    for i, op in enumerate(ops):
+        if op["id"] != i or op["op"] not in OP_KINDS:
+            raise ValueError(f"op {i} is malformed")
+        if any(not 0 <= j < i for j in op["inputs"]):
+            raise ValueError(f"op {i} reads an op that does not precede it")
+        for key in ("weight", "bias", "scale", "shift"):
+            if op.get(key) is not None and op[key] not in tensors:
+                raise ValueError(f"op {i} names a missing tensor {op[key]!r}")
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def export_plan(checkpoint_path: str) -> SecurePlan:
+    return plan_from_checkpoint(load_checkpoint(checkpoint_path))
+
+
+def plan_from_checkpoint(ckpt: Checkpoint) -> SecurePlan:
+    spec, model = ckpt.spec, ckpt.build()
+    g = _GraphBuilder((spec.in_channels, spec.input_size, spec.input_size))
+    with torch.no_grad():
+        (_resnet_graph if spec.arch == "resnet18" else _wrn_graph)(g, model, spec)
+    total = sum(op["relu_count"] for op in g.ops if op["op"] == "relu")
+    expected = spec_relu_count(spec)
+    if total != expected:  # the graph and the analytic count are computed independently
+        raise RuntimeError(f"exported plan has {total} ReLUs but the spec counts {expected}")
+    return SecurePlan(ops=g.ops, tensors=g.tensors, input_shape=g.ops[0]["shape"], classes=list(ckpt.classes),
+                      mean=list(ckpt.mean), std=list(ckpt.std), spec=spec.to_dict(), relu_count=total)
+
+
+class _GraphBuilder:
+    """Appends ops and their (folded) float32 tensors; each method returns the new op's id."""
+
+    def __init__(self, input_shape: tuple[int, int, int]):
+        self.ops: list[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._add("input", [], "input", list(input_shape))
+
+    def shape(self, x: int) -> list[int]:
+        return self.ops[x]["shape"]
+
+    def _add(self, kind: str, inputs: list[int], name: str, shape: list[int], **fields) -> int:
+        self.ops.append({"id": len(self.ops), "op": kind, "name": name, "inputs": inputs,
+                         "shape": shape, **fields})
+        return len(self.ops) - 1
+
+    def _tensor(self, key: str, value: torch.Tensor | None) -> str | None:
+        if value is None:
+            return None
+        name = f"t{len(self.ops)}.{key}"
+        self.tensors[name] = value.detach().to(torch.float32).contiguous()
+        return name
+
+    def conv(self, x: int, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, name: str) -> int:
+        """conv, with the batch-norm that directly follows it folded into weight and bias."""
+        assert conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+        weight = conv.weight.double()
+        bias = None if conv.bias is None else conv.bias.double()
+        if bn is not None:
+            scale, shift = _bn_affine(bn)
+            weight = weight * scale.view(-1, 1, 1, 1)
+            bias = shift if bias is None else bias * scale + shift
+        c, h, w = self.shape(x)
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        out = [conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1]
+        return self._add("conv", [x], name, out, weight=self._tensor("w", weight), bias=self._tensor("b", bias),
+                         stride=[sh, sw], padding=[ph, pw])
+
+    def batchnorm(self, x: int, bn: nn.BatchNorm2d, name: str) -> int:
+        """A batch-norm on a value that is also used raw (pre-activation): a per-channel affine op."""
+        scale, shift = _bn_affine(bn)
+        return self._add("scale_shift", [x], name, self.shape(x),
+                         scale=self._tensor("s", scale), shift=self._tensor("t", shift))
+
+    def relu(self, x: int, module: nn.Module, site: str, spec: ModelSpec) -> int:
+        """A kept ReLU becomes an op; a removed one (nn.Identity) is no op at all."""
+        kept = isinstance(module, nn.ReLU)
+        if kept != spec.keeps(site) or not isinstance(module, (nn.ReLU, nn.Identity)):
+            raise RuntimeError(f"ReLU site {site} is {type(module).__name__} but the spec "
+                               f"{'keeps' if spec.keeps(site) else 'removes'} it")
+        if not kept:
+            return x
+        return self._add("relu", [x], site, self.shape(x), site=site, relu_count=math.prod(self.shape(x)))
+
+    def add(self, a: int, b: int, name: str) -> int:
+        assert self.shape(a) == self.shape(b), (self.shape(a), self.shape(b))
+        return self._add("add", [a, b], name, self.shape(a))
+
+    def avgpool(self, x: int) -> int:
+        return self._add("avgpool", [x], "pool", [self.shape(x)[0]])
+
+    def linear(self, x: int, fc: nn.Linear) -> int:
+        return self._add("linear", [x], "fc", [fc.out_features],
+                         weight=self._tensor("w", fc.weight), bias=self._tensor("b", fc.bias))
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch-norm as y = x * scale + shift (float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def _resnet_graph(g: _GraphBuilder, model: nn.Module, spec: ModelSpec) -> None:
+    x = g.relu(g.conv(0, model.conv1, model.bn1, "stem.conv"), model.relu, "stem", spec)
+    for s, stage in enumerate(model.stages, start=1):
+        for b, blk in enumerate(stage, start=1):
+            p = f"s{s}.b{b}"
+            h = g.relu(g.conv(x, blk.conv1, blk.bn1, f"{p}.conv1"), blk.relu1, f"{p}.r1", spec)
+            h = g.conv(h, blk.conv2, blk.bn2, f"{p}.conv2")
+            short = g.conv(x, blk.shortcut[0], blk.shortcut[1], f"{p}.shortcut") if len(blk.shortcut) else x
+            x = g.relu(g.add(h, short, f"{p}.add"), blk.relu2, f"{p}.r2", spec)
+    g.linear(g.avgpool(x), model.fc)
+
+
+def _wrn_graph(g: _GraphBuilder, model: nn.Module, spec: ModelSpec) -> None:
+    # Pre-activation: bn1 reads the block input, which the identity shortcut also reads raw, so it
+    # stays a scale_shift; folding it into the following conv would be wrong at the zero padding.
+    x = g.conv(0, model.conv1, None, "stem.conv")
+    for s, stage in enumerate(model.stages, start=1):
+        for b, blk in enumerate(stage, start=1):
+            p = f"s{s}.b{b}"
+            act = g.relu(g.batchnorm(x, blk.bn1, f"{p}.bn1"), blk.relu2, f"{p}.r2", spec)
+            h = g.relu(g.conv(act, blk.conv1, blk.bn2, f"{p}.conv1"), blk.relu1, f"{p}.r1", spec)
+            h = g.conv(h, blk.conv2, None, f"{p}.conv2")
+            short = x if blk.project is None else g.conv(act, blk.project, None, f"{p}.project")
+            x = g.add(h, short, f"{p}.add")
+    x = g.relu(g.batchnorm(x, model.bn, "head.bn"), model.relu, "s3.head", spec)
+    g.linear(g.avgpool(x), model.fc)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+def walk(ops: list[dict], x, apply):
+    """Evaluate the op graph: apply(op, input_values) -> value; frees values after their last use."""
+    last_use = {}
+    for op in ops:
+        for j in op["inputs"]:
+            last_use[j] = op["id"]
+    values = {0: x}
+    for op in ops[1:]:
+        values[op["id"]] = apply(op, [values[j] for j in op["inputs"]])
+        for j in op["inputs"]:
+            if last_use[j] == op["id"]:
+                del values[j]
+    return values[ops[-1]["id"]]
+
+
+def run_plaintext(plan: SecurePlan, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Logits for a normalised N x C x H x W batch, with plain torch ops (float64 by default)."""
+    check_input(x, plan.input_shape)
+    tensors = {name: t.to(dtype) for name, t in plan.tensors.items()}
+
+    def apply(op, inputs):
+        kind, w = op["op"], tensors.get(op.get("weight"))
+        if kind == "conv":
+            return F.conv2d(inputs[0], w, tensors.get(op["bias"]), stride=op["stride"], padding=op["padding"])
+        if kind == "scale_shift":
+            return inputs[0] * tensors[op["scale"]].view(1, -1, 1, 1) + tensors[op["shift"]].view(1, -1, 1, 1)
+        if kind == "relu":
+            return F.relu(inputs[0])
+        if kind == "add":
+            return inputs[0] + inputs[1]
+        if kind == "avgpool":
+            return inputs[0].mean(dim=(2, 3))
+        if kind == "linear":
+            return F.linear(inputs[0], w, tensors[op["bias"]])
+        raise ValueError(f"unknown op {kind!r}")
+
+    with torch.no_grad():
+        return walk(plan.ops, x.to(dtype), apply)
+
+
+def check_input(x: torch.Tensor, input_shape) -> None:
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise UserError(f"input batch has shape {tuple(x.shape)}, "
+                        f"the plan expects N x {' x '.join(map(str, input_shape))}")
+
+
+def prediction_records(logits: torch.Tensor, classes: list[str], names: list[str]) -> list[dict]:
+    """One {"image", "class_index", "class_name", "probability"} record per image (softmax of the argmax)."""
+    probs = torch.softmax(logits.double(), dim=1)
+    best, index = probs.max(dim=1)
+    return [{"image": name, "class_index": int(i), "class_name": classes[int(i)], "probability": float(p)}
+            for name, i, p in zip(names, index, best)]
+
+
+def predict_files(plan: SecurePlan, paths: list[str], resize: bool = False) -> list[dict]:
+    """Plaintext prediction on image files (what `deepreduce predict` prints)."""
+    from deepreduce.data import load_image_files, normalize
+    c, h, w = plan.input_shape
+    if h != w:
+        raise UserError(f"plan input {h}x{w} is not square")
+    pixels = load_image_files(paths, c, h, resize=resize)
+    logits = run_plaintext(plan, normalize(pixels, plan.mean, plan.std))
+    return prediction_records(logits, plan.classes, paths)
