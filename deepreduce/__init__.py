@@ -7,19 +7,26 @@ The CLI (`deepreduce ...`) is a thin layer over this API::
     relu_count(spec)                                    # 49152
     data = load_dataset("folder:cifar10-jpeg.tar.gz")
     result = train(spec, data, "runs/demo", TrainConfig(epochs=15), teacher="runs/teacher/final.pt")
+
+Names are imported lazily, so `deepreduce.errors` or `deepreduce.spec` load without torch.
 """
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .data import Dataset, Split, load_dataset, load_image_files
-from .errors import UserError
-from .kd import kd_loss
-from .models import build_model
-from .relus import measured_relu_count, relu_count, relu_count_by_stage, relu_sites
-from .spec import ModelSpec
-from .train import TrainConfig, TrainResult, evaluate_model, train
+import importlib
 
-__all__ = [
-    "Checkpoint", "Dataset", "ModelSpec", "Split", "TrainConfig", "TrainResult", "UserError",
-    "build_model", "evaluate_model", "kd_loss", "load_checkpoint", "load_dataset", "load_image_files",
-    "measured_relu_count", "relu_count", "relu_count_by_stage", "relu_sites", "train",
-]
+_EXPORTS = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "Dataset": "data", "Split": "data", "load_dataset": "data", "load_image_files": "data",
+    "UserError": "errors",
+    "kd_loss": "kd",
+    "build_model": "models",
+    "measured_relu_count": "relus", "relu_count": "relus", "relu_count_by_stage": "relus", "relu_sites": "relus",
+    "ModelSpec": "spec",
+    "TrainConfig": "train", "TrainResult": "train", "evaluate_model": "train", "train": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

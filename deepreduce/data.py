@@ -123,8 +123,8 @@ def load_image_files(paths: list[str], in_channels: int, input_size: int, resize
         if not os.path.isfile(p):
             raise UserError(f"image {p} does not exist")
         with open(p, "rb") as f:
-            arr, _gray = _decode(f.read(), p, fit)
-        out.append(arr[..., :1] if in_channels == 1 else arr)
+            arr, _gray = _decode(f.read(), p, fit, mode="L" if in_channels == 1 else "RGB")
+        out.append(arr)
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -169,16 +169,16 @@ class _SizeFit:
         return img
 
 
-def _decode(blob: bytes, where: str, fit: _SizeFit) -> tuple[np.ndarray, bool]:
-    """-> (H x W x 3 uint8 array, whether the source was grayscale)."""
+def _decode(blob: bytes, where: str, fit: _SizeFit, mode: str = "RGB") -> tuple[np.ndarray, bool]:
+    """-> (H x W x channels uint8 array in `mode` (RGB or L), whether the source was grayscale)."""
     try:
         img = Image.open(io.BytesIO(blob))
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{where} is not a readable image ({exc})") from None
     gray = img.mode in GRAY_MODES
-    img = fit.apply(img.convert("RGB"), where)
-    return np.asarray(img, dtype=np.uint8), gray
+    img = fit.apply(img.convert(mode), where)
+    return np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], -1), gray
 
 
 def _decode_all(items, total: int, desc: str, fit: _SizeFit, progress: bool):

@@ -69,9 +69,8 @@ class ModelSpec:
         valid_sites = set(self.site_names())
         unknown = [s for s in self.remove if s not in valid_sites]
         _check(not unknown, f"remove names unknown ReLU sites {unknown}: see `deepreduce count --json` for the site names")
+        _check(isinstance(self.stem_relu, bool), f"stem_relu must be true or false, got {self.stem_relu!r}")
         _check(isinstance(self.widen, int) and self.widen >= 1, f"widen must be an integer >= 1, got {self.widen!r}")
-        _check(self.final_map_size() >= 1,
-               f"input_size {self.input_size} with rho {self.rho} leaves no spatial extent: use a larger input")
 
     # -- geometry shared by the architectures ----------------------------------------------
     @property
@@ -82,12 +81,6 @@ class ModelSpec:
     @property
     def num_stages(self) -> int:
         return ARCH_STAGES[self.arch]
-
-    def final_map_size(self) -> int:
-        size = _conv_out(self.input_size, self.stem_stride)
-        for _ in range(self.num_stages - 1):
-            size = _conv_out(size, 2)
-        return size
 
     def site_names(self) -> list[str]:
         """Every ReLU site of the architecture, kept or not, in network order."""

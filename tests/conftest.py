@@ -8,8 +8,9 @@ Dataset cache
   is decoded once (about 20 s) into a *persistent* cache that is reused by later test runs:
   ``$DEEPREDUCE_CACHE`` when it is set, otherwise ``~/.cache/deepreduce-test``. (A directory under
   pytest's basetemp would be thrown away after each run, so every run would pay the decode.)
-* every test gets its own empty cache directory (``tmp_path/cache``) by default, so the small
-  datasets built inside tests never pile up in the persistent cache and a test's cache hits are its own.
+* every deepreduce test gets its own empty cache directory (``tmp_path/cache``, fixture
+  ``deepreduce_env``), so the small datasets built inside tests never pile up in the persistent cache
+  and a test's cache hits are its own.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ import pytest
 import torch
 from PIL import Image
 
-# Small models on a 2-core CPU: one intra-op thread is fastest (and immune to oversubscription when
-# other processes, e.g. the multi-process tests' children, share the cores). Children get the same
-# through OMP_NUM_THREADS=1 in subprocess_env().
-torch.set_num_threads(1)
-
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR10_TAR = Path(os.environ.get("DEEPREDUCE_TEST_CIFAR10")
                    or ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
@@ -38,10 +34,19 @@ PERSISTENT_CACHE = os.environ.get("DEEPREDUCE_CACHE") or os.path.expanduser("~/.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Each test caches the datasets it builds in its own directory (see the module docstring)."""
+@pytest.fixture
+def deepreduce_env(tmp_path, monkeypatch):
+    """A private dataset cache (see the module docstring) and one intra-op thread for the test.
+
+    The deepreduce test modules use it for every test (``pytestmark``). One thread is fastest for the
+    small models here on a 2-core CPU and immune to oversubscription when other processes share the
+    cores; subprocesses get the same through OMP_NUM_THREADS=1 (see subprocess_env).
+    """
     monkeypatch.setenv("DEEPREDUCE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

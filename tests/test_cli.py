@@ -15,6 +15,8 @@ from deepreduce.checkpoint import load_checkpoint
 from deepreduce.cli import main
 from deepreduce.spec import ModelSpec
 
+pytestmark = pytest.mark.usefixtures("deepreduce_env")
+
 
 def run(capsys, *argv) -> tuple[int, str, str]:
     rc = main(list(argv))

@@ -20,6 +20,8 @@ from deepreduce.data import Split, augment_batch, cache_dir, load_dataset, load_
     parse_data_arg
 from deepreduce.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("deepreduce_env")
+
 
 def nchw(images_nhwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
@@ -44,6 +46,7 @@ def cached_files() -> list[str]:
 
 # -- the real CIFAR-10 (folder tree in a .tar.gz) ------------------------------------------------------
 
+@pytest.mark.slow  # decodes 60,000 JPEGs the first time (then cached)
 def test_real_cifar10(cifar10):
     d = cifar10
     assert d.train.images.shape == (50_000, 3, 32, 32) and d.test.images.shape == (10_000, 3, 32, 32)
@@ -475,7 +478,7 @@ def test_augment_batch_crops_and_flips():
     flips = [f for _, _, f in seen]
     shifts = {(dy, dx) for dy, dx, _ in seen}
     assert 0 < sum(flips) < len(flips)                      # both flipped and unflipped images
-    assert len(shifts) > 10 and (4, 4) != next(iter(shifts))  # many different offsets
+    assert len(shifts) > 10                                 # many different offsets
     assert any((out[i] == 0).any() for i in range(len(out)))  # some windows reach into the zero padding
 
 

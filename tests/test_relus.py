@@ -13,6 +13,8 @@ from deepreduce.models import build_model
 from deepreduce.relus import measure_relu_count, measured_relu_count, relu_count, relu_count_by_stage, relu_sites
 from deepreduce.spec import ModelSpec
 
+pytestmark = pytest.mark.usefixtures("deepreduce_env")
+
 
 def r18(**kw) -> ModelSpec:
     return ModelSpec(**{"num_classes": 100, **kw})

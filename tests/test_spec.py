@@ -179,6 +179,7 @@ def test_site_stage():
 
 def test_rho_sets_stem_stride():
     assert [ModelSpec(rho=r).stem_stride for r in (1, 0.5, 0.25)] == [1, 2, 4]
-    assert ModelSpec(rho=0.5).final_map_size() == 2      # 32 -> 16 -> 8 -> 4 -> 2
-    assert ModelSpec(input_size=64).final_map_size() == 8
-    assert ModelSpec(arch="wrn22_8").final_map_size() == 8
+    from deepreduce.models import relu_site_shapes
+    assert relu_site_shapes(ModelSpec(rho=0.5))["s4.b2.r2"][1:] == (2, 2)      # 32 -> 16 -> 8 -> 4 -> 2
+    assert relu_site_shapes(ModelSpec(input_size=64))["s4.b2.r2"][1:] == (8, 8)
+    assert relu_site_shapes(ModelSpec(arch="wrn22_8"))["s3.head"][1:] == (8, 8)
