@@ -11,13 +11,13 @@ Layout of ``final.pt`` (plain dicts, lists, numbers, strings and tensors only)::
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .fileio import atomic_torch_save
 from .models import build_model
 from .spec import ModelSpec
 
@@ -75,18 +75,3 @@ def load_checkpoint(path: str) -> Checkpoint:
     return Checkpoint(spec=ModelSpec.from_dict(raw["spec"]), state_dict=raw["state_dict"],
                       mean=norm["mean"], std=norm["std"], classes=raw["classes"],
                       metrics=raw.get("metrics", {}))
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save through a temp file + rename, so a kill never leaves a corrupt file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

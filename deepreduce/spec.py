@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
+from .fileio import atomic_write_text
 
 SPEC_FORMAT_VERSION = 1
 THIN_MODES = ("none", "bottom", "top")
@@ -168,18 +167,3 @@ def _conv_out(size: int, stride: int) -> int:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

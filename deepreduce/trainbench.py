@@ -40,6 +40,6 @@ def run(alphas=(1.0, 0.5, 0.25), batch_size: int = 256, steps: int = 5, json_out
     for r in rows:
         print(f"{r['alpha']:>6} {r['relu_count']:>9,} {r['images_per_s']:>8.1f} {r['cifar10_epoch_min']:>16.2f}")
     if json_out:
-        from .spec import atomic_write_text
+        from .fileio import atomic_write_text
         atomic_write_text(json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
     return rows

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from deepreduce.data import load_dataset, normalize
 from deepreduce.errors import UserError
-from deepreduce.spec import atomic_write_text
+from deepreduce.fileio import atomic_write_text
 
 from .plan import SecurePlan, export_plan, run_plaintext
 from .runtime import run_local_parties

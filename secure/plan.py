@@ -29,7 +29,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 
 from deepreduce.checkpoint import Checkpoint, load_checkpoint
 from deepreduce.errors import UserError
+from deepreduce.fileio import atomic_write_bytes
 from deepreduce.relus import relu_count as spec_relu_count
 from deepreduce.spec import ModelSpec
 
@@ -95,7 +95,7 @@ class SecurePlan:
         header = {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND, "plan_hash": self.plan_hash,
                   "meta": self._meta(), "ops": self.ops, "tensors": index}
         blob = json.dumps(header, sort_keys=True).encode()
-        _atomic_write(path, [MAGIC, _LENGTH.pack(len(blob)), blob]
+        atomic_write_bytes(path, [MAGIC, _LENGTH.pack(len(blob)), blob]
                       + [_tensor_bytes(t) for t in self.tensors.values()])
 
     @classmethod
@@ -146,21 +146,6 @@ def _content_hash(meta: dict, ops: list[dict], tensors: dict[str, torch.Tensor])
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
-
-
-def _atomic_write(path: str, chunks: list[bytes]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".plan")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _split_file(raw: bytes, path: str) -> tuple[dict, bytes]:

@@ -1,0 +1,43 @@
+"""Atomic file writes: a temp file in the target's directory, then a rename.
+
+A kill at any point leaves either the old file or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_output(path: str, mode: str = "wb"):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_output(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path: str, chunks: list[bytes]) -> None:
+    with atomic_output(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    import torch  # only callers that save tensors pay for the import
+
+    with atomic_output(path, "wb") as f:
+        torch.save(obj, f)
