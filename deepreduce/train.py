@@ -77,6 +77,13 @@ def one_cycle(total_steps: int, warmup_frac: float):
     return factor
 
 
+def memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last makes convolutions faster on CPU and GPU, but oneDNN crashes on very narrow
+    ones ("double free" with 4-channel convs): keep those contiguous."""
+    narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    return torch.channels_last if narrowest >= 8 else torch.contiguous_format
+
+
 def device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -122,7 +129,9 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     rank, world = _distributed()
     dev = device()
     torch.manual_seed(config.seed)
-    model = build_model(spec).to(dev, memory_format=torch.channels_last)  # faster convs on CPU and GPU
+    model = build_model(spec)
+    fmt = memory_format(model)
+    model = model.to(dev, memory_format=fmt)
     train_split = data.train.subset(config.subset, config.seed) if config.subset else data.train
     steps_per_epoch = max(1, len(train_split) // config.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -181,6 +190,7 @@ def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoc
     gen = torch.Generator().manual_seed(config.seed * 100003 + epoch)
     order = torch.randperm(len(split), generator=gen)
     per_rank = config.batch_size // world
+    fmt = memory_format(model)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                disable=not progress or rank != 0, file=sys.stderr, mininterval=1.0)
@@ -188,7 +198,7 @@ def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoc
         idx = order[step * config.batch_size:(step + 1) * config.batch_size]
         idx = idx[rank * per_rank:(rank + 1) * per_rank]
         pixels = augment_batch(split.images[idx], gen)
-        x = normalize(pixels, data.mean, data.std).to(dev, memory_format=torch.channels_last)
+        x = normalize(pixels, data.mean, data.std).to(dev, memory_format=fmt)
         y = split.labels[idx].to(dev)
         logits = model(x)
         if teacher is not None:

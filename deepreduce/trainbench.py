@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from .models import build_model
+from .train import memory_format
 from .relus import relu_count
 from .spec import ModelSpec
 
 
 def measure_train_speed(spec: ModelSpec, batch_size: int = 256, steps: int = 5, warmup: int = 2) -> dict:
     """Forward + backward + SGD step on random data (the data pipeline is not the bottleneck)."""
-    model = build_model(spec).to(memory_format=torch.channels_last).train()
+    model = build_model(spec)
+    fmt = memory_format(model)
+    model = model.to(memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch_size, spec.in_channels, spec.input_size, spec.input_size).to(
-        memory_format=torch.channels_last)
+        memory_format=fmt)
     y = torch.randint(0, spec.num_classes, (batch_size,))
     for i in range(warmup + steps):
         if i == warmup:

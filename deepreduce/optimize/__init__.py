@@ -18,7 +18,7 @@ from .pareto import budget_picks, pareto_front
 
 
 def optimize(data_arg: str, out_dir: str, config: OptimizeConfig, *, resume: bool = False,
-             teacher: str | None = None, quick: bool = False, progress: bool = True, out=print) -> dict:
+             teacher: str | None = None, quick: bool = False, progress: bool = True, out=None) -> dict:
     """Run (or --resume) the whole pipeline; returns the frontier document also written to DIR."""
     from ..data import load_dataset
     from .pipeline import Optimizer

@@ -12,10 +12,10 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
       widen: 8                # WideResNet width factor (ignored by resnet18)
     evaluation:
       test_subset: null       # accuracy on a fixed random subset of N test images (null = all)
-    train:                    # SGD one-cycle hyperparameters, one block per kind of job
-      teacher:     {epochs, batch_size, lr, weight_decay, subset, seed, compile}
-      criticality: {...}      # the one-stage and no-ReLU networks of step 2
-      candidates:  {...}      # every culled / thinned / reshaped candidate
+    train:                    # SGD one-cycle hyperparameters, one block per kind of job, each with
+      teacher: {...}          #   epochs (>= 1), batch_size (>= 1), lr (> 0), weight_decay (>= 0),
+      criticality: {...}      #   subset (images, or null = all), seed, compile (bool); criticality
+      candidates: {...}       #   nets train without KD, candidates with it (kd below)
     kd:                       # distillation of every candidate from the teacher
       enabled: true
       temperature: 4.0        # > 0
@@ -30,13 +30,14 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
     reshape:                  # shrink culled/thinned parents further to reach very low budgets
       enabled: true
       apply_to: thinned       # culled | thinned | all: which parents get reshaped
-      alphas: [0.5]           # width factors on top of base.alpha, each in (0, 1]
+      alphas: [0.5, 0.25]     # width factors on top of base.alpha, each in (0, 1]
       rhos: [0.5]             # input-downsampling factors on top of base.rho, each in (0, 1]
       blocks: []              # blocks-per-stage variants, each no deeper than base.blocks
     pruning:
       enabled: true           # skip reshaped variants that cannot improve the frontier (below)
     budgets: [100000, 50000, 15000]   # ReLU budgets: frontier.json picks the best model under each
-    quick: {...}              # overrides applied with --quick (same schema, any subset of keys)
+    quick: {...}              # overrides applied with --quick (same schema, any subset of keys);
+                              # typos in it are reported even without --quick
 
 The reshape grid of a parent is every combination of {1} + alphas, {1} + rhos and
 {base.blocks} + blocks except the parent itself. Pruning: a reshaped variant of parent P is not
@@ -226,6 +227,9 @@ class OptimizeConfig:
                         self.thinning, self.pruning):
             section.check()
         self.reshape.check(self.base)
+        _require(not (self.reshape.enabled and self.reshape.apply_to == "thinned" and not self.thinning.enabled),
+                 "reshape.apply_to", "is thinned but thinning.enabled is false, so nothing would be reshaped: "
+                 "set reshape.apply_to: culled (or all), or reshape.enabled: false")
         _require(all(b >= 1 for b in self.budgets), "budgets", f"must be positive ReLU counts, got {self.budgets}")
 
     def to_dict(self) -> dict:

@@ -55,7 +55,10 @@ def measure_point(checkpoint: str, data, images: int, export_plan, run_local) ->
     pixels = data.test.images[:images]
     if tuple(pixels.shape[1:]) != (c, h, w):
         raise UserError(f"{checkpoint} expects {c}x{h}x{w} images, the data has {tuple(pixels.shape[1:])}")
-    profile = run_local(plan, normalize(pixels, plan.mean, plan.std)).profile
+    try:
+        profile = run_local(plan, normalize(pixels, plan.mean, plan.std)).profile
+    except (RuntimeError, OSError) as exc:  # e.g. secure.runtime.SecureSessionError: a party failed or timed out
+        raise UserError(f"the secure run of {checkpoint} failed ({type(exc).__name__}: {exc})") from None
     n = len(pixels)
     return {"latency_s": round(profile.online_s / n, 6),
             "mb": round((profile.bytes_sent + profile.bytes_received) / 1e6 / n, 6),

@@ -37,7 +37,8 @@ from ..checkpoint import load_checkpoint
 from ..data import Dataset
 from ..errors import UserError
 from ..relus import relu_count
-from ..spec import ModelSpec, atomic_write_text
+from ..fileio import atomic_write_text
+from ..spec import ModelSpec
 from ..train import FINAL, evaluate_model, train
 from .candidates import (NO_RELU, Candidate, all_candidates, all_stages, criticality_specs, criticality_table,
                          culling_order, parent_candidates, reshaped_for, stage_relus)
@@ -66,13 +67,13 @@ class Optimizer:
 
     def __init__(self, out_dir: str, data: Dataset, data_arg: str, config: OptimizeConfig, *,
                  resume: bool = False, teacher: str | None = None, quick: bool = False, progress: bool = True,
-                 out=print):
+                 out=None):
         self.out_dir, self.config, self.resume, self.progress = out_dir, config, resume, progress
         self.data = _with_test_subset(data, config.evaluation.test_subset)
         self.identity = {"config": config.to_dict(), "data": _normalise_data_arg(data_arg), "quick": quick,
                          "teacher": os.path.abspath(teacher) if teacher else None}
         self.teacher_path = self.identity["teacher"]
-        self.out = out
+        self.out = out or _print_above_bars
         self.rank, self.world = _rank_and_world()
         self.base = ModelSpec(arch=config.base.arch, alpha=config.base.alpha, rho=config.base.rho,
                               blocks=config.base.blocks and tuple(config.base.blocks), widen=config.base.widen,
@@ -87,6 +88,7 @@ class Optimizer:
     # -- the pipeline -------------------------------------------------------------------------
     def run(self) -> dict:
         self._claim_directory()
+        # Generating every candidate up front also checks their specs before any training starts.
         total = 1 + len(criticality_specs(self.base)) + len(all_candidates(self.config, self.base, all_stages(self.base)))
         with tqdm(total=total, desc="optimize", unit="job", position=0, file=sys.stderr,
                   disable=not self.progress or not self.is_main) as self.bar:
@@ -214,7 +216,9 @@ class Optimizer:
     def _claim_directory(self) -> None:
         """A fresh DIR gets run.json; an existing run continues only with --resume and the same settings."""
         path = os.path.join(self.out_dir, RUN_JSON)
-        if os.path.isfile(path):
+        exists = os.path.isfile(path)
+        _barrier(self.world)  # every rank looks before rank 0 writes run.json
+        if exists:
             if not self.resume:
                 raise UserError(f"{self.out_dir} already holds an optimize run: pass --resume to continue it "
                                 "or choose a new --out directory")
@@ -236,7 +240,11 @@ class Optimizer:
 
     def _say(self, text: str) -> None:
         if self.is_main:
-            tqdm.write(text, file=sys.stdout)
+            self.out(text)
+
+
+def _print_above_bars(text: str) -> None:
+    tqdm.write(text, file=sys.stdout)  # print() would tear the progress bars on stderr
 
 
 def _check_same_run(recorded: dict, current: dict, path: str) -> None:

@@ -22,7 +22,7 @@ import json
 import os
 
 from ..errors import UserError
-from ..spec import atomic_write_text
+from ..fileio import atomic_output, atomic_write_text
 from .pareto import budget_picks, pareto_front
 
 FRONTIER_JSON = "frontier.json"
@@ -101,14 +101,13 @@ def plot_frontier(doc: dict, path: str, x: str = "relu_count") -> None:
     else:
         ax.set_xlabel("online latency per image (s)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("DeepReDuce frontier")
+    ax.set_title("DeepReDuce frontier" if x == "relu_count" else "DeepReDuce frontier: accuracy vs private-inference latency")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -- text tables ------------------------------------------------------------------------------
