@@ -18,6 +18,7 @@ def atomic_output(path: str, mode: str = "wb"):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,3 +42,9 @@ def atomic_torch_save(obj, path: str) -> None:
 
     with atomic_output(path, "wb") as f:
         torch.save(obj, f)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
