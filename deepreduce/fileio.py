@@ -31,6 +31,13 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def atomic_write_json(path: str, obj) -> None:
+    """Indented JSON with a final newline (the format of every JSON file the project writes)."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
 def atomic_write_bytes(path: str, chunks: list[bytes]) -> None:
     with atomic_output(path, "wb") as f:
         for chunk in chunks:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_json
 
 SPEC_FORMAT_VERSION = 1
 THIN_MODES = ("none", "bottom", "top")
@@ -153,7 +153,7 @@ class ModelSpec:
             raise UserError(f"cannot read spec file {path}: {exc.strerror}") from None
 
     def save(self, path: str) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

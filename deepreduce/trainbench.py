@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -43,6 +42,6 @@ def run(alphas=(1.0, 0.5, 0.25), batch_size: int = 256, steps: int = 5, json_out
     for r in rows:
         print(f"{r['alpha']:>6} {r['relu_count']:>9,} {r['images_per_s']:>8.1f} {r['cifar10_epoch_min']:>16.2f}")
     if json_out:
-        from .fileio import atomic_write_text
-        atomic_write_text(json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+        from .fileio import atomic_write_json
+        atomic_write_json(json_out, {"threads": torch.get_num_threads(), "rows": rows})
     return rows

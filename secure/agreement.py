@@ -12,7 +12,6 @@ because folder datasets list the test split class by class.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from deepreduce.data import load_dataset, normalize
 from deepreduce.errors import UserError
-from deepreduce.fileio import atomic_write_text
+from deepreduce.fileio import atomic_write_json
 
 from .plan import SecurePlan, export_plan, run_plaintext
 from .runtime import run_local_parties
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
           f"online {result['online_s_per_batch']:.2f} s per batch of {args.batch_size}"
           + (" (INSECURE TFP)" if args.insecure_tfp else ""))
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json_out, result)
     return 0
 
 

@@ -10,7 +10,6 @@ random inputs (cost does not depend on pixel values) and prints the server party
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 from deepreduce.cli import add_spec_args, spec_from_args
 from deepreduce.errors import UserError
-from deepreduce.fileio import atomic_write_text
+from deepreduce.fileio import atomic_write_json
 
 from .plan import SecurePlan, plan_from_checkpoint
 from .profiling import random_checkpoint
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['mb_received_per_image']:>8.1f} {result['rounds']:>7}"
           + ("   (INSECURE TFP)" if args.insecure_tfp else ""))
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json_out, result)
     return 0
 
 

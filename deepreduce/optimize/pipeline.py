@@ -37,7 +37,7 @@ from ..checkpoint import load_checkpoint
 from ..data import Dataset
 from ..errors import UserError
 from ..relus import relu_count
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_json
 from ..spec import ModelSpec
 from ..train import FINAL, evaluate_model, train
 from .candidates import (NO_RELU, Candidate, all_candidates, all_stages, criticality_specs, criticality_table,
@@ -119,7 +119,7 @@ class Optimizer:
         if self.is_main:
             doc = {"no_relu_accuracy": no_relu, "stages": table, "order": [r["name"] for r in table],
                    "culling_order": [f"S{s}" for s in order], "order_mode": self.config.criticality.order}
-            atomic_write_text(os.path.join(self.out_dir, CRITICALITY_JSON), json.dumps(doc, indent=2) + "\n")
+            atomic_write_json(os.path.join(self.out_dir, CRITICALITY_JSON), doc)
             self._say("\ncriticality (accuracy gain over the no-ReLU network):\n"
                       + format_criticality_table(table, no_relu) + "\n")
         return table, no_relu, order
@@ -183,7 +183,7 @@ class Optimizer:
                   "checkpoint": os.path.relpath(final, self.out_dir), "train_seconds": metrics["train_seconds"],
                   "epochs": metrics["epochs"], "test_images": len(self.data.test),
                   "teacher": self._relative(metrics.get("teacher")), "kd": dataclasses.asdict(job.kd) if job.kd else None}
-        atomic_write_text(os.path.join(self._job_dir(job.name), RESULT_JSON), json.dumps(record, indent=2) + "\n")
+        atomic_write_json(os.path.join(self._job_dir(job.name), RESULT_JSON), record)
 
     def _external_teacher(self) -> dict:
         """--teacher CKPT: no training; its accuracy is measured on this run's test images."""
@@ -197,7 +197,7 @@ class Optimizer:
                           "accuracy": acc, "spec": ckpt.spec.to_dict(), "checkpoint": self.teacher_path,
                           "train_seconds": ckpt.metrics.get("train_seconds"), "epochs": ckpt.metrics.get("epochs"),
                           "test_images": len(self.data.test), "external": True}
-                atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+                atomic_write_json(path, record)
             _barrier(self.world)
         self.bar.update(1)
         return _read_json(path)
@@ -224,8 +224,7 @@ class Optimizer:
                                 "or choose a new --out directory")
             _check_same_run(_read_json(path), self.identity, path)
         elif self.is_main:
-            atomic_write_text(path, json.dumps({**self.identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                               indent=2) + "\n")
+            atomic_write_json(path, {**self.identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _barrier(self.world)
 
     def _meta(self) -> dict:

@@ -22,7 +22,7 @@ import json
 import os
 
 from ..errors import UserError
-from ..fileio import atomic_output, atomic_write_text
+from ..fileio import atomic_output, atomic_write_json, atomic_write_text
 from .pareto import budget_picks, pareto_front
 
 FRONTIER_JSON = "frontier.json"
@@ -44,7 +44,7 @@ def frontier_document(candidates: list[dict], budgets: list[int], pruned: list[d
 
 def write_reports(out_dir: str, doc: dict) -> None:
     """frontier.json (atomically), frontier.csv and frontier.png (+ the latency plot when measured)."""
-    atomic_write_text(os.path.join(out_dir, FRONTIER_JSON), json.dumps(doc, indent=2) + "\n")
+    atomic_write_json(os.path.join(out_dir, FRONTIER_JSON), doc)
     atomic_write_text(os.path.join(out_dir, FRONTIER_CSV), frontier_csv(doc))
     plot_frontier(doc, os.path.join(out_dir, FRONTIER_PNG))
     if any(p.get("latency_s") is not None for p in doc["frontier"]):
