@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import UserError
+from .errors import exit_status
 from .spec import THIN_MODES, ModelSpec
 
 
@@ -228,13 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(args.func, args)
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

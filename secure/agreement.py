@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from deepreduce.data import load_dataset, normalize
-from deepreduce.errors import UserError
+from deepreduce.errors import UserError, exit_status
 from deepreduce.fileio import atomic_write_json
 
 from .plan import SecurePlan, export_plan, run_plaintext
@@ -66,22 +66,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="CrypTen's TFP provider, no dealer (benchmark only)")
     parser.add_argument("--json-out", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        if args.n < 1 or args.batch_size < 1:
-            raise UserError("--n and --batch-size must be positive")
-        plan = SecurePlan.load(args.plan) if args.plan else export_plan(args.checkpoint)
-        data = load_dataset(args.data, input_size=plan.input_shape[1], resize=args.resize,
-                            progress=not args.no_progress)
-        if tuple(data.test.images.shape[1:]) != plan.input_shape:
-            raise UserError(f"{args.data} images are {tuple(data.test.images.shape[1:])}, the plan expects "
-                            f"{plan.input_shape}")
-        test = data.test.subset(args.n, seed=0)
-        result = measure_agreement(plan, test.images, test.labels, args.batch_size, args.insecure_tfp,
-                                   progress=not args.no_progress)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(_run, parser.parse_args(argv))
+
+
+def _run(args) -> None:
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    plan = SecurePlan.load(args.plan) if args.plan else export_plan(args.checkpoint)
+    data = load_dataset(args.data, input_size=plan.input_shape[1], resize=args.resize,
+                        progress=not args.no_progress)
+    if tuple(data.test.images.shape[1:]) != plan.input_shape:
+        raise UserError(f"{args.data} images are {tuple(data.test.images.shape[1:])}, the plan expects "
+                        f"{plan.input_shape}")
+    test = data.test.subset(args.n, seed=0)
+    result = measure_agreement(plan, test.images, test.labels, args.batch_size, args.insecure_tfp,
+                               progress=not args.no_progress)
     n = result["images"]
     print(f"agreement {result['argmax_agree']}/{n} ({100 * result['agreement']:.1f}%), "
           f"max |secure - plaintext| logit difference {result['max_abs_logit_diff']:.3g}")
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
           + (" (INSECURE TFP)" if args.insecure_tfp else ""))
     if args.json_out:
         atomic_write_json(args.json_out, result)
-    return 0
 
 
 if __name__ == "__main__":

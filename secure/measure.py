@@ -16,7 +16,7 @@ import sys
 import torch
 
 from deepreduce.cli import add_spec_args, spec_from_args
-from deepreduce.errors import UserError
+from deepreduce.errors import exit_status
 from deepreduce.fileio import atomic_write_json
 
 from .plan import SecurePlan, plan_from_checkpoint
@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--insecure-tfp", action="store_true", help="TFP provider, no dealer (benchmark only)")
     parser.add_argument("--json-out")
-    args = parser.parse_args(argv)
-    try:
-        plan = SecurePlan.load(args.plan) if args.plan else plan_from_checkpoint(random_checkpoint(spec_from_args(args)))
-        result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(_run, parser.parse_args(argv))
+
+
+def _run(args) -> None:
+    plan = SecurePlan.load(args.plan) if args.plan else plan_from_checkpoint(random_checkpoint(spec_from_args(args)))
+    result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp)
     print(f"{'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} {'MB sent':>8} {'MB recv':>8} {'rounds':>7}")
     print(f"{result['relu_count']:>9,} {result['online_s_per_image']:>12.2f} {result['setup_s']:>8.2f} "
           f"{100 * result['relu_share']:>9.0f}% {result['mb_sent_per_image']:>8.1f} "
@@ -62,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
           + ("   (INSECURE TFP)" if args.insecure_tfp else ""))
     if args.json_out:
         atomic_write_json(args.json_out, result)
-    return 0
 
 
 if __name__ == "__main__":
