@@ -45,6 +45,10 @@ class Profile:
     batch_size: int
     insecure_tfp: bool
     relu_count: int = 0  # ReLUs evaluated for the whole batch
+    offline_s: float = 0.0  # everything before the input is used: set-up, dealer correlations, precomputation
+    offline_bytes: int = 0  # sent + received by this party before the input is used
+    queries: int = 1  # batches in the session; the other figures sum over them
+    engine: str = "crypten"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +70,7 @@ class Profile:
                    relu_s=sum(lp.seconds for lp in relu), linear_s=sum(lp.seconds for lp in other),
                    relu_bytes=_traffic(relu), linear_bytes=_traffic(other),
                    batch_size=batch_size, insecure_tfp=insecure_tfp,
-                   relu_count=sum(lp.relu_count for lp in layers))
+                   relu_count=sum(lp.relu_count for lp in layers), offline_s=setup_s)
 
     def summary(self) -> str:
         mode = "INSECURE TFP (no dealer)" if self.insecure_tfp else "TTP dealer"

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from . import engine as fast
 from .crypten_compat import crypten_module
 from .plan import SecurePlan, check_input, walk
 from .profiling import LayerProfile, LayerRecorder, Profile, TrafficCounter
@@ -44,6 +45,8 @@ __all__ = ["ROLES", "Rendezvous", "LayerProfile", "Profile", "PartyResult", "Sec
            "run_server", "run_client", "run_dealer", "run_local", "run_local_parties"]
 
 ROLES = {"server": 0, "client": 1, "dealer": 2}
+ENGINES = ("fast", "crypten")  # fast: secure/engine.py; crypten: CrypTen's MPC tensors (the reference)
+DEFAULT_ENGINE = "fast"
 WORLD_SIZE = 2  # the computing parties; the dealer joins as an extra rank
 OUTPUT_RANK = ROLES["client"]
 log = logging.getLogger(__name__)
@@ -80,23 +83,69 @@ class SecureSessionError(RuntimeError):
 
 # -- party entry points ---------------------------------------------------------------------
 
-def run_server(plan: SecurePlan, rdv: Rendezvous, batch_size: int, insecure_tfp: bool = False) -> PartyResult:
+def run_server(plan: SecurePlan, rdv: Rendezvous, batch_size: int | list[int], insecure_tfp: bool = False,
+               engine: str = DEFAULT_ENGINE) -> PartyResult:
+    """`batch_size`: one batch, or the sizes of several batches (queries) run in one session."""
+    batches = _batch_list(batch_size)
+    if engine == "fast":
+        _, profile = _run_fast("server", rdv, plan.public_info(), batches, insecure_tfp, plan=plan)
+        return PartyResult("server", None, profile, insecure_tfp)
     tensors = {name: plan.tensors[name] for name in sorted(plan.tensors)}
-    profile = _run_party("server", plan.public_info(), tensors, None, batch_size, rdv, insecure_tfp)
+    profile = _run_party("server", plan.public_info(), tensors, None, _single(batches), rdv, insecure_tfp)
     return PartyResult("server", None, profile, insecure_tfp)
 
 
-def run_client(public: dict, images: torch.Tensor, rdv: Rendezvous, insecure_tfp: bool = False) -> PartyResult:
-    """`images`: the already-normalised float N x C x H x W batch."""
-    check_input(images, public["input_shape"])
+def run_client(public: dict, images: torch.Tensor | list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool = False,
+               engine: str = DEFAULT_ENGINE) -> PartyResult:
+    """`images`: the already-normalised float N x C x H x W batch, or a list of batches (one session)."""
+    batches = [images] if isinstance(images, torch.Tensor) else list(images)
+    for batch in batches:
+        check_input(batch, public["input_shape"])
+    if engine == "fast":
+        logits, profile = _run_fast("client", rdv, public, [len(b) for b in batches], insecure_tfp,
+                                    images=[b.float() for b in batches])
+        return PartyResult("client", torch.cat(logits), profile, insecure_tfp)
+    (batch,) = batches if len(batches) == 1 else (_single([len(b) for b in batches]),)
     shapes = {name: public["tensor_shapes"][name] for name in sorted(public["tensor_shapes"])}
-    logits, profile = _run_party("client", public, shapes, images.float(), len(images), rdv, insecure_tfp)
+    logits, profile = _run_party("client", public, shapes, batch.float(), len(batch), rdv, insecure_tfp)
     return PartyResult("client", logits, profile, insecure_tfp)
 
 
-def run_dealer(rdv: Rendezvous) -> None:
-    """Serve triples (CrypTen's TTPServer) until the server party uninitialises."""
-    _serve_dealer(rdv)
+def run_dealer(rdv: Rendezvous, engine: str = DEFAULT_ENGINE) -> dict:
+    """Serve correlated randomness until the server party is done; returns the dealer's traffic."""
+    if engine == "fast":
+        return _run_fast("dealer", rdv, None, None, False)
+    return _serve_dealer(rdv)
+
+
+def _batch_list(batch_size) -> list[int]:
+    return [int(batch_size)] if isinstance(batch_size, int) else [int(b) for b in batch_size]
+
+
+def _single(batches: list[int]) -> int:
+    if len(batches) != 1:
+        raise ValueError("the crypten engine runs one batch per session; use engine='fast' for several")
+    return batches[0]
+
+
+# -- the fast engine (secure/engine.py) -------------------------------------------------------
+
+def _run_fast(role: str, rdv: Rendezvous, public: dict | None, batches: list[int] | None, insecure_tfp: bool,
+              plan: SecurePlan | None = None, images: list[torch.Tensor] | None = None):
+    torch.set_num_threads(1)  # the server raises its own count for the online convolutions
+    try:
+        channel = fast.connect(ROLES[role], rdv.url, rdv.timeout_s, insecure_tfp)
+    except Exception as exc:  # DistNetworkError, RuntimeError: the peers did not all show up
+        raise SecureSessionError(f"{role}: rendezvous at {rdv.url} failed within {rdv.timeout_s:g} s "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    try:
+        if role == "dealer":
+            return fast.serve_dealer(channel)
+        return fast.run_party(ROLES[role], channel, public, batches, fast.EngineConfig(), insecure_tfp, plan, images)
+    except (RuntimeError, ValueError) as exc:  # gloo timeouts and resets are RuntimeErrors
+        raise SecureSessionError(f"{role}: secure session failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        fast.disconnect()
 
 
 # -- one party's session ----------------------------------------------------------------------
@@ -232,10 +281,10 @@ def _serve_dealer(rdv: Rendezvous) -> dict:
 # -- all parties on this machine (tests, benchmarks) -------------------------------------------
 
 def run_local(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False, port: int | None = None,
-              timeout_s: float = 60) -> PartyResult:
+              timeout_s: float = 60, engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> PartyResult:
     """Run server, client and dealer (no dealer with TFP) as fresh processes on 127.0.0.1 and
     return the client's result."""
-    return run_local_parties(plan, images, insecure_tfp, port, timeout_s).client
+    return run_local_parties(plan, images, insecure_tfp, port, timeout_s, engine=engine, batch_size=batch_size).client
 
 
 @dataclass
@@ -247,9 +296,13 @@ class LocalRun:
 
 
 def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False,
-                      port: int | None = None, timeout_s: float = 60, client_public: dict | None = None) -> LocalRun:
+                      port: int | None = None, timeout_s: float = 60, client_public: dict | None = None,
+                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> LocalRun:
     """Like run_local, but returns every party's outcome. `client_public` gives the client another
-    public description than `plan`'s (tests: a client holding a stale plan)."""
+    public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
+    `images` into several queries of one session (fast engine); by default they are one batch."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
     rdv = Rendezvous("127.0.0.1", port or free_port(), timeout_s)
     roles = ["server", "client"] + ([] if insecure_tfp else ["dealer"])
     ctx = multiprocessing.get_context("spawn")
@@ -260,7 +313,8 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
         public = json.dumps(client_public or plan.public_info())  # only what crosses the network
         pixels = images.detach().float().numpy()
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
-                                   args=(role, plan_path, public, pixels, rdv, insecure_tfp, results))
+                                   args=(role, plan_path, public, pixels, rdv, insecure_tfp, results, engine,
+                                         batch_size or len(pixels)))
                  for role in roles}
         try:
             for p in procs.values():
@@ -273,16 +327,17 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
                     dealer=outcomes.get("dealer"), pids=pids)
 
 
-def _local_party(role, plan_path, public_json, pixels, rdv, insecure_tfp, results) -> None:
+def _local_party(role, plan_path, public_json, pixels, rdv, insecure_tfp, results, engine, batch_size) -> None:
     try:
         if role == "dealer":
-            traffic = _serve_dealer(rdv)
+            traffic = run_dealer(rdv, engine)
             results.put((role, "ok", {"pid": os.getpid(), **traffic}))
             return
+        batches = list(torch.from_numpy(pixels).split(batch_size))
         if role == "server":
-            outcome = run_server(SecurePlan.load(plan_path), rdv, len(pixels), insecure_tfp)
+            outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine)
         else:
-            outcome = run_client(json.loads(public_json), torch.from_numpy(pixels), rdv, insecure_tfp)
+            outcome = run_client(json.loads(public_json), batches, rdv, insecure_tfp, engine)
         results.put((role, "ok", {"pid": os.getpid(), **outcome.to_dict()}))
     except BaseException as exc:
         results.put((role, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

@@ -1,0 +1,426 @@
+"""The fast two-party engine: dealer-assisted linear layers with a reused weight mask, a bit-packed
+ReLU, and an offline/online split.
+
+Ranks as in `secure.runtime`: server 0 (weights), client 1 (images), dealer 2. Values are additive
+shares in Z_2^64 (`secure.ring`), activations with ACT_BITS fractional bits, weights WEIGHT_BITS.
+
+Session (offline, before any input is used):
+  1. server and client check they run the same plan, batches and parameters;
+  2. the dealer draws two seeds: prg_s for the server, prg_c for the client (`secure.correlations`);
+  3. the server opens E_l = W_l - A_l for every linear layer to the client: once per session;
+  4. per query, the dealer sends the server its complement of the correlations; the client derives
+     its part from prg_c, computes its output share of every linear layer (E_l * B + C1, no input
+     needed) and sends the server X1 - B for each linear layer whose input share it already knows.
+
+Online, per query:
+  linear   the client sends X1 - B (unless sent offline); the server computes W * (X - B) + C0 + bias
+           with one exact float64 limb convolution pass; the client does nothing. 0 or 1 round.
+  relu     sign of x from bits [drop, drop + L] of the shares: a carry tree over bit-packed shares
+           (1 + log2 L rounds), then one round that turns the sign bit into x * sign (7 rounds for L = 32).
+  add/avgpool  local (the average's 1/(H*W) is folded into the next linear layer's weights).
+  output   the server sends its share of the logits to the client (1 round).
+
+``insecure_tfp``: no dealer; the server draws both seeds and could decrypt everything (benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .channel import Channel, like
+from .correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
+                           party_randomness, server_message, unpack_message, weight_masks, weight_name)
+from .profiling import LayerProfile, Profile
+from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, plan_limbs, pack_bits, packed_size, ring_linear,
+                   ring_linear_small, truncate_share, unpack_bits)
+
+SERVER, CLIENT, DEALER = 0, 1, 2
+ENGINE_VERSION = 1
+
+
+class EngineError(RuntimeError):
+    """The parties disagree or the plan cannot run on this engine."""
+
+
+@dataclass
+class EngineConfig:
+    relu: ReluParams = field(default_factory=ReluParams)
+    server_threads: int = 1  # 2 helps big convolutions on an idle machine, costs ~15 ms per call on a busy one
+
+
+# -- process group ------------------------------------------------------------------------------
+
+def connect(rank: int, url: str, timeout_s: float, insecure_tfp: bool) -> Channel:
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2 if insecure_tfp else 3,
+                            timeout=timedelta(seconds=timeout_s))
+    return Channel(rank, timeout_s)
+
+
+def disconnect() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- dealer ---------------------------------------------------------------------------------------
+
+def serve_dealer(ch: Channel) -> dict:
+    """Receive the public session description from the server, hand out seeds, send every query's
+    correlations to the server, wait for the server's goodbye."""
+    (length,) = ch.recv(SERVER, [(torch.int64, 1)])
+    (raw,) = ch.recv(SERVER, [(torch.uint8, int(length))])
+    desc = json.loads(bytes(raw.tolist()).decode())
+    seed_s, seed_c = os.urandom(32), os.urandom(32)
+    ch.send(SERVER, [_seed_tensor(seed_s)])
+    ch.send(CLIENT, [_seed_tensor(seed_c)])
+    layout = Layout(desc["ops"], desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
+    prg_s, prg_c = Prg(seed_s), Prg(seed_c)
+    masks = weight_masks(prg_s, layout)
+    for q, batch in enumerate(desc["batches"]):
+        ch.send(SERVER, list(_dealer_query(layout, masks, prg_s, prg_c, q, batch)))
+    ch.recv(SERVER, [(torch.uint8, 1)])  # the server is done with us
+    return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received}
+
+
+def _dealer_query(layout, masks, prg_s, prg_c, q, batch):
+    s = party_randomness(prg_s, SERVER, layout, q, batch)
+    c = party_randomness(prg_c, CLIENT, layout, q, batch)
+    return pack_message(layout.server_message_spec(batch), server_message(layout, masks, s, c, batch))
+
+
+def _seed_tensor(seed: bytes) -> torch.Tensor:
+    return torch.tensor(list(seed), dtype=torch.uint8)
+
+
+def _seed(t: torch.Tensor) -> bytes:
+    return bytes(t.tolist())
+
+
+# -- the two computing parties --------------------------------------------------------------------
+
+@dataclass
+class QueryResult:
+    logits: torch.Tensor | None
+    layers: list[LayerProfile]
+    online_s: float
+    offline_s: float
+
+
+class Party:
+    """One computing party of one session. Server: `plan` set; client: `images` per query."""
+
+    def __init__(self, role: int, ch: Channel, public: dict, batches: list[int], config: EngineConfig,
+                 insecure_tfp: bool, plan=None):
+        self.j, self.ch, self.public, self.batches = role, ch, public, batches
+        self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
+        self.layout = Layout.from_public(public, config.relu)
+        self.ops = public["ops"]
+        self.consumers = {op["id"]: [o["id"] for o in self.ops if op["id"] in o["inputs"]] for op in self.ops}
+        self.offline_known = _offline_known(self.ops)
+        self.last = self.ops[-1]["id"]
+        if self.ops[-1]["op"] not in LINEAR_OPS:
+            raise EngineError("the fast engine needs a plan that ends with a linear layer")
+
+    # -- session set-up ----------------------------------------------------------------------
+    def setup(self) -> None:
+        self._agree()
+        if self.j == SERVER:
+            self._server_setup()
+        else:
+            self._client_setup()
+
+    def _agree(self) -> None:
+        c, h, w = self.public["input_shape"]
+        mine = torch.tensor([int(self.public["plan_hash"][:15], 16), len(self.batches), c, h, w,
+                             self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp)])
+        (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
+        if not torch.equal(mine, theirs):
+            raise EngineError(f"server and client disagree on the session (plan hash, query count, input shape, "
+                              f"ReLU parameters, engine version, dealer mode): {mine.tolist()} vs {theirs.tolist()}")
+        sizes = torch.tensor(self.batches)
+        (theirs,) = self.ch.exchange(1 - self.j, [sizes], like([sizes]))
+        if not torch.equal(sizes, theirs):
+            raise EngineError(f"server and client disagree on batch sizes: {sizes.tolist()} vs {theirs.tolist()}")
+
+    def _server_setup(self) -> None:
+        if self.tfp:
+            seed_s, seed_c = os.urandom(32), os.urandom(32)
+            self.ch.send(CLIENT, [_seed_tensor(seed_c)])
+            self.prg_c_insecure = Prg(seed_c)
+        else:
+            desc = json.dumps({"ops": self.ops, "tensor_shapes": self.public["tensor_shapes"],
+                               "batches": self.batches, "relu_bits": self.cfg.relu.relu_bits,
+                               "drop_bits": self.cfg.relu.drop_bits}).encode()
+            self.ch.send(DEALER, [torch.tensor([len(desc)])])
+            self.ch.send(DEALER, [torch.frombuffer(bytearray(desc), dtype=torch.uint8)])
+            (seed,) = self.ch.recv(DEALER, [(torch.uint8, 32)])
+            seed_s = _seed(seed)
+        self.prg_s = Prg(seed_s)
+        self.masks = weight_masks(self.prg_s, self.layout)
+        self.weights, self.biases, self.limbs = self._encode_weights()
+        masked = [self.weights[i] - self.masks[i] for i in sorted(self.weights)]
+        self.ch.send(CLIENT, masked)  # E = W - A, once per session
+
+    def _encode_weights(self):
+        tensors, weights, biases, limbs = self.plan.tensors, {}, {}, {}
+        for op in self.layout.linear_ops():
+            i, w = op["id"], tensors[weight_name(op)].double()
+            source = self.ops[op["inputs"][0]]
+            if source["op"] == "avgpool":  # fold the average's division into this layer
+                w = w / (self.ops[source["inputs"][0]]["shape"][1] * self.ops[source["inputs"][0]]["shape"][2])
+            weights[i] = encode(w, WEIGHT_BITS)
+            b = bias_name(op)
+            if b is not None:
+                biases[i] = encode(tensors[b].double(), ACT_BITS + WEIGHT_BITS)
+            limbs[i] = plan_limbs(weights[i], op["op"])
+        return weights, biases, limbs
+
+    def _client_setup(self) -> None:
+        (seed,) = self.ch.recv(SERVER if self.tfp else DEALER, [(torch.uint8, 32)])
+        self.prg_c = Prg(_seed(seed))
+        linear = sorted(op["id"] for op in self.layout.linear_ops())
+        shapes = [self.public["tensor_shapes"][weight_name(self.ops[i])] for i in linear]
+        received = self.ch.recv(SERVER, [(torch.int64, _numel(s)) for s in shapes])
+        self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
+
+    def receive_dealer_messages(self) -> None:
+        """Server: every query's correlations from the dealer (or made here in TFP mode)."""
+        self.dealer_msgs = []
+        for q, batch in enumerate(self.batches):
+            spec = self.layout.server_message_spec(batch)
+            if self.tfp:
+                rings, bits = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+            else:
+                n_ring, n_bits = message_sizes(spec)
+                rings, bits = self.ch.recv(DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)])
+            self.dealer_msgs.append((spec, rings, bits))
+
+    def goodbye(self) -> None:
+        if self.j == SERVER and not self.tfp:
+            self.ch.send(DEALER, [torch.zeros(1, dtype=torch.uint8)])
+
+    # -- one query ------------------------------------------------------------------------------
+    def query(self, q: int, images: torch.Tensor | None) -> QueryResult:
+        start = time.perf_counter()
+        self.ch.phase = "offline"
+        mat = self._prepare(q)
+        offline_s = time.perf_counter() - start
+        self.ch.exchange(1 - self.j, [torch.zeros(1, dtype=torch.uint8)], [(torch.uint8, 1)])  # start together
+        self.ch.phase = "online"
+        start = time.perf_counter()
+        layers, values = [], {}
+        batch = self.batches[q]
+        for op in self.ops:
+            before = _snapshot(self.ch)
+            t0 = time.perf_counter()
+            values[op["id"]] = self._op(op, [values[i] for i in op["inputs"]], mat, batch, images)
+            sent, received, rounds = _delta(self.ch, before)
+            if op["op"] != "input":
+                layers.append(LayerProfile(op["name"], op["op"], time.perf_counter() - t0, sent, received, rounds,
+                                           op.get("relu_count", 0) * batch))
+            for i in op["inputs"]:
+                if max(self.consumers[i]) == op["id"]:
+                    values.pop(i, None)
+        before, t0 = _snapshot(self.ch), time.perf_counter()
+        logits = self._reveal(values[self.last])
+        layers.append(LayerProfile("output", "reveal", time.perf_counter() - t0, *_delta(self.ch, before), 0))
+        self.ch.phase = "offline"
+        return QueryResult(logits, layers, time.perf_counter() - start, offline_s)
+
+    def _prepare(self, q: int) -> dict:
+        batch = self.batches[q]
+        if self.j == SERVER:
+            spec, rings, bits = self.dealer_msgs[q]
+            mat = {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
+                   "dealer": unpack_message(spec, rings, bits)}
+            ids = [op["id"] for op in self.layout.linear_ops() if self.offline_known[op["inputs"][0]]]
+            shapes = [[batch, *self.layout.input_shape(self.ops[i])] for i in ids]
+            got = self.ch.recv(CLIENT, [(torch.int64, _numel(s)) for s in shapes])
+            mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
+            return mat
+        own = party_randomness(self.prg_c, CLIENT, self.layout, q, batch)
+        mat = {"own": own, "outputs": {}, "early": {}}
+        known = {}
+        for op in self.ops:  # the client's shares that do not depend on the input
+            i = op["id"]
+            if op["op"] in LINEAR_OPS:
+                params = {"stride": op.get("stride"), "padding": op.get("padding")}
+                y = ring_linear(op["op"], self.masked_weights[i], own[f"{i}.B"], params) + own[f"{i}.C1"]
+                known[i] = y if i == self.last else truncate_share(y, WEIGHT_BITS, CLIENT)
+                mat["outputs"][i] = known[i]
+                if self.offline_known[op["inputs"][0]]:
+                    mat["early"][i] = known[op["inputs"][0]] - own[f"{i}.B"]
+            elif op["op"] == "add" and self.offline_known[i]:
+                known[i] = known[op["inputs"][0]] + known[op["inputs"][1]]
+            elif op["op"] == "avgpool" and self.offline_known[i]:
+                known[i] = known[op["inputs"][0]].sum(dim=(2, 3))
+        self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])])
+        return mat
+
+    def _op(self, op, inputs, mat, batch, images):
+        kind = op["op"]
+        if kind == "input":
+            if self.j == CLIENT:
+                return encode(images, ACT_BITS)
+            return torch.zeros(batch, *op["shape"], dtype=torch.long)
+        if kind in LINEAR_OPS:
+            return self._linear(op, inputs[0], mat)
+        if kind == "relu":
+            return self._relu(op, inputs[0], mat)
+        if kind == "add":
+            return inputs[0] + inputs[1]
+        if kind == "avgpool":
+            return inputs[0].sum(dim=(2, 3))  # its 1/(H*W) is in the next layer's weights
+        raise EngineError(f"the fast engine cannot run op {kind!r}")
+
+    def _linear(self, op, x, mat):
+        i = op["id"]
+        if self.j == CLIENT:
+            if i not in mat["early"]:
+                self.ch.send(SERVER, [x - mat["own"][f"{i}.B"]])
+            return mat["outputs"][i]
+        if i in mat["early"]:
+            masked = x + mat["early"][i]
+        else:
+            (got,) = self.ch.recv(CLIENT, [(torch.int64, x.numel())])
+            masked = x + got.view_as(x)
+        params = {"stride": op.get("stride"), "padding": op.get("padding")}
+        y = ring_linear_small(op["op"], self.weights[i], masked, params, self.limbs[i])
+        y = y + mat["dealer"][f"{i}.C0"]
+        if i in self.biases:
+            b = self.biases[i]
+            y = y + (b.view(1, -1, *([1] * (y.dim() - 2))))
+        return y if i == self.last else truncate_share(y, WEIGHT_BITS, SERVER)
+
+    def _relu(self, op, x, mat):
+        i, j, p = op["id"], self.j, self.cfg.relu
+        own, peer = mat["own"], 1 - self.j
+        dealer = mat.get("dealer", own)
+        shape, flat = x.shape, x.reshape(-1)
+        t = flat >> p.drop_bits
+        a = ((t.unsqueeze(1) >> torch.arange(p.relu_bits)) & 1).to(torch.uint8)
+        msb = ((t >> p.relu_bits) & 1).to(torch.uint8)
+        opened = flat - own[f"{i}.m"]
+        bits_out = pack_bits(a ^ own[f"{i}.mask"])
+        theirs_bits, theirs_open = self.ch.exchange(peer, [bits_out, opened], like([bits_out, opened]))
+        masked = opened + theirs_open  # x - m, known to both
+        other = unpack_bits(theirs_bits, a.shape)
+        if j == SERVER:  # a0 & (a1 ^ beta) ^ z0
+            g = (a & other) ^ dealer[f"{i}.z0"]
+        else:  # (a0 ^ alpha) & beta ^ z1
+            g = (other & own[f"{i}.mask"]) ^ own[f"{i}.z1"]
+        prop = a
+        for level in range(len(p.levels)):
+            g, prop = self._carry_level(i, level, g, prop, own, dealer)
+        d = msb ^ g[:, 0] ^ (1 if j == SERVER else 0)  # ReLU'(x) = NOT sign
+        mine = pack_bits(d ^ own[f"{i}.r"])
+        (theirs,) = self.ch.exchange(peer, [mine], like([mine]))
+        e = (d ^ own[f"{i}.r"] ^ unpack_bits(theirs, d.shape)).long()
+        ra = dealer[f"{i}.rA0"] if j == SERVER else own[f"{i}.rA1"]
+        rm = dealer[f"{i}.rm0"] if j == SERVER else own[f"{i}.rm1"]
+        y = (1 - 2 * e) * (masked * ra + rm) + e * own[f"{i}.m"]
+        if j == SERVER:
+            y = y + e * masked
+        return y.view(shape)
+
+    def _carry_level(self, i, level, g, prop, own, dealer):
+        """(G, P) pairs (lo, hi) -> G_hi ^ P_hi & G_lo, P_hi & P_lo with XOR-shared Beaver ANDs that
+        share the mask of their common operand P_hi."""
+        last = level == len(self.cfg.relu.levels) - 1
+        key = f"{i}.l{level}"
+        u, v1, v2 = own[f"{key}.u"], own[f"{key}.v1"], own[f"{key}.v2"]
+        g_lo, g_hi, p_lo, p_hi = g[:, 0::2], g[:, 1::2], prop[:, 0::2], prop[:, 1::2]
+        mine = [p_hi ^ u, g_lo ^ v1] + ([] if last else [p_lo ^ v2])
+        packed = [pack_bits(m) for m in mine]
+        theirs = self.ch.exchange(1 - self.j, packed, like(packed))
+        opened = [m ^ unpack_bits(t, m.shape) for m, t in zip(mine, theirs)]
+        e = opened[0]
+        w = dealer if self.j == SERVER else own
+
+        def AND(f, v, wk):
+            z = (e & v) ^ (f & u) ^ w[f"{key}.{wk}"]
+            return z ^ (e & f) if self.j == SERVER else z
+
+        g_new = g_hi ^ AND(opened[1], v1, "w1")
+        p_new = None if last else AND(opened[2], v2, "w2")
+        return g_new, p_new
+
+    def _reveal(self, y):
+        if self.j == SERVER:
+            self.ch.send(CLIENT, [y])
+            return None
+        (theirs,) = self.ch.recv(SERVER, [(torch.int64, y.numel())])
+        return (y + theirs.view_as(y)).double() / (1 << (ACT_BITS + WEIGHT_BITS))
+
+
+def _offline_known(ops: list[dict]) -> dict[int, bool]:
+    """Whether the client's share of each value is independent of the input (known before it)."""
+    known = {}
+    for op in ops:
+        kind = op["op"]
+        if kind in LINEAR_OPS:
+            known[op["id"]] = True  # E * B + C1: no input needed
+        elif kind in ("add", "avgpool"):
+            known[op["id"]] = all(known[i] for i in op["inputs"])
+        else:  # the input itself, and ReLU outputs
+            known[op["id"]] = False
+    return known
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _snapshot(ch: Channel):
+    t = ch.traffic
+    return t.sent, t.received, t.rounds
+
+
+def _delta(ch: Channel, before):
+    t = ch.traffic
+    return t.sent - before[0], t.received - before[1], t.rounds - before[2]
+
+
+# -- a whole session ------------------------------------------------------------------------------
+
+def run_party(role: int, ch: Channel, public: dict, batches: list[int], config: EngineConfig, insecure_tfp: bool,
+              plan=None, images: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor] | None, Profile]:
+    """Set up the session, run every query; returns the client's logits per query and a profile that
+    sums the queries (online and offline split)."""
+    if role == SERVER:
+        torch.set_num_threads(config.server_threads)
+    start = time.perf_counter()
+    party = Party(role, ch, public, batches, config, insecure_tfp, plan)
+    party.setup()
+    if role == SERVER:
+        party.receive_dealer_messages()
+    setup_s = time.perf_counter() - start
+    results = [party.query(q, None if images is None else images[q]) for q in range(len(batches))]
+    party.goodbye()
+    profile = _combine(results, ch, setup_s, sum(batches), insecure_tfp)
+    logits = None if role == SERVER else [r.logits for r in results]
+    return logits, profile
+
+
+def _combine(results: list[QueryResult], ch: Channel, setup_s: float, images: int, insecure_tfp: bool) -> Profile:
+    layers = []
+    for k, layer in enumerate(results[0].layers):  # same op order in every query: sum per layer
+        same = [r.layers[k] for r in results]
+        layers.append(LayerProfile(layer.name, layer.op, sum(x.seconds for x in same),
+                                   sum(x.bytes_sent for x in same), sum(x.bytes_received for x in same),
+                                   sum(x.rounds for x in same), sum(x.relu_count for x in same)))
+    profile = Profile.from_layers(layers, setup_s, images, insecure_tfp)
+    offline = [ch.phases.get(name) for name in ("setup", "offline") if ch.phases.get(name)]
+    return dataclasses.replace(profile, offline_s=setup_s + sum(r.offline_s for r in results),
+                               offline_bytes=sum(t.sent + t.received for t in offline),
+                               queries=len(results), engine="fast")

@@ -1,0 +1,94 @@
+"""Ring arithmetic of the fast engine against exact references (int64 torch ops, Python integers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from secure.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
+from secure.ring import (LimbPlan, Prg, _balanced_limbs, pack_bits, plan_limbs, ring_linear, ring_linear_small,
+                         truncate_share, unpack_bits)
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def uniform(*shape):
+    return torch.randint(-2**63, 2**63 - 1, shape, generator=GEN)
+
+
+def test_balanced_limbs_recombine_mod_2_64():
+    x = torch.cat([uniform(1000), torch.tensor([-2**63, 2**63 - 1, 0, -1, 1])])
+    for bits, count in ((32, 2), (22, 3), (16, 4)):
+        limbs = _balanced_limbs(x, bits, count)
+        assert all(limb.abs().max() <= 2 ** (bits - 1) for limb in limbs)
+        total = sum(limb << (bits * i) for i, limb in enumerate(limbs))
+        assert torch.equal(total, x)
+
+
+def test_small_weight_conv_is_exact_against_int64_conv():
+    w = torch.randint(-2**14, 2**14, (8, 6, 3, 3), generator=GEN)
+    x = uniform(2, 6, 7, 7)
+    params = {"stride": [2, 2], "padding": [1, 1]}
+    expected = F.conv2d(x, w, stride=2, padding=1)  # int64 conv2d: exact mod 2^64, slow
+    for limbs in (plan_limbs(w, "conv"), LimbPlan(2, 2), LimbPlan(3, 1), LimbPlan(4, 3)):
+        assert torch.equal(ring_linear_small("conv", w, x, params, limbs), expected), limbs
+
+
+def test_limb_plan_keeps_float64_sums_exact():
+    small = torch.full((4, 512, 3, 3), 2**9)  # ||w||_1 = 4608 * 2^9 ~ 2^21.2 > 2^21: 32-bit limbs need 2 groups
+    assert plan_limbs(small, "conv") == LimbPlan(2, 2)
+    huge = torch.randint(2**29, 2**30, (4, 8, 3, 3), generator=GEN)  # ||w||_1 ~ 2^36: 16-bit limbs
+    plan = plan_limbs(huge, "conv")
+    assert plan.count == 4
+    x = uniform(1, 8, 5, 5)
+    params = {"stride": [1, 1], "padding": [1, 1]}
+    assert torch.equal(ring_linear_small("conv", huge, x, params, plan), F.conv2d(x, huge, padding=1))
+
+
+def test_full_ring_products_are_exact():
+    a, b = uniform(5, 4, 3, 3), uniform(2, 4, 6, 6)
+    assert torch.equal(ring_linear("conv", a, b, {"stride": [1, 1], "padding": [1, 1]}),
+                       F.conv2d(b, a, padding=1))
+    wa, xb = uniform(3, 10), uniform(4, 10)
+    assert torch.equal(ring_linear("linear", wa, xb, {}), xb @ wa.t())
+    s, x = uniform(4), uniform(2, 4, 3, 3)
+    assert torch.equal(ring_linear("scale_shift", s, x, {}), x * s.view(1, -1, 1, 1))
+
+
+def test_local_truncation_is_off_by_at_most_one():
+    x = torch.randint(-2**40, 2**40, (10000,), generator=GEN)
+    s1 = uniform(10000)
+    s0 = x - s1
+    got = truncate_share(s0, 16, 0) + truncate_share(s1, 16, 1)
+    assert (got - (x >> 16)).abs().max() <= 1
+
+
+def test_prg_is_deterministic_per_seed_and_label():
+    a, b = Prg(b"\x01" * 32), Prg(b"\x02" * 32)
+    assert torch.equal(a.ring("x", [5]), Prg(b"\x01" * 32).ring("x", [5]))
+    assert not torch.equal(a.ring("x", [5]), a.ring("y", [5]))
+    assert not torch.equal(a.ring("x", [5]), b.ring("x", [5]))
+    bits = a.bits("z", [4000])
+    assert set(bits.unique().tolist()) == {0, 1} and abs(bits.double().mean() - 0.5) < 0.05
+
+
+def test_bit_packing_round_trips_and_shrinks():
+    bits = (torch.rand(13, 7, generator=GEN) > 0.5).to(torch.uint8)
+    packed = pack_bits(bits)
+    assert packed.numel() == (13 * 7 + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits.shape), bits)
+
+
+def test_dealer_message_round_trips_through_its_layout():
+    ops = [{"id": 0, "op": "input", "inputs": [], "shape": [2, 3, 3]},
+           {"id": 1, "op": "conv", "inputs": [0], "shape": [4, 3, 3], "weight": "w", "bias": None,
+            "stride": [1, 1], "padding": [1, 1]},
+           {"id": 2, "op": "relu", "inputs": [1], "shape": [4, 3, 3], "relu_count": 36}]
+    layout = Layout(ops, {"w": [4, 2, 3, 3]}, ReluParams(relu_bits=8))
+    spec = layout.server_message_spec(batch=2)
+    msg = {k: (uniform(*shape) if kind == "ring" else (torch.rand(*shape, generator=GEN) > 0.5).to(torch.uint8))
+           for k, kind, shape in spec}
+    rings, bits = pack_message(spec, msg)
+    assert (rings.numel(), bits.numel()) == message_sizes(spec)
+    back = unpack_message(spec, rings, bits)
+    assert all(torch.equal(back[k], msg[k]) for k in msg)
