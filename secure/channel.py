@@ -3,7 +3,8 @@
 Transport is torch.distributed's gloo backend (the same rendezvous and interface selection as the
 CrypTen engine: `tcp://host:port` hosted by the server, `GLOO_SOCKET_IFNAME` to pin the interface).
 Every message's size follows from the public plan, so a receiver always knows what to expect; the
-tensors of one message travel as one byte buffer. Each receive waits at most `timeout_s`.
+tensors of one message travel as one byte buffer. Each send and receive waits at most `timeout_s`
+(callers pass a longer bound where the peer is known to be busy with offline work).
 """
 
 from __future__ import annotations
@@ -34,30 +35,34 @@ class Channel:
     def traffic(self) -> Traffic:
         return self.phases.setdefault(self.phase, Traffic())
 
-    def send(self, dst: int, tensors: list[torch.Tensor], rounds: int = 1) -> None:
+    def send(self, dst: int, tensors: list[torch.Tensor], rounds: int = 1, timeout_s: float | None = None) -> None:
+        """Returns once the peer has taken the message (a busy peer may take up to `timeout_s`)."""
         buf = _to_bytes(tensors)
         if buf.numel():
-            dist.send(buf, dst)
+            dist.isend(buf, dst).wait(timedelta(seconds=timeout_s or self.timeout_s))
         self.traffic.sent += buf.numel()
         self.traffic.rounds += rounds
 
-    def recv(self, src: int, specs: list[tuple[torch.dtype, int]], rounds: int = 1) -> list[torch.Tensor]:
+    def recv(self, src: int, specs: list[tuple[torch.dtype, int]], rounds: int = 1,
+             timeout_s: float | None = None) -> list[torch.Tensor]:
         buf = torch.empty(_nbytes(specs), dtype=torch.uint8)
         if buf.numel():
-            dist.irecv(buf, src).wait(timedelta(seconds=self.timeout_s))
+            dist.irecv(buf, src).wait(timedelta(seconds=timeout_s or self.timeout_s))
         self.traffic.received += buf.numel()
         self.traffic.rounds += rounds
         return _from_bytes(buf, specs)
 
-    def exchange(self, peer: int, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    def exchange(self, peer: int, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, int]],
+                 timeout_s: float | None = None) -> list[torch.Tensor]:
         """Send ours and receive theirs at the same time: one round."""
         out = _to_bytes(tensors)
         buf = torch.empty(_nbytes(specs), dtype=torch.uint8)
+        wait = timedelta(seconds=timeout_s or self.timeout_s)
         pending = dist.isend(out, peer) if out.numel() else None
         if buf.numel():
-            dist.irecv(buf, peer).wait(timedelta(seconds=self.timeout_s))
+            dist.irecv(buf, peer).wait(wait)
         if pending is not None:
-            pending.wait(timedelta(seconds=self.timeout_s))
+            pending.wait(wait)
         self.traffic.sent += out.numel()
         self.traffic.received += buf.numel()
         self.traffic.rounds += 1

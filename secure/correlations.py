@@ -12,7 +12,7 @@ session to the client; `../shared/notes/online-linear-layers.md` has the argumen
 Per query q (a batch of N images):
   linear l: B = prg_c (input-shaped, the client's input mask), C1 = prg_c, C0 = A_l * B - C1.
   relu r (n = N * relu_count elements, L = `relu_bits`):
-    first AND of the sign adder: alpha = prg_s, beta = prg_c ([n, L] bits), z1 = prg_c, z0 = (alpha & beta) ^ z1
+    first AND of the sign adder: alpha = prg_s, beta = prg_c (L bit planes), z1 = prg_c, z0 = (alpha & beta) ^ z1
     per carry level j with p pairs: u, v1, v2 XOR-shared (prg_s / prg_c), w_k shared as (u & v_k) ^ w_k1
     output: a random bit r (XOR-shared), a random ring mask m ([m0] prg_s, [m1] prg_c),
             arithmetic shares of r (rA0 = r - rA1) and of r * m (rm0 = r * m - rm1)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ring import Prg, packed_size, pack_bits, ring_linear, unpack_bits
+from .ring import Prg, from_plane, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
 
@@ -72,7 +72,8 @@ class Layout:
         return batch * math.prod(op["shape"])
 
     def server_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
-        """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order."""
+        """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order;
+        bits are packed planes (`secure.ring.to_planes`), shape [planes, bytes]."""
         spec = []
         for op in self.ops:
             i = op["id"]
@@ -80,11 +81,12 @@ class Layout:
                 spec.append((f"{i}.C0", "ring", [batch, *op["shape"]]))
             elif op["op"] == "relu":
                 n = self.relu_elements(op, batch)
-                spec.append((f"{i}.z0", "bits", [n, self.relu.relu_bits]))
+                nb = packed_size(n)
+                spec.append((f"{i}.z0", "bits", [self.relu.relu_bits, nb]))
                 for j, p in enumerate(self.relu.levels):
-                    spec.append((f"{i}.l{j}.w1", "bits", [n, p]))
+                    spec.append((f"{i}.l{j}.w1", "bits", [p, nb]))
                     if j < len(self.relu.levels) - 1:
-                        spec.append((f"{i}.l{j}.w2", "bits", [n, p]))
+                        spec.append((f"{i}.l{j}.w2", "bits", [p, nb]))
                 spec += [(f"{i}.rA0", "ring", [n]), (f"{i}.rm0", "ring", [n])]
         return spec
 
@@ -112,13 +114,13 @@ def party_randomness(prg: Prg, party: int, layout: Layout, query: int, batch: in
             out[f"{i}.C1"] = prg.ring(f"{tag}.{i}.C1", [batch, *op["shape"]])
         elif op["op"] == "relu":
             n, bits = layout.relu_elements(op, batch), layout.relu.relu_bits
-            out[f"{i}.mask"] = prg.bits(f"{tag}.{i}.mask", [n, bits])  # alpha (party 0) or beta (party 1)
+            out[f"{i}.mask"] = prg.bits(f"{tag}.{i}.mask", bits, n)  # alpha (party 0) or beta (party 1)
             if party == 1:
-                out[f"{i}.z1"] = prg.bits(f"{tag}.{i}.z1", [n, bits])
+                out[f"{i}.z1"] = prg.bits(f"{tag}.{i}.z1", bits, n)
             for j, p in enumerate(layout.relu.levels):
                 for name in ("u", "v1", "v2") + (("w1", "w2") if party == 1 else ()):
-                    out[f"{i}.l{j}.{name}"] = prg.bits(f"{tag}.{i}.l{j}.{name}", [n, p])
-            out[f"{i}.r"] = prg.bits(f"{tag}.{i}.r", [n])
+                    out[f"{i}.l{j}.{name}"] = prg.bits(f"{tag}.{i}.l{j}.{name}", p, n)
+            out[f"{i}.r"] = prg.bits(f"{tag}.{i}.r", 1, n)
             out[f"{i}.m"] = prg.ring(f"{tag}.{i}.m", [n])
             if party == 1:
                 out[f"{i}.rA1"] = prg.ring(f"{tag}.{i}.rA1", [n])
@@ -143,7 +145,7 @@ def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: d
                         continue  # the last level only needs the carry, not the propagate bit
                     v = s[f"{i}.l{j}.v{k}"] ^ c[f"{i}.l{j}.v{k}"]
                     msg[f"{i}.l{j}.w{k}"] = (u & v) ^ c[f"{i}.l{j}.w{k}"]
-            r = (s[f"{i}.r"] ^ c[f"{i}.r"]).long()
+            r = from_plane((s[f"{i}.r"] ^ c[f"{i}.r"])[0], layout.relu_elements(op, batch))
             m = s[f"{i}.m"] + c[f"{i}.m"]
             msg[f"{i}.rA0"] = r - c[f"{i}.rA1"]
             msg[f"{i}.rm0"] = r * m - c[f"{i}.rm1"]
@@ -154,25 +156,20 @@ def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: d
 
 def pack_message(spec, msg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     rings = [msg[k].reshape(-1) for k, kind, _ in spec if kind == "ring"]
-    bits = [pack_bits(msg[k]) for k, kind, _ in spec if kind == "bits"]
+    bits = [msg[k].reshape(-1) for k, kind, _ in spec if kind == "bits"]
     return (torch.cat(rings) if rings else torch.zeros(0, dtype=torch.long),
             torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8))
 
 
 def message_sizes(spec) -> tuple[int, int]:
     return (sum(math.prod(s) for _, kind, s in spec if kind == "ring"),
-            sum(packed_size(s) for _, kind, s in spec if kind == "bits"))
+            sum(math.prod(s) for _, kind, s in spec if kind == "bits"))
 
 
 def unpack_message(spec, rings: torch.Tensor, bits: torch.Tensor) -> dict:
-    msg, r, b = {}, 0, 0
+    msg, offsets = {}, {"ring": 0, "bits": 0}
     for key, kind, shape in spec:
-        if kind == "ring":
-            n = math.prod(shape)
-            msg[key] = rings[r: r + n].view(*shape)
-            r += n
-        else:
-            n = packed_size(shape)
-            msg[key] = unpack_bits(bits[b: b + n], shape)
-            b += n
+        n, start = math.prod(shape), offsets[kind]
+        msg[key] = (rings if kind == "ring" else bits)[start: start + n].view(*shape)
+        offsets[kind] += n
     return msg

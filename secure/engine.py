@@ -39,8 +39,8 @@ from .channel import Channel, like
 from .correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
 from .profiling import LayerProfile, Profile
-from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, plan_limbs, pack_bits, packed_size, ring_linear,
-                   ring_linear_small, truncate_share, unpack_bits)
+from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, ring_linear, ring_linear_small,
+                   to_planes, truncate_share)
 
 SERVER, CLIENT, DEALER = 0, 1, 2
 ENGINE_VERSION = 1
@@ -83,10 +83,21 @@ def serve_dealer(ch: Channel) -> dict:
     layout = Layout(desc["ops"], desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
     prg_s, prg_c = Prg(seed_s), Prg(seed_c)
     masks = weight_masks(prg_s, layout)
-    for q, batch in enumerate(desc["batches"]):
-        ch.send(SERVER, list(_dealer_query(layout, masks, prg_s, prg_c, q, batch)))
-    ch.recv(SERVER, [(torch.uint8, 1)])  # the server is done with us
+    # Everything first, so that the dealer never computes while the parties are online; the server
+    # takes query q's message just before query q.
+    messages = [_dealer_query(layout, masks, prg_s, prg_c, q, batch) for q, batch in enumerate(desc["batches"])]
+    wait = session_timeout(ch.timeout_s, len(messages))
+    for message in messages:
+        ch.send(SERVER, list(message), timeout_s=wait)
+    ch.recv(SERVER, [(torch.uint8, 1)], timeout_s=wait)  # the server is done with us
     return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received}
+
+
+def session_timeout(timeout_s: float, queries: int) -> float:
+    """The bound on waits for a peer that may be busy with a whole session's offline work."""
+    return timeout_s * (queries + 1)
+
+
 
 
 def _dealer_query(layout, masks, prg_s, prg_c, q, batch):
@@ -125,6 +136,7 @@ class Party:
         self.consumers = {op["id"]: [o["id"] for o in self.ops if op["id"] in o["inputs"]] for op in self.ops}
         self.offline_known = _offline_known(self.ops)
         self.last = self.ops[-1]["id"]
+        self.wait = session_timeout(ch.timeout_s, len(batches))  # offline waits on busy peers
         if self.ops[-1]["op"] not in LINEAR_OPS:
             raise EngineError("the fast engine needs a plan that ends with a linear layer")
 
@@ -167,6 +179,7 @@ class Party:
         self.weights, self.biases, self.limbs = self._encode_weights()
         masked = [self.weights[i] - self.masks[i] for i in sorted(self.weights)]
         self.ch.send(CLIENT, masked)  # E = W - A, once per session
+        self.weights_f64 = {i: w.double() for i, w in self.weights.items()}  # exact: |w| << 2^53
 
     def _encode_weights(self):
         tensors, weights, biases, limbs = self.plan.tensors, {}, {}, {}
@@ -190,17 +203,16 @@ class Party:
         received = self.ch.recv(SERVER, [(torch.int64, _numel(s)) for s in shapes])
         self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
 
-    def receive_dealer_messages(self) -> None:
-        """Server: every query's correlations from the dealer (or made here in TFP mode)."""
-        self.dealer_msgs = []
-        for q, batch in enumerate(self.batches):
-            spec = self.layout.server_message_spec(batch)
-            if self.tfp:
-                rings, bits = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
-            else:
-                n_ring, n_bits = message_sizes(spec)
-                rings, bits = self.ch.recv(DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)])
-            self.dealer_msgs.append((spec, rings, bits))
+    def _dealer_message(self, q: int) -> dict:
+        """Server: query q's correlations from the dealer (made here in TFP mode)."""
+        batch = self.batches[q]
+        spec = self.layout.server_message_spec(batch)
+        if self.tfp:
+            rings, bits = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+        else:
+            n_ring, n_bits = message_sizes(spec)
+            rings, bits = self.ch.recv(DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)], timeout_s=self.wait)
+        return unpack_message(spec, rings, bits)
 
     def goodbye(self) -> None:
         if self.j == SERVER and not self.tfp:
@@ -212,7 +224,8 @@ class Party:
         self.ch.phase = "offline"
         mat = self._prepare(q)
         offline_s = time.perf_counter() - start
-        self.ch.exchange(1 - self.j, [torch.zeros(1, dtype=torch.uint8)], [(torch.uint8, 1)])  # start together
+        self.ch.exchange(1 - self.j, [torch.zeros(1, dtype=torch.uint8)], [(torch.uint8, 1)],  # start together
+                         timeout_s=self.wait)
         self.ch.phase = "online"
         start = time.perf_counter()
         layers, values = [], {}
@@ -237,12 +250,11 @@ class Party:
     def _prepare(self, q: int) -> dict:
         batch = self.batches[q]
         if self.j == SERVER:
-            spec, rings, bits = self.dealer_msgs[q]
             mat = {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
-                   "dealer": unpack_message(spec, rings, bits)}
+                   "dealer": self._dealer_message(q)}
             ids = [op["id"] for op in self.layout.linear_ops() if self.offline_known[op["inputs"][0]]]
             shapes = [[batch, *self.layout.input_shape(self.ops[i])] for i in ids]
-            got = self.ch.recv(CLIENT, [(torch.int64, _numel(s)) for s in shapes])
+            got = self.ch.recv(CLIENT, [(torch.int64, _numel(s)) for s in shapes], timeout_s=self.wait)
             mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
             return mat
         own = party_randomness(self.prg_c, CLIENT, self.layout, q, batch)
@@ -261,7 +273,7 @@ class Party:
                 known[i] = known[op["inputs"][0]] + known[op["inputs"][1]]
             elif op["op"] == "avgpool" and self.offline_known[i]:
                 known[i] = known[op["inputs"][0]].sum(dim=(2, 3))
-        self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])])
+        self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])], timeout_s=self.wait)
         return mat
 
     def _op(self, op, inputs, mat, batch, images):
@@ -292,7 +304,7 @@ class Party:
             (got,) = self.ch.recv(CLIENT, [(torch.int64, x.numel())])
             masked = x + got.view_as(x)
         params = {"stride": op.get("stride"), "padding": op.get("padding")}
-        y = ring_linear_small(op["op"], self.weights[i], masked, params, self.limbs[i])
+        y = ring_linear_small(op["op"], self.weights_f64[i], masked, params, self.limbs[i])
         y = y + mat["dealer"][f"{i}.C0"]
         if i in self.biases:
             b = self.biases[i]
@@ -300,18 +312,18 @@ class Party:
         return y if i == self.last else truncate_share(y, WEIGHT_BITS, SERVER)
 
     def _relu(self, op, x, mat):
+        """x * [x >= 0]: the sign from a carry tree over packed bit planes, then one multiplexer round."""
         i, j, p = op["id"], self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
-        dealer = mat.get("dealer", own)
+        dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
         shape, flat = x.shape, x.reshape(-1)
-        t = flat >> p.drop_bits
-        a = ((t.unsqueeze(1) >> torch.arange(p.relu_bits)) & 1).to(torch.uint8)
-        msb = ((t >> p.relu_bits) & 1).to(torch.uint8)
+        planes = to_planes(flat >> p.drop_bits, p.relu_bits + 1)
+        a, msb = planes[: p.relu_bits], planes[p.relu_bits]
         opened = flat - own[f"{i}.m"]
-        bits_out = pack_bits(a ^ own[f"{i}.mask"])
+        bits_out = a ^ own[f"{i}.mask"]
         theirs_bits, theirs_open = self.ch.exchange(peer, [bits_out, opened], like([bits_out, opened]))
         masked = opened + theirs_open  # x - m, known to both
-        other = unpack_bits(theirs_bits, a.shape)
+        other = theirs_bits.view_as(a)
         if j == SERVER:  # a0 & (a1 ^ beta) ^ z0
             g = (a & other) ^ dealer[f"{i}.z0"]
         else:  # (a0 ^ alpha) & beta ^ z1
@@ -319,10 +331,10 @@ class Party:
         prop = a
         for level in range(len(p.levels)):
             g, prop = self._carry_level(i, level, g, prop, own, dealer)
-        d = msb ^ g[:, 0] ^ (1 if j == SERVER else 0)  # ReLU'(x) = NOT sign
-        mine = pack_bits(d ^ own[f"{i}.r"])
+        d = msb ^ g[0] ^ (0xFF if j == SERVER else 0)  # ReLU'(x) = NOT sign
+        mine = d ^ own[f"{i}.r"][0]
         (theirs,) = self.ch.exchange(peer, [mine], like([mine]))
-        e = (d ^ own[f"{i}.r"] ^ unpack_bits(theirs, d.shape)).long()
+        e = from_plane(mine ^ theirs, flat.numel())  # d ^ r, public
         ra = dealer[f"{i}.rA0"] if j == SERVER else own[f"{i}.rA1"]
         rm = dealer[f"{i}.rm0"] if j == SERVER else own[f"{i}.rm1"]
         y = (1 - 2 * e) * (masked * ra + rm) + e * own[f"{i}.m"]
@@ -331,26 +343,22 @@ class Party:
         return y.view(shape)
 
     def _carry_level(self, i, level, g, prop, own, dealer):
-        """(G, P) pairs (lo, hi) -> G_hi ^ P_hi & G_lo, P_hi & P_lo with XOR-shared Beaver ANDs that
-        share the mask of their common operand P_hi."""
+        """(G, P) plane pairs (lo, hi) -> G_hi ^ P_hi & G_lo, P_hi & P_lo with XOR-shared Beaver ANDs
+        that share the mask of their common operand P_hi."""
         last = level == len(self.cfg.relu.levels) - 1
         key = f"{i}.l{level}"
         u, v1, v2 = own[f"{key}.u"], own[f"{key}.v1"], own[f"{key}.v2"]
-        g_lo, g_hi, p_lo, p_hi = g[:, 0::2], g[:, 1::2], prop[:, 0::2], prop[:, 1::2]
-        mine = [p_hi ^ u, g_lo ^ v1] + ([] if last else [p_lo ^ v2])
-        packed = [pack_bits(m) for m in mine]
-        theirs = self.ch.exchange(1 - self.j, packed, like(packed))
-        opened = [m ^ unpack_bits(t, m.shape) for m, t in zip(mine, theirs)]
-        e = opened[0]
+        g_lo, g_hi, p_lo, p_hi = g[0::2], g[1::2], prop[0::2], prop[1::2]
+        mine = torch.stack([p_hi ^ u, g_lo ^ v1] + ([] if last else [p_lo ^ v2]))
+        (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
+        e, f1, *f2 = mine ^ theirs.view_as(mine)
         w = dealer if self.j == SERVER else own
 
         def AND(f, v, wk):
             z = (e & v) ^ (f & u) ^ w[f"{key}.{wk}"]
             return z ^ (e & f) if self.j == SERVER else z
 
-        g_new = g_hi ^ AND(opened[1], v1, "w1")
-        p_new = None if last else AND(opened[2], v2, "w2")
-        return g_new, p_new
+        return g_hi ^ AND(f1, v1, "w1"), (None if last else AND(f2[0], v2, "w2"))
 
     def _reveal(self, y):
         if self.j == SERVER:
@@ -402,8 +410,6 @@ def run_party(role: int, ch: Channel, public: dict, batches: list[int], config: 
     start = time.perf_counter()
     party = Party(role, ch, public, batches, config, insecure_tfp, plan)
     party.setup()
-    if role == SERVER:
-        party.receive_dealer_messages()
     setup_s = time.perf_counter() - start
     results = [party.query(q, None if images is None else images[q]) for q in range(len(batches))]
     party.goodbye()

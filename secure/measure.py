@@ -21,17 +21,20 @@ from deepreduce.fileio import atomic_write_json
 
 from .plan import SecurePlan, plan_from_checkpoint
 from .profiling import random_checkpoint
-from .runtime import run_local_parties
+from .runtime import DEFAULT_ENGINE, ENGINES, run_local_parties
 
 
-def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecure_tfp: bool = False) -> dict:
+def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecure_tfp: bool = False,
+                 engine: str = DEFAULT_ENGINE) -> dict:
     runs = []
     for seed in range(repeats):
         x = torch.randn(batch_size, *plan.input_shape, generator=torch.Generator().manual_seed(seed))
-        runs.append(run_local_parties(plan, x, insecure_tfp=insecure_tfp).server.profile)
+        runs.append(run_local_parties(plan, x, insecure_tfp=insecure_tfp, engine=engine).server.profile)
     p = runs[0]
     online = statistics.median(r.online_s for r in runs)
     return {"relu_count": plan.relu_count, "batch_size": batch_size, "repeats": repeats, "insecure_tfp": insecure_tfp,
+            "engine": engine, "offline_s": statistics.median(r.offline_s for r in runs),
+            "offline_mb": p.offline_bytes / 1e6,
             "online_s_per_image": online / batch_size, "setup_s": statistics.median(r.setup_s for r in runs),
             "relu_share": statistics.median(r.relu_s / max(r.online_s, 1e-9) for r in runs),
             "mb_sent_per_image": p.bytes_sent / 1e6 / batch_size,
@@ -46,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     add_spec_args(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--insecure-tfp", action="store_true", help="TFP provider, no dealer (benchmark only)")
+    parser.add_argument("--insecure-tfp", action="store_true", help="no dealer (benchmark only)")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     parser.add_argument("--json-out")
     return exit_status(_run, parser.parse_args(argv))
 
 
 def _run(args) -> None:
     plan = SecurePlan.load(args.plan) if args.plan else plan_from_checkpoint(random_checkpoint(spec_from_args(args)))
-    result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp)
+    result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
     print(f"{'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} {'MB sent':>8} {'MB recv':>8} {'rounds':>7}")
     print(f"{result['relu_count']:>9,} {result['online_s_per_image']:>12.2f} {result['setup_s']:>8.2f} "
           f"{100 * result['relu_share']:>9.0f}% {result['mb_sent_per_image']:>8.1f} "

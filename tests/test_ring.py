@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from secure.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
-from secure.ring import (LimbPlan, Prg, _balanced_limbs, pack_bits, plan_limbs, ring_linear, ring_linear_small,
-                         truncate_share, unpack_bits)
+from secure.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear, ring_linear_small,
+                         to_planes, truncate_share)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -68,15 +68,18 @@ def test_prg_is_deterministic_per_seed_and_label():
     assert torch.equal(a.ring("x", [5]), Prg(b"\x01" * 32).ring("x", [5]))
     assert not torch.equal(a.ring("x", [5]), a.ring("y", [5]))
     assert not torch.equal(a.ring("x", [5]), b.ring("x", [5]))
-    bits = a.bits("z", [4000])
+    planes = a.bits("z", 3, 4000)
+    assert planes.shape == (3, 500) and planes.dtype == torch.uint8
+    bits = from_plane(planes[1], 4000)
     assert set(bits.unique().tolist()) == {0, 1} and abs(bits.double().mean() - 0.5) < 0.05
 
 
-def test_bit_packing_round_trips_and_shrinks():
-    bits = (torch.rand(13, 7, generator=GEN) > 0.5).to(torch.uint8)
-    packed = pack_bits(bits)
-    assert packed.numel() == (13 * 7 + 7) // 8
-    assert torch.equal(unpack_bits(packed, bits.shape), bits)
+def test_bit_planes_hold_each_bit_of_each_element():
+    x = torch.cat([uniform(13), torch.tensor([-1, 0, 5])])
+    planes = to_planes(x, 64)
+    assert planes.shape == (64, 2)  # 16 elements -> 2 bytes a plane: 8 elements a byte
+    for k in range(64):
+        assert torch.equal(from_plane(planes[k], 16), (x >> k) & 1)
 
 
 def test_dealer_message_round_trips_through_its_layout():
@@ -86,7 +89,7 @@ def test_dealer_message_round_trips_through_its_layout():
            {"id": 2, "op": "relu", "inputs": [1], "shape": [4, 3, 3], "relu_count": 36}]
     layout = Layout(ops, {"w": [4, 2, 3, 3]}, ReluParams(relu_bits=8))
     spec = layout.server_message_spec(batch=2)
-    msg = {k: (uniform(*shape) if kind == "ring" else (torch.rand(*shape, generator=GEN) > 0.5).to(torch.uint8))
+    msg = {k: (uniform(*shape) if kind == "ring" else torch.randint(0, 256, shape, dtype=torch.uint8, generator=GEN))
            for k, kind, shape in spec}
     rings, bits = pack_message(spec, msg)
     assert (rings.numel(), bits.numel()) == message_sizes(spec)
