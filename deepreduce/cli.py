@@ -147,6 +147,13 @@ def cmd_frontier(args) -> None:
     print(json.dumps(doc, indent=2) if args.json else format_frontier_table(doc, show_all=args.all))
 
 
+# -- bench (stock CrypTen vs this project's runtime, secure/bench.py) ---------------------------------
+
+def cmd_bench(args) -> None:
+    from secure.bench import bench_command
+    bench_command(args, argv=getattr(args, "argv", None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepreduce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,11 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=4, help="test images per latency measurement")
     p.add_argument("--data", help="dataset for the latency images (default: the run's)")
     p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser("bench", help="private-inference latency: stock CrypTen vs this runtime, same models, one run")
+    models = p.add_mutually_exclusive_group()
+    models.add_argument("--frontier", metavar="DIR", help="benchmark the frontier models of `deepreduce optimize "
+                        "--out DIR` (default: the golden DeepReDuce specs with random weights)")
+    models.add_argument("--spec", dest="spec_files", action="append", metavar="FILE.json",
+                        help="benchmark this ModelSpec with random weights (repeatable)")
+    p.add_argument("--no-full", action="store_true", help="leave out the full ResNet18 (alpha 1)")
+    p.add_argument("--batch-sizes", type=_int_list, help="default 1,8 (--quick: 1)")
+    p.add_argument("--repeats", type=int, help="runs per model and batch size, median reported (default 3, --quick 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1, fewer repeats, the full ResNet18 and one model under 100K ReLUs")
+    p.add_argument("--engine", help="this runtime's engine (default: the runtime's default)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds any party may wait for a peer (rendezvous, each message)")
+    p.add_argument("--json-out", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write latency vs ReLU count as a PNG")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
     try:
         return exit_status(args.func, args)
     except KeyboardInterrupt:

@@ -1,0 +1,467 @@
+"""`deepreduce bench`: stock CrypTen against this project's runtime, on the same models, in one run.
+
+For every model and batch size it runs
+
+* **stock**: the path a CrypTen user would write (`secure.stock`): ``crypten.nn.from_pytorch`` on the
+  PyTorch model with batch-norm left in, ``encrypt(src=0)`` at the server, the input encrypted with
+  ``src=1`` at the client; one session answers ``repeats`` queries;
+* **ours**: `secure.runtime.run_local_parties` on the model's secure plan (batch-norm folded), one
+  session per repeat;
+
+both with the dealer (CrypTen's TTP or the runtime's own) as a third process, all three on
+127.0.0.1, on the same random-weight checkpoint (or the same trained frontier checkpoint) and the
+same random inputs (cost does not depend on the pixel values). Reported per model and batch size:
+online latency per image (median over the repeats), offline time per image, online MB per image
+(sent + received by the server party), online rounds per batch, the ReLU and linear shares of the
+online time, ``speedup`` = stock online_s / ours online_s, and LAN/WAN projections
+(`secure.netmodel`). Both runtimes' logits are checked against the plaintext PyTorch model
+(``max_abs_error``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from deepreduce.checkpoint import Checkpoint, load_checkpoint
+from deepreduce.errors import UserError
+from deepreduce.fileio import atomic_output, atomic_write_json
+from deepreduce.relus import relu_count
+from deepreduce.spec import ModelSpec
+
+from .plan import SecurePlan, plan_from_checkpoint
+from .profiling import random_checkpoint
+from .stock import plaintext_logits, run_stock_local
+
+try:  # the latency model for real networks (optional: projections are skipped without it)
+    from .netmodel import PROJECTIONS, predict_latency
+except ImportError:  # pragma: no cover - only while secure/netmodel.py is missing
+    PROJECTIONS, predict_latency = {}, None
+
+BENCH_FORMAT_VERSION = 1
+BENCH_KIND = "deepreduce-bench"
+QUICK_RELU_LIMIT = 100_000
+RUNTIMES = ("stock", "ours")
+
+# The DeepReDuce models benchmarked without a frontier (random weights: latency does not depend on
+# the weight values). Name -> ModelSpec fields; the full ResNet18 is added separately.
+FULL_RESNET18 = "resnet18-full"
+GOLDEN_SPECS = {
+    "s2s3-thin": dict(alpha=1.0, cull=(1, 4), thin="bottom", stem_relu=False),  # 98,304 ReLUs
+    "demo-a0.5-s2s3-thin": dict(alpha=0.5, cull=(1, 4), thin="bottom", stem_relu=False),  # 49,152: the shipped demo spec
+    "no-relu": dict(alpha=1.0, cull=(1, 2, 3, 4), stem_relu=False),  # 0 ReLUs: linear layers only
+}
+QUICK_GOLDEN = ("s2s3-thin",)
+
+
+@dataclass
+class BenchModel:
+    name: str
+    checkpoint: Checkpoint  # batch-norm in: the stock path runs it as is, ours exports its plan
+    source: str  # "random weights (seed N)" or the checkpoint path
+    accuracy: float | None = None  # frontier models: test accuracy in percent
+    _plan: SecurePlan | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.checkpoint.spec
+
+    @property
+    def relu_count(self) -> int:
+        return relu_count(self.spec)
+
+    @property
+    def plan(self) -> SecurePlan:
+        if self._plan is None:
+            self._plan = plan_from_checkpoint(self.checkpoint)
+        return self._plan
+
+
+def random_model(name: str, spec: ModelSpec, seed: int = 0) -> BenchModel:
+    return BenchModel(name, random_checkpoint(spec, seed=seed), f"random weights (seed {seed})")
+
+
+# -- which models ---------------------------------------------------------------------------------
+
+def golden_models(quick: bool = False, base: ModelSpec | None = None, full: bool = True) -> list[BenchModel]:
+    """The full ResNet18 and the golden DeepReDuce specs, random weights; `base` sets the data shape."""
+    base = base or ModelSpec()
+    shape = dict(num_classes=base.num_classes, in_channels=base.in_channels, input_size=base.input_size)
+    models = [full_resnet18(base)] if full else []
+    for i, (name, fields) in enumerate(GOLDEN_SPECS.items(), start=1):
+        if not quick or name in QUICK_GOLDEN:
+            models.append(random_model(name, ModelSpec(**shape, **fields), seed=i))
+    return models
+
+
+def full_resnet18(base: ModelSpec | None = None) -> BenchModel:
+    base = base or ModelSpec()
+    spec = ModelSpec(arch="resnet18", alpha=1.0, num_classes=base.num_classes, in_channels=base.in_channels,
+                     input_size=base.input_size)
+    return random_model(FULL_RESNET18, spec, seed=0)
+
+
+def frontier_models(out_dir: str, quick: bool = False, full: bool = True) -> list[BenchModel]:
+    """The frontier of a `deepreduce optimize` run (trained checkpoints), plus the full ResNet18 of
+    the same data shape (random weights). `quick`: only the largest frontier model under 100K ReLUs."""
+    from deepreduce.optimize.report import load_frontier
+    doc = load_frontier(out_dir)
+    points = sorted(doc.get("frontier", []), key=lambda p: p["relu_count"])
+    if not points:
+        raise UserError(f"{out_dir}/frontier.json has no frontier points: finish `deepreduce optimize` first")
+    if quick:
+        small = [p for p in points if p["relu_count"] < QUICK_RELU_LIMIT]
+        if not small:
+            raise UserError(f"--quick needs a frontier model under {QUICK_RELU_LIMIT:,} ReLUs; "
+                            f"{out_dir} has none (run without --quick)")
+        points = small[-1:]
+    models = []
+    for p in points:
+        path = os.path.join(out_dir, p["checkpoint"])
+        models.append(BenchModel(p["name"], load_checkpoint(path), path, accuracy=p.get("accuracy")))
+    if full:
+        models.insert(0, full_resnet18(models[0].spec))
+    return models
+
+
+def spec_file_models(paths: list[str], full: bool = True) -> list[BenchModel]:
+    models = [random_model(os.path.splitext(os.path.basename(p))[0], ModelSpec.load(p), seed=i)
+              for i, p in enumerate(paths, start=1)]
+    if full:
+        models.insert(0, full_resnet18(models[0].spec))
+    return models
+
+
+# -- measurements -----------------------------------------------------------------------------------
+
+def bench_inputs(spec: ModelSpec, batch_size: int, repeats: int) -> list[torch.Tensor]:
+    """Normalised-scale random inputs, one batch per repeat (the same for both runtimes)."""
+    return [torch.randn(batch_size, spec.in_channels, spec.input_size, spec.input_size,
+                        generator=torch.Generator().manual_seed(1000 + r)) for r in range(repeats)]
+
+
+def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300) -> dict:
+    """One stock CrypTen session answering `repeats` queries; online time measured at the client,
+    traffic and rounds at the server."""
+    batches = bench_inputs(model.spec, batch_size, repeats)
+    run = run_stock_local(model.checkpoint, batches, timeout_s=timeout_s)
+    error = max(float((got - plaintext_logits(model.checkpoint, x)).abs().max())
+                for got, x in zip(run.logits, batches))
+    online = [q["online_s"] for q in run.client["queries"]]  # the client: input encryption .. logits
+    servers = run.server["queries"]
+    return _figures(online, servers, run.server["offline_s"], batch_size, error,
+                    extra={"convert_s": run.server["convert_s"], "queries_per_session": repeats,
+                           "online_measured_at": "client"})
+
+
+def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
+                 engine: str | None = None) -> dict:
+    """`repeats` sessions of the project's runtime, one batch each; figures of the server party."""
+    from .runtime import run_local_parties
+    kwargs = {"engine": engine} if engine else {}
+    online, servers, offline, error, engines = [], [], [], 0.0, set()
+    for x in bench_inputs(model.spec, batch_size, repeats):
+        run = run_local_parties(model.plan, x, timeout_s=timeout_s, **kwargs)
+        p = run.server.profile
+        online.append(p.online_s)
+        offline.append(getattr(p, "offline_s", p.setup_s))
+        servers.append({k: getattr(p, k) for k in ("online_s", "bytes_sent", "bytes_received", "rounds",
+                                                    "relu_s", "linear_s")})
+        engines.add(getattr(p, "engine", "crypten"))
+        error = max(error, float((run.client.logits - plaintext_logits(model.checkpoint, x)).abs().max()))
+    return _figures(online, servers, statistics.median(offline), batch_size, error,
+                    extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1,
+                           "online_measured_at": "server"})
+
+
+def _figures(online: list[float], servers: list[dict], offline_s: float, batch_size: int, error: float,
+             extra: dict) -> dict:
+    """The per-image figures of one runtime on one model and batch size."""
+    first = servers[0]  # traffic and rounds do not depend on the input: the same for every repeat
+    relu_share = statistics.median(s["relu_s"] / max(s["online_s"], 1e-12) for s in servers)
+    online_s = statistics.median(online) / batch_size
+    return {"online_s": online_s,
+            "offline_s": offline_s / batch_size,
+            "mb": (first["bytes_sent"] + first["bytes_received"]) / 1e6 / batch_size,
+            "rounds": int(first["rounds"]),
+            "relu_share": relu_share, "linear_share": 1.0 - relu_share,
+            "mb_sent": first["bytes_sent"] / 1e6 / batch_size,
+            "mb_received": first["bytes_received"] / 1e6 / batch_size,
+            "online_s_runs": [t / batch_size for t in online],
+            "max_abs_error": error, **extra}
+
+
+def projections(figures: dict, batch_size: int) -> dict:
+    """{link: seconds per image} from the measured figures (secure.netmodel; {} without it)."""
+    if predict_latency is None:
+        return {}
+    profile = {"online_s": figures["online_s"] * batch_size, "batch_size": batch_size,
+               "bytes_sent": figures["mb_sent"] * 1e6 * batch_size,
+               "bytes_received": figures["mb_received"] * 1e6 * batch_size, "rounds": figures["rounds"]}
+    return {name: predict_latency(profile, link.bandwidth_bps, link.rtt_s) / batch_size
+            for name, link in PROJECTIONS.items()}
+
+
+def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, timeout_s: float = 300,
+              engine: str | None = None, progress: bool = True, log=print) -> dict:
+    """Measure every model at every batch size with both runtimes; returns the report document
+    (without "command" and "machine", which `bench_command` adds)."""
+    started = time.perf_counter()
+    entries, failures = [], []
+    jobs = [(m, b) for m in models for b in batch_sizes]
+    bar = tqdm(total=len(jobs) * 2, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    try:
+        for model, batch in jobs:
+            entry = {"name": model.name, "relu_count": model.relu_count, "batch_size": batch,
+                     "source": model.source, "spec": model.spec.to_dict()}
+            if model.accuracy is not None:
+                entry["accuracy"] = model.accuracy
+            for runtime in RUNTIMES:
+                bar.set_description(f"{model.name} b{batch} {runtime}")
+                try:
+                    if runtime == "stock":
+                        entry[runtime] = measure_stock(model, batch, repeats, timeout_s)
+                    else:
+                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine)
+                except (RuntimeError, OSError) as exc:  # SecureSessionError: a party failed or timed out
+                    message = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+                    entry[runtime] = {"error": message}
+                    failures.append(f"{model.name} batch {batch} {runtime}")
+                    log(f"warning: {model.name} batch {batch} {runtime} failed: {message[:300]}")
+                bar.update(1)
+            stock, ours = entry["stock"], entry["ours"]
+            ok = "error" not in stock and "error" not in ours
+            entry["speedup"] = stock["online_s"] / ours["online_s"] if ok and ours["online_s"] > 0 else None
+            entry["projections"] = {}
+            if ok:
+                ps, po = projections(stock, batch), projections(ours, batch)
+                entry["projections"] = {name: {"stock_s": ps[name], "ours_s": po[name],
+                                               "speedup": ps[name] / po[name] if po[name] > 0 else None}
+                                        for name in ps}
+            entries.append(entry)
+    finally:
+        bar.close()
+    return {"format_version": BENCH_FORMAT_VERSION, "kind": BENCH_KIND,
+            "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "timeout_s": timeout_s,
+                         "engine": engine or "runtime default",
+                         "setting": "semi-honest, 2 parties + dealer (stock: CrypTen TTP), all on 127.0.0.1, "
+                                    "one process per party",
+                         "stock": "crypten.nn.from_pytorch (batch-norm in), model.encrypt(src=0), input src=1; "
+                                  "one session, `repeats` queries; online at the client",
+                         "ours": "secure.runtime.run_local_parties on the exported plan; one session per repeat; "
+                                 "figures of the server party",
+                         "units": "online_s, offline_s: seconds per image (online: median over repeats); "
+                                  "mb: online MB per image sent + received by the server party; "
+                                  "rounds: online rounds per batch; speedup: stock online_s / ours online_s"},
+            "links": {name: {"bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s,
+                             "description": link.description} for name, link in PROJECTIONS.items()},
+            "models": entries, "failures": failures, "wall_s": time.perf_counter() - started}
+
+
+# -- reports ------------------------------------------------------------------------------------------
+
+def format_table(doc: dict) -> str:
+    head = (f"{'model':<22} {'ReLUs':>9} {'batch':>5} | {'online s/img':>25} {'speedup':>8} | "
+            f"{'offline s/img':>15} | {'MB/img':>15} | {'rounds/batch':>13} | {'ReLU share':>11}")
+    sub = (f"{'':<22} {'':>9} {'':>5} | {'stock':>12} {'ours':>12} {'':>8} | {'stock':>7} {'ours':>7} | "
+           f"{'stock':>7} {'ours':>7} | {'stock':>6} {'ours':>6} | {'stock':>5} {'ours':>5}")
+    lines = [head, sub, "-" * len(head)]
+    for e in doc["models"]:
+        s, o = e["stock"], e["ours"]
+        lines.append(f"{e['name'][:22]:<22} {e['relu_count']:>9,} {e['batch_size']:>5} | "
+                     f"{_f(s, 'online_s', '.3f'):>12} {_f(o, 'online_s', '.3f'):>12} "
+                     f"{_num(e['speedup'], '.1f', 'x'):>8} | "
+                     f"{_f(s, 'offline_s', '.2f'):>7} {_f(o, 'offline_s', '.2f'):>7} | "
+                     f"{_f(s, 'mb', '.1f'):>7} {_f(o, 'mb', '.1f'):>7} | "
+                     f"{_f(s, 'rounds', 'd'):>6} {_f(o, 'rounds', 'd'):>6} | "
+                     f"{_f(s, 'relu_share', '.0%'):>5} {_f(o, 'relu_share', '.0%'):>5}")
+    return "\n".join(lines)
+
+
+def format_projections(doc: dict) -> str:
+    names = list(doc.get("links", {}))
+    if not names:
+        return "(no LAN/WAN projections: secure.netmodel is not available)"
+    lines = ["projected online latency per image (secure.netmodel: compute + rounds x RTT + bytes / bandwidth):"]
+    for name, link in doc["links"].items():
+        lines.append(f"  {name}: {link['description']}")
+    head = f"{'model':<22} {'batch':>5} " + " ".join(f"| {name + ' stock':>11} {name + ' ours':>10} {'speedup':>8} "
+                                                      for name in names)
+    lines += [head, "-" * len(head)]
+    for e in doc["models"]:
+        row = f"{e['name'][:22]:<22} {e['batch_size']:>5} "
+        for name in names:
+            p = e.get("projections", {}).get(name)
+            row += (f"| {p['stock_s']:>10.3f}s {p['ours_s']:>9.3f}s {_num(p['speedup'], '.1f', 'x'):>8} " if p
+                    else f"| {'-':>11} {'-':>10} {'-':>8} ")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _f(d: dict, key: str, fmt: str) -> str:
+    return "failed" if "error" in d else _num(d.get(key), fmt)
+
+
+def _num(value, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, fmt) + suffix
+
+
+def plot_bench(doc: dict, path: str) -> None:
+    """Online latency per image against ReLU count, both runtimes, one line per batch size; log
+    axes (a model without ReLUs is drawn at 1 ReLU)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    styles = {"stock": ("tab:red", "s"), "ours": ("tab:blue", "o")}
+    batches = sorted({e["batch_size"] for e in doc["models"]})
+    for runtime in RUNTIMES:
+        color, marker = styles[runtime]
+        for i, batch in enumerate(batches):
+            points = sorted((max(1, e["relu_count"]), e[runtime]["online_s"], e["name"]) for e in doc["models"]
+                            if e["batch_size"] == batch and "error" not in e[runtime])
+            if not points:
+                continue
+            label = f"{'stock CrypTen' if runtime == 'stock' else 'this runtime'}, batch {batch}"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color,
+                    linestyle="-" if i == 0 else "--", alpha=1.0 if i == 0 else 0.6, label=label)
+            if runtime == "stock" and i == 0:
+                for x, y, name in points:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("ReLUs per image (log scale; 0 drawn at 1)")
+    ax.set_ylabel("online latency per image (s, log scale)")
+    ax.set_title("Private inference: stock CrypTen vs this runtime (2 parties + dealer, loopback)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def machine_info() -> dict:
+    info = {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    for package in ("crypten", "deepreduce-pi"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                                     None)
+    except OSError:
+        info["cpu_model"] = None
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        info["memory_gb"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        info["memory_gb"] = None
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            info["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+QUICK_REPEATS = 2
+DEFAULT_REPEATS = 3
+DEFAULT_BATCH_SIZES = (1, 8)
+
+
+def bench_command(args, argv: list[str] | None = None, log=print) -> dict:
+    """What `deepreduce bench` does; `args` from deepreduce.cli's parser. Returns the report."""
+    batch_sizes = args.batch_sizes if args.batch_sizes is not None else [1] if args.quick else list(DEFAULT_BATCH_SIZES)
+    repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if any(b < 1 for b in batch_sizes) or not batch_sizes:
+        raise UserError(f"--batch-sizes must be positive integers, got {','.join(map(str, batch_sizes))}")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout:g}")
+    if args.frontier and args.spec_files:
+        raise UserError("pass either --frontier DIR or --spec FILE, not both")
+    if args.engine:
+        from . import runtime
+        engines = getattr(runtime, "ENGINES", ("crypten",))
+        if args.engine not in engines:
+            raise UserError(f"unknown --engine {args.engine!r}: choose one of {', '.join(engines)}")
+    for path in (args.json_out, args.plot):
+        _check_writable(path)
+    full = not args.no_full
+    if args.frontier:
+        models = frontier_models(args.frontier, quick=args.quick, full=full)
+    elif args.spec_files:
+        models = spec_file_models(args.spec_files, full=full)
+    else:
+        models = golden_models(quick=args.quick, full=full)
+    if not models:
+        raise UserError("no models to benchmark (--no-full without --spec or --frontier)")
+    log(f"benchmarking {len(models)} model(s) x batch {','.join(map(str, batch_sizes))}, {repeats} repeat(s) each: "
+        + ", ".join(f"{m.name} ({m.relu_count:,} ReLUs)" for m in models))
+    machine = machine_info()
+    doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout, engine=args.engine,
+                    progress=not args.no_progress, log=log)
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    command = "deepreduce " + (shlex.join(argv) if argv is not None else "bench")
+    doc = {"format_version": doc.pop("format_version"), "kind": doc.pop("kind"), "command": command,
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "quick": bool(args.quick), "machine": machine, **doc}
+    log(format_table(doc))
+    log("")
+    log(format_projections(doc))
+    log(f"\n{len(doc['models'])} measurements in {doc['wall_s']:.0f} s (load average {machine.get('load_average')}"
+        f" -> {machine.get('load_average_end')})")
+    if args.json_out:
+        atomic_write_json(args.json_out, doc)
+        log(f"wrote {args.json_out}")
+    if args.plot:
+        plot_bench(doc, args.plot)
+        log(f"wrote {args.plot}")
+    if doc["failures"]:
+        raise UserError(f"{len(doc['failures'])} of {2 * len(doc['models'])} runs failed "
+                        f"({'; '.join(doc['failures'])}); the messages are in the report above"
+                        + (f" and in {args.json_out}" if args.json_out else ""))
+    return doc
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail before an hour of measurements, not after."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write {path}: {existing} is not a writable directory")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: pass a file name")
