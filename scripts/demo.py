@@ -1,8 +1,8 @@
 """`make demo`: secure inference end to end on the shipped plan and images, checked against plaintext.
 
-Starts pi-dealer and pi-server on free 127.0.0.1 ports, runs pi-client on every image, compares each
-secure prediction with the true label (the parent folder's name, or the file name's prefix as in
-``cat_0123.png``) and with the plaintext prediction of the same plan, stops everything it started
+Starts pi-dealer and pi-server on free 127.0.0.1 ports (with a fresh random control token in their
+environment), runs pi-client on every image, compares each secure prediction with the true label
+(the parent folder's name, or the file name's prefix as in ``cat_0123.png``) and with the plaintext prediction of the same plan, stops everything it started
 (also on Ctrl-C or failure) and ends with one line:
 
     summary: secure==plaintext K/N, accuracy A/N, median S s/image
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import queue
+import secrets
 import signal
 import statistics
 import subprocess
@@ -90,9 +91,15 @@ class Role:
         self.log.close()
 
 
+# The control channel needs a shared token (secure/auth.py): a fresh random one for the demo's roles,
+# passed in their environment, never on a command line.
+DEMO_TOKEN = secrets.token_hex(32)
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["DEEPREDUCE_TOKEN"] = DEMO_TOKEN
     return env
 
 

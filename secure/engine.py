@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,17 +51,34 @@ class EngineError(RuntimeError):
     """The parties disagree or the plan cannot run on this engine."""
 
 
+def _server_threads() -> int:
+    default = min(2, os.cpu_count() or 1)
+    return max(1, int(os.environ.get("DEEPREDUCE_SERVER_THREADS", default)))
+
+
 @dataclass
 class EngineConfig:
     relu: ReluParams = field(default_factory=ReluParams)
-    server_threads: int = 1  # 2 helps big convolutions on an idle machine, costs ~15 ms per call on a busy one
+    # Intra-op threads of the server's online convolutions (DEEPREDUCE_SERVER_THREADS, default 2): the
+    # client and dealer wait meanwhile; on a machine busy with other work each parallel call can cost
+    # ~15 ms more, so set 1 there.
+    server_threads: int = field(default_factory=_server_threads)
 
 
 # -- process group ------------------------------------------------------------------------------
 
-def connect(rank: int, url: str, timeout_s: float, insecure_tfp: bool) -> Channel:
-    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2 if insecure_tfp else 3,
-                            timeout=timedelta(seconds=timeout_s))
+def connect(rank: int, host: str, port: int, timeout_s: float, insecure_tfp: bool) -> Channel:
+    """Join the session's process group. The server hosts the c10d store on a socket bound to the
+    session's address only: torch's own store would listen on every interface."""
+    world, timeout = (2 if insecure_tfp else 3), timedelta(seconds=timeout_s)
+    if rank == SERVER:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family, backlog=16)
+        store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                              master_listen_fd=listener.detach(), use_libuv=False)
+    else:  # retries until the server's store is up or the timeout passes
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout, use_libuv=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return Channel(rank, timeout_s)
 
 
@@ -304,7 +322,11 @@ class Party:
             (got,) = self.ch.recv(CLIENT, [(torch.int64, x.numel())])
             masked = x + got.view_as(x)
         params = {"stride": op.get("stride"), "padding": op.get("padding")}
-        y = ring_linear_small(op["op"], self.weights_f64[i], masked, params, self.limbs[i])
+        torch.set_num_threads(self.cfg.server_threads)  # only here: the ReLU's small ops run best on one
+        try:
+            y = ring_linear_small(op["op"], self.weights_f64[i], masked, params, self.limbs[i])
+        finally:
+            torch.set_num_threads(1)
         y = y + mat["dealer"][f"{i}.C0"]
         if i in self.biases:
             b = self.biases[i]
@@ -405,8 +427,6 @@ def run_party(role: int, ch: Channel, public: dict, batches: list[int], config: 
               plan=None, images: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor] | None, Profile]:
     """Set up the session, run every query; returns the client's logits per query and a profile that
     sums the queries (online and offline split)."""
-    if role == SERVER:
-        torch.set_num_threads(config.server_threads)
     start = time.perf_counter()
     party = Party(role, ch, public, batches, config, insecure_tfp, plan)
     party.setup()

@@ -1,20 +1,34 @@
-"""Control messages between pi-client, pi-server and pi-dealer: length-prefixed JSON over TCP.
+"""Control messages between pi-client, pi-server and pi-dealer: length-prefixed JSON over TCP (or TLS).
 
 Frame: a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding one object
 ``{"v": PROTOCOL_VERSION, "type": "...", ...}``. A length above the limit (1 MiB by default) is
-refused without reading the body; every read has a timeout. Messages (v1)::
+refused without reading the body; a whole frame must arrive within one read timeout, so a peer
+that sends one byte at a time is cut off.
+
+Every connection starts with the handshake of `secure.auth` (``hello``, ``challenge``, ``auth``,
+``ready``): a mutual HMAC challenge-response on a shared token that never crosses the wire. It
+derives a session key; every later message carries ``"seq"`` (0, 1, 2, ... per direction) and
+``"mac"`` (HMAC-SHA256 under the session key of the direction label and the message's canonical
+JSON without ``mac``), so a message that was altered, replayed, reordered or taken from another
+connection is refused. Messages (v2), after the handshake::
 
     client -> server   {"type": "ping"}                          -> {"type": "pong", "role": "server"}
                        {"type": "info"}                          -> {"type": "info", "plan": <public plan>,
-                                                                     "insecure_tfp", "max_batch"}
+                                                                     "insecure_tfp", "max_batch", "label_only",
+                                                                     "dealer_id", "queries_left"}
                        {"type": "session", "batch_size": n,      -> {"type": "session", "session_id", "host",
-                        "plan_hash": h}                              "port", "timeout_s", "insecure_tfp", "plan_hash"}
+                        "plan_hash": h, "dealer_nonce": hex}        "port", "timeout_s", "insecure_tfp",
+                                                                     "plan_hash", "label_only", "dealer_id",
+                                                                     "attestation"}
                                                                      ... later {"type": "done", "session_id",
                                                                      "elapsed_s"}
     server -> dealer   {"type": "ping"}                          -> {"type": "pong", "role": "dealer"}
-                       {"type": "join", "session_id", "host",    -> {"type": "joined", "session_id"}
-                        "port", "timeout_s"}                         ... later {"type": "done", "session_id"}
-    any -> any         {"type": "error", "message": "..."}       (the request failed; the sender closes)
+                       {"type": "join", "session_id", "host",    -> {"type": "joined", "session_id",
+                        "port", "timeout_s", "nonce"}               "dealer_id", "attestation"}
+                                                                     ... later {"type": "done", "session_id"}
+    any -> any         {"type": "error", "message": "..."}       (the request failed; the sender closes;
+                        [, "retry_after_s": s]                     retry_after_s: trying again may work)
+                       {"type": "busy", "message", "retry_after_s"}  (no capacity now: retry after s)
 
 A session lives as long as its connection: closing it (or a peer dying) cancels the session, and
 the other side stops its party and frees the rendezvous port.
@@ -22,15 +36,18 @@ the other side stops its party and frees the rendezvous port.
 
 from __future__ import annotations
 
+import hmac
 import json
 import socket
+import ssl
 import struct
 import sys
 import time
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
 DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _LENGTH = struct.Struct(">I")
 
 
@@ -53,69 +70,85 @@ class PeerClosed(ProtocolError):
     """The peer closed the connection before (or instead of) a message."""
 
 
+class Unreachable(ControlError):
+    """Nothing accepted the connection within the connect timeout."""
+
+
+class AuthError(ControlError):
+    """The handshake failed: wrong or missing token, unauthenticated peer, wrong role."""
+
+
 class RemoteError(ControlError):
-    """The peer answered with {"type": "error"}: its message is the user's error."""
+    """The peer answered with {"type": "error"}: its message is the user's error. `retry_after`
+    (seconds) is set when the peer said that trying again later may work."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BusyError(RemoteError):
+    """The peer answered {"type": "busy"}: no capacity now, retry after `retry_after` seconds."""
 
 
 # -- framing ----------------------------------------------------------------------------------
 
+def canonical(obj) -> bytes:
+    """The one JSON serialisation that frames and MACs use (sorted keys, no spaces, ASCII)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def encode(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
-    body = json.dumps({"v": PROTOCOL_VERSION, **msg}, separators=(",", ":")).encode()
+    body = canonical({"v": PROTOCOL_VERSION, **msg})
     if len(body) > max_bytes:
         raise ProtocolError(f"a {msg.get('type')!r} message of {len(body)} bytes exceeds the {max_bytes}-byte limit")
     return _LENGTH.pack(len(body)) + body
 
 
-def send(sock: socket.socket, type_: str, **fields) -> None:
+def write_frame(sock, data: bytes, what: str = "message") -> None:
     try:
-        sock.sendall(encode({"type": type_, **fields}))
-    except OSError as exc:
-        raise PeerClosed(f"connection lost while sending {type_!r} ({exc.strerror or exc})") from None
+        sock.sendall(data)
+    except (OSError, ValueError) as exc:
+        raise PeerClosed(f"connection lost while sending {what} ({getattr(exc, 'strerror', None) or exc})") from None
 
 
-def send_error(sock: socket.socket, message: str) -> None:
-    """Best effort: the peer may already be gone."""
-    try:
-        send(sock, "error", message=one_line(message))
-    except ProtocolError:
-        pass
-
-
-def recv(sock: socket.socket, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
-    """One message; ProtocolError on timeout, a bad frame or a bad version; PeerClosed on EOF."""
-    (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size, timeout, allow_eof=True))
+def read_frame(sock, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """One frame's body; the header and the body together must arrive within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size, deadline, timeout, allow_eof=True))
     if length > max_bytes:
         raise ProtocolError(f"peer announced a {length}-byte message, above the {max_bytes}-byte limit")
-    return decode(_recv_exact(sock, length, timeout, allow_eof=False))
+    return _recv_exact(sock, length, deadline, timeout, allow_eof=False)
 
 
 def decode(body: bytes) -> dict:
     try:
         msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"peer sent a message that is not UTF-8 JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"peer sent a message that is not UTF-8 JSON ({type(exc).__name__}: {exc})"[:300]) from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("peer sent a message that is not a JSON object with a string \"type\"")
     if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks control protocol version {msg.get('v')!r}, "
+        raise ProtocolError(f"peer speaks control protocol version {repr(msg.get('v'))[:20]}, "
                             f"this program speaks {PROTOCOL_VERSION}: run matching versions")
     return msg
 
 
-def _recv_exact(sock: socket.socket, n: int, timeout: float, allow_eof: bool) -> bytes:
-    deadline = time.monotonic() + timeout
+def _recv_exact(sock, n: int, deadline: float, timeout: float, allow_eof: bool) -> bytes:
     chunks, got = [], 0
     while got < n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ProtocolError(f"timed out after {timeout:g} s waiting for the peer")
-        sock.settimeout(remaining)
         try:
+            sock.settimeout(remaining)
             chunk = sock.recv(min(n - got, 1 << 16))
-        except socket.timeout:
+        except (socket.timeout, ssl.SSLWantReadError):
             raise ProtocolError(f"timed out after {timeout:g} s waiting for the peer") from None
-        except OSError as exc:
-            raise PeerClosed(f"connection lost ({exc.strerror or exc})") from None
+        except ssl.SSLError as exc:
+            raise ProtocolError(f"TLS error from the peer ({exc.reason or exc})") from None
+        except (OSError, ValueError) as exc:
+            raise PeerClosed(f"connection lost ({getattr(exc, 'strerror', None) or exc})") from None
         if not chunk:
             if got == 0 and allow_eof:
                 raise PeerClosed("the peer closed the connection")
@@ -125,25 +158,154 @@ def _recv_exact(sock: socket.socket, n: int, timeout: float, allow_eof: bool) ->
     return b"".join(chunks)
 
 
+# -- channels: a socket plus, once authenticated, the session key and sequence numbers -------------
+
+class Channel:
+    """A control connection. Before the handshake (or with --no-auth) messages travel as they are;
+    with a session key every message is sequenced and MACed (see the module docstring)."""
+
+    def __init__(self, sock, key: bytes | None = None, initiator: bool = True, peer_id: str = "",
+                 peer_role: str = "", peer_addr: str = "", limit_key: str = ""):
+        self.sock, self.key = sock, key
+        self._send_label, self._recv_label = (b"i2r", b"r2i") if initiator else (b"r2i", b"i2r")
+        self.send_seq = self.recv_seq = 0
+        self.peer_id, self.peer_role, self.peer_addr = peer_id, peer_role, peer_addr
+        self.limit_key = limit_key or peer_addr
+
+    @property
+    def authenticated(self) -> bool:
+        return self.key is not None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> bool:
+        """Decrypted TLS bytes already buffered (select() does not see them)."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _mac(self, label: bytes, msg: dict) -> str:
+        try:
+            body = canonical({k: v for k, v in msg.items() if k != "mac"})
+        except (RecursionError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"a message that cannot be serialised again ({type(exc).__name__})") from None
+        return hmac.new(self.key, label + b"\0" + body, "sha256").hexdigest()
+
+    def send(self, type_: str, **fields) -> None:
+        msg = {"v": PROTOCOL_VERSION, "type": type_, **fields}
+        if self.key is not None:
+            msg["seq"] = self.send_seq
+            msg["mac"] = self._mac(self._send_label, msg)
+            self.send_seq += 1
+        body = canonical(msg)
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"a {type_!r} message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        write_frame(self.sock, _LENGTH.pack(len(body)) + body, repr(type_))
+
+    def recv(self, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
+        return self.check(decode(read_frame(self.sock, timeout, max_bytes)))
+
+    def check(self, msg: dict) -> dict:
+        """Verify a received message's MAC and sequence number (no-op without a session key)."""
+        if self.key is None:
+            return msg
+        mac = msg.get("mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode("ascii", "replace"),
+                                                               self._mac(self._recv_label, msg).encode()):
+            if msg.get("type") == "error" and "mac" not in msg and self.recv_seq == 0:  # refused at the handshake
+                raise RemoteError(one_line(str(msg.get("message", "the peer refused the connection"))))
+            raise ProtocolError(f"a {msg['type'][:40]!r} message failed authentication "
+                                "(altered, or not from the authenticated peer)")
+        if msg.get("seq") != self.recv_seq:
+            raise ProtocolError(f"a {msg['type'][:40]!r} message is out of sequence (got {str(msg.get('seq'))[:20]}, "
+                                f"expected {self.recv_seq}): replayed or reordered")
+        self.recv_seq += 1
+        return msg
+
+
+def send(conn, type_: str, **fields) -> None:
+    """Send on a Channel, or unauthenticated on a raw socket."""
+    if isinstance(conn, Channel):
+        conn.send(type_, **fields)
+    else:
+        write_frame(conn, encode({"type": type_, **fields}), repr(type_))
+
+
+def recv(conn, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
+    """One message; ProtocolError on timeout, a bad frame, a bad MAC or a bad version; PeerClosed on EOF."""
+    if isinstance(conn, Channel):
+        return conn.recv(timeout, max_bytes)
+    return decode(read_frame(conn, timeout, max_bytes))
+
+
+def send_error(conn, message: str, retry_after: float | None = None) -> None:
+    """Best effort: the peer may already be gone."""
+    extra = {} if retry_after is None else {"retry_after_s": round(float(retry_after), 1)}
+    try:
+        send(conn, "error", message=one_line(message), **extra)
+    except ProtocolError:
+        pass
+
+
+def send_busy(conn, message: str, retry_after: float) -> None:
+    try:
+        send(conn, "busy", message=one_line(message), retry_after_s=round(float(retry_after), 1))
+    except ProtocolError:
+        pass
+
+
 # -- message helpers --------------------------------------------------------------------------
 
+def _retry_after(msg: dict) -> float | None:
+    value = msg.get("retry_after_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e6 else None
+
+
 def expect(msg: dict, *types: str) -> dict:
-    """msg if its type is one of `types`; a peer's error becomes RemoteError."""
+    """msg if its type is one of `types`; a peer's error becomes RemoteError, busy BusyError."""
     if msg["type"] == "error":
-        raise RemoteError(one_line(str(msg.get("message", "the peer reported an unspecified error"))))
+        raise RemoteError(one_line(str(msg.get("message", "the peer reported an unspecified error"))),
+                          _retry_after(msg))
+    if msg["type"] == "busy":
+        after = _retry_after(msg)
+        raise BusyError(one_line(str(msg.get("message", "the peer is busy"))), 5.0 if after is None else after)
     if msg["type"] not in types:
-        raise ProtocolError(f"expected {' or '.join(map(repr, types))} message, got {msg['type']!r}")
+        raise ProtocolError(f"expected {' or '.join(map(repr, types))} message, got {msg['type'][:40]!r}")
     return msg
 
 
-def field(msg: dict, name: str, kind: type, check=None, what: str = "") -> object:
+def field(msg: dict, name: str, kind, check=None, what: str = "") -> object:
     """A required message field of the given JSON type (bool is not an int here)."""
     value = msg.get(name)
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if not ok or (check is not None and not check(value)):
+    if ok and check is not None:
+        try:
+            ok = bool(check(value))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+    if not ok:
         what = what or getattr(kind, "__name__", "a number")
-        raise ProtocolError(f"bad {msg['type']!r} message: field {name!r} must be {what}, got {value!r}"[:300])
+        raise ProtocolError(one_line(f"bad {msg['type'][:40]!r} message: field {name!r} must be {what}, "
+                                     f"got {str(value)[:60]!r}", 300))
     return value
+
+
+def is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
 
 
 def one_line(text: str, limit: int = 800) -> str:
@@ -166,6 +328,16 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def connect(host: str, port: int, timeout: float, what: str = "peer", retry_delay: float = 0.25) -> socket.socket:
     """Connect, retrying refused/unreachable attempts until `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
@@ -177,14 +349,17 @@ def connect(host: str, port: int, timeout: float, what: str = "peer", retry_dela
             return sock
         except OSError as exc:
             if time.monotonic() + retry_delay >= deadline:
-                raise ControlError(f"cannot reach the {what} at {format_address(host, port)} "
-                                f"({exc.strerror or exc}) after {timeout:g} s: is it running?") from None
+                raise Unreachable(f"cannot reach the {what} at {format_address(host, port)} "
+                                   f"({exc.strerror or exc}) after {timeout:g} s: is it running?") from None
             time.sleep(retry_delay)
 
 
 def request(host: str, port: int, msg: dict, connect_timeout: float, read_timeout: float, what: str,
-            *reply_types: str) -> dict:
-    """One request, one reply, on a fresh connection."""
-    with connect(host, port, connect_timeout, what) as sock:
-        send(sock, msg["type"], **{k: v for k, v in msg.items() if k != "type"})
-        return expect(recv(sock, read_timeout), *reply_types)
+            *reply_types: str, security=None, role: str = "client") -> dict:
+    """One request, one reply, on a fresh authenticated connection to a pi-`what`. `security` (a
+    secure.auth.Security) defaults to the token in $DEEPREDUCE_TOKEN (no authentication if unset)."""
+    from . import auth
+    security = security or auth.Security.from_env(role)
+    with auth.open_channel(host, port, security, connect_timeout, read_timeout, what, role) as ch:
+        ch.send(msg["type"], **{k: v for k, v in msg.items() if k != "type"})
+        return expect(ch.recv(read_timeout), *reply_types)

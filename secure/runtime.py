@@ -134,7 +134,7 @@ def _run_fast(role: str, rdv: Rendezvous, public: dict | None, batches: list[int
               plan: SecurePlan | None = None, images: list[torch.Tensor] | None = None):
     torch.set_num_threads(1)  # the server raises its own count for the online convolutions
     try:
-        channel = fast.connect(ROLES[role], rdv.url, rdv.timeout_s, insecure_tfp)
+        channel = fast.connect(ROLES[role], rdv.host, rdv.port, rdv.timeout_s, insecure_tfp)
     except Exception as exc:  # DistNetworkError, RuntimeError: the peers did not all show up
         raise SecureSessionError(f"{role}: rendezvous at {rdv.url} failed within {rdv.timeout_s:g} s "
                                  f"({type(exc).__name__}: {exc})") from exc

@@ -1,28 +1,35 @@
 """pi-server: holds the secure plan (the weights) and runs the server party (rank 0) of each session.
 
-    pi-server --plan MODEL.plan --host 127.0.0.1 --port 7000 --dealer 127.0.0.1:7001
-    pi-server --plan MODEL.plan --insecure-tfp        # INSECURE benchmark mode: no dealer
+    DEEPREDUCE_TOKEN=... pi-server --plan MODEL.plan --host 127.0.0.1 --port 7000 --dealer 127.0.0.1:7001
+    pi-server --plan MODEL.plan --token-file token --label-only --max-queries 1000 --query-window 86400
+    pi-server --plan MODEL.plan --no-auth --insecure-tfp   # INSECURE local benchmark: no token, no dealer
 
-Per session the server picks a fresh free rendezvous port, asks the dealer to join (a control
-connection that lives as long as the session), runs its party in a fresh worker process and tells
-the client where to meet: the address of the interface the client connected to. The server keeps
-serving whatever happens to a session; workers are reaped and ports freed when it ends.
+Every control connection must pass the token handshake (secure.auth) before anything else; TLS is
+optional (--tls-cert/--tls-key, and --tls-ca for the dealer's certificate). Per session the server
+picks a fresh free rendezvous port, asks the dealer to join (a control connection that lives as
+long as the session), runs its party in a fresh worker process and tells the client where to meet:
+the address of the interface the client connected to. At most --max-sessions run at once and
+--max-waiting wait for a slot; a client beyond that gets a `busy` answer with a retry-after time.
+The server keeps serving whatever happens to a session; workers are reaped and ports freed when it ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import select
-import socket
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
-from secure import protocol
-from secure.session import PortPicker, Service, Worker, run_main, supervise, wait_done
+from secure import auth, protocol
+from secure.limits import QueryLimiter, QuotaExceeded
+from secure.session import (PortPicker, Service, Worker, add_limit_arguments, limits_from_args, private_tempdir,
+                            run_main, start_fork_server, supervise, wait_done)
 
 INSECURE_WARNING = ("INSECURE: --insecure-tfp runs CrypTen's trusted-first-party mode without a dealer; "
                     "the server party generates all correlated randomness and could learn the client's "
@@ -40,105 +47,208 @@ class Settings:
     session_timeout: float
     dealer_timeout: float
     queue_timeout: float
+    max_waiting: int = 8
+    retry_after: float = 10.0
+    label_only: bool = False
+    max_queries: int | None = None
+    query_window: float = 86400.0
 
 
 class PiServer:
-    def __init__(self, service: Service, plan, settings: Settings):
-        self.service, self.plan, self.s = service, plan, settings
+    def __init__(self, service: Service, plan, settings: Settings, dealer_id: str | None = None):
+        self.service, self.s = service, settings
+        self.security = service.security
+        if settings.label_only:
+            from secure.limits import label_only_plan
+            plan = label_only_plan(plan)
+        self.plan = plan  # what the parties run (with the label-only head in that mode)
         self.public = plan.public_info()
+        self.dealer_id = dealer_id
         self.slots = threading.BoundedSemaphore(settings.max_sessions)
         self.ports = PortPicker()
+        self.quota = QueryLimiter(settings.max_queries, settings.query_window)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._durations: deque[float] = deque(maxlen=20)
 
     # -- requests -----------------------------------------------------------------------------
-    def handle(self, sock) -> None:
-        msg = protocol.recv(sock, self.s.read_timeout)
+    def handle(self, ch) -> None:
+        msg = ch.recv(self.s.read_timeout)
         kind = msg["type"]
         if kind == "ping":
-            protocol.send(sock, "pong", role="server")
+            ch.send("pong", role="server")
         elif kind == "info":
-            protocol.send(sock, "info", plan=self.public, insecure_tfp=self.s.insecure_tfp,
-                          max_batch=self.s.max_batch)
+            ch.send("info", plan=self.public, insecure_tfp=self.s.insecure_tfp, max_batch=self.s.max_batch,
+                    label_only=self.s.label_only, dealer_id=self.dealer_id, queries_left=self.quota.left(ch.limit_key))
         elif kind == "session":
-            self.session(sock, msg)
+            self.session(ch, msg)
         else:
-            raise protocol.ProtocolError(f"the server does not answer {kind!r} messages")
+            raise protocol.ProtocolError(f"the server does not answer {kind[:40]!r} messages")
 
-    def session(self, sock, msg: dict) -> None:
-        n = protocol.field(msg, "batch_size", int, lambda b: 1 <= b <= self.s.max_batch,
-                           f"an image count in 1..{self.s.max_batch} (the server's --max-batch)")
-        wanted = msg.get("plan_hash")
-        if wanted is not None and wanted != self.plan.plan_hash:
-            raise protocol.ControlError(f"the server now serves plan {self.plan.plan_hash[:12]}, not {str(wanted)[:12]} "
-                                     "from the client's info request: run the client again")
-        self._acquire_slot(sock)
+    def session(self, ch, msg: dict) -> None:
+        if "batch_sizes" in msg:  # several queries in one session: set-up and weight masks paid once
+            sizes = protocol.field(msg, "batch_sizes", list,
+                                   lambda b: 0 < len(b) <= self.s.max_batch and all(
+                                       isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b)
+                                   and sum(b) <= self.s.max_batch,
+                                   f"a list of query sizes >= 1 summing to at most {self.s.max_batch} "
+                                   "(the server's --max-batch)")
+        else:
+            sizes = [protocol.field(msg, "batch_size", int, lambda b: 1 <= b <= self.s.max_batch,
+                                    f"an image count in 1..{self.s.max_batch} (the server's --max-batch)")]
+        n = sum(sizes)
+        wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
+        nonce = msg.get("dealer_nonce")
+        if nonce is not None:
+            protocol.field(msg, "dealer_nonce", str, lambda x: protocol.is_hex(x, 64), "64 lowercase hex digits or null")
+        if wanted != self.plan.plan_hash:
+            raise protocol.ControlError(f"the server now serves plan {self.plan.plan_hash[:12]}, not {wanted[:12]} "
+                                        "from the client's info request: run the client again")
         try:
-            self._run(sock, n)
+            ticket = self.quota.reserve(ch.limit_key, n)
+        except QuotaExceeded as exc:
+            self.service.log(f"refused {ch.peer_addr} ({ch.limit_key}): {exc}")
+            protocol.send_error(ch, str(exc), exc.retry_after)
+            return
+        refund = True
+        try:
+            if not self._acquire_slot(ch):
+                return
+            try:
+                refund = self._run(ch, sizes, nonce)
+            finally:
+                self.slots.release()
         finally:
-            self.slots.release()
+            if refund:
+                self.quota.refund(ticket)
 
-    def _acquire_slot(self, sock) -> None:
-        deadline = time.monotonic() + self.s.queue_timeout
-        while not self.slots.acquire(timeout=0.2):
-            if self.service.stop.is_set():
-                raise protocol.ControlError("the server is shutting down")
-            if _hung_up(sock):
-                raise protocol.PeerClosed("the client left while waiting for a session slot")
-            if time.monotonic() > deadline:
-                raise protocol.ControlError(f"the server is busy ({self.s.max_sessions} session(s) running) "
-                                         "for longer than its --queue-timeout: try again later")
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely free: the recent mean session time per slot, times the queue."""
+        with self._lock:
+            mean = sum(self._durations) / len(self._durations) if self._durations else self.s.retry_after
+            ahead = self._waiting + 1
+        return float(max(1, math.ceil(mean * ahead / self.s.max_sessions)))
+
+    def _acquire_slot(self, ch) -> bool:
+        """Take a session slot; False (the client was told `busy`) when the queue is full or too slow,
+        or the server is shutting down."""
+        try:
+            if self._take_slot(ch, blocking=False):
+                return True
+            with self._lock:
+                full = self._waiting >= self.s.max_waiting
+                if not full:
+                    self._waiting += 1
+                waiting = self._waiting
+            if full:
+                after = self.retry_after()
+                protocol.send_busy(ch, f"the server is busy ({self.s.max_sessions} session(s) running, "
+                                       f"{self.s.max_waiting} waiting): retry after {after:g} s", after)
+                return False
+            self.service.log(f"session request from {ch.peer_addr} waits for a slot ({waiting} waiting)")
+            try:
+                deadline = time.monotonic() + self.s.queue_timeout
+                while not self._take_slot(ch, timeout=0.2):  # stopping: it tells the client and raises
+                    if _hung_up(ch):
+                        raise protocol.PeerClosed("the client left while waiting for a session slot")
+                    if time.monotonic() > deadline:
+                        after = self.retry_after()
+                        protocol.send_busy(ch, f"the server is busy ({self.s.max_sessions} session(s) running) for "
+                                               f"longer than its --queue-timeout: retry after {after:g} s", after)
+                        return False
+                return True
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+        except _Stopping:
+            return False
+
+    def _take_slot(self, ch, blocking: bool = True, timeout: float | None = None) -> bool:
+        """A slot (True) or none yet (False); _Stopping once the server stops (the client hears `busy`)."""
+        if not self.service.stop.is_set() and self.slots.acquire(blocking, timeout):
+            if not self.service.stop.is_set():
+                return True
+            self.slots.release()
+        if self.service.stop.is_set():
+            protocol.send_busy(ch, "the server is shutting down", self.s.retry_after)
+            raise _Stopping()
+        return False
 
     # -- one session -----------------------------------------------------------------------------
-    def _run(self, sock, n: int) -> None:
-        sid, port, host = uuid.uuid4().hex[:12], self.ports.fresh(), sock.getsockname()[0]
+    def _run(self, ch, sizes: list[int], nonce: str | None) -> bool:
+        """Run one session of len(sizes) queries; True if the client cannot have received a result (the
+        quota is refunded)."""
+        sid, port, host = uuid.uuid4().hex[:12], self.ports.fresh(), ch.getsockname()[0]
         started = time.monotonic()
-        dealer = None if self.s.insecure_tfp else self._join_dealer(sid, port)
+        dealer, dealer_id, attestation = (None, None, None) if self.s.insecure_tfp else self._join_dealer(sid, port, nonce)
         worker = None
         try:
             worker = Worker(f"pi-server-{sid}")
             self.service.track(worker)
-            worker.start_job("server", plan=self.plan, batch_size=n, insecure_tfp=self.s.insecure_tfp,
+            worker.start_job("server", plan=self.plan, batch_size=sizes if len(sizes) > 1 else sizes[0],
+                             insecure_tfp=self.s.insecure_tfp,
                              rdv={"host": host, "port": port, "timeout_s": self.s.rendezvous_timeout})
-            protocol.send(sock, "session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
-                          insecure_tfp=self.s.insecure_tfp, plan_hash=self.plan.plan_hash)
-            self.service.log(f"session {sid}: {n} image(s), rendezvous {protocol.format_address(host, port)}"
-                             + (" (INSECURE TFP)" if self.s.insecure_tfp else ""))
-            peers = {"client": sock} if dealer is None else {"client": sock, "dealer": dealer}
+            ch.send("session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
+                    insecure_tfp=self.s.insecure_tfp, plan_hash=self.plan.plan_hash, label_only=self.s.label_only,
+                    dealer_id=dealer_id, attestation=attestation)
+            self.service.log(f"session {sid}: {sum(sizes)} image(s), rendezvous {protocol.format_address(host, port)}"
+                             + (f", {len(sizes)} queries" if len(sizes) > 1 else "")
+                             + (" (INSECURE TFP)" if self.s.insecure_tfp else "")
+                             + (f", client {ch.peer_id!r} from {ch.peer_addr}" if ch.peer_addr else ""))
+            peers = {"client": ch} if dealer is None else {"client": ch, "dealer": dealer}
             outcome = supervise(worker, peers, started + self.s.session_timeout, self.service.stop,
                                 self.s.read_timeout)
-            self._conclude(sock, dealer, sid, outcome, time.monotonic() - started)
+            self._conclude(ch, dealer, sid, outcome, time.monotonic() - started)
+            return outcome.kind != "ok" and outcome.peer != "client"
         finally:
             if worker is not None:
                 self.service.untrack(worker)
             if dealer is not None:
                 dealer.close()
 
-    def _join_dealer(self, sid: str, port: int) -> socket.socket:
+    def _join_dealer(self, sid: str, port: int, nonce: str | None):
         host, dport = self.s.dealer
-        dealer = protocol.connect(host, dport, self.s.dealer_timeout, "dealer")
+        address = protocol.format_address(host, dport)
+        try:
+            dealer = auth.open_channel(host, dport, self.security, self.s.dealer_timeout, self.s.dealer_timeout,
+                                       "dealer", role="server")
+        except protocol.Unreachable as exc:  # the dealer may be restarting: the client may retry
+            raise protocol.RemoteError(str(exc), self.s.retry_after) from None
         try:
             # The dealer reaches the rendezvous store at this server's address on the dealer's network.
-            protocol.send(dealer, "join", session_id=sid, host=dealer.getsockname()[0], port=port,
-                          timeout_s=self.s.rendezvous_timeout)
-            protocol.expect(protocol.recv(dealer, self.s.dealer_timeout), "joined")
+            dealer.send("join", session_id=sid, host=dealer.getsockname()[0], port=port,
+                        timeout_s=self.s.rendezvous_timeout, nonce=nonce)
+            reply = protocol.expect(dealer.recv(self.s.dealer_timeout), "joined")
+            dealer_id = protocol.field(reply, "dealer_id", str)
+            attestation = reply.get("attestation")
+        except protocol.BusyError as exc:
+            dealer.close()
+            raise protocol.RemoteError(f"the dealer is busy: {exc}", exc.retry_after) from None
         except protocol.RemoteError as exc:
             dealer.close()
             raise protocol.ControlError(f"the dealer refused the session: {exc}") from None
         except protocol.ProtocolError as exc:
             dealer.close()
-            raise protocol.ControlError(f"the dealer at {protocol.format_address(host, dport)} did not join: {exc}") from None
-        return dealer
+            raise protocol.RemoteError(f"the dealer at {address} did not join: {exc}", self.s.retry_after) from None
+        return dealer, dealer_id, attestation
 
-    def _conclude(self, sock, dealer, sid: str, outcome, elapsed: float) -> None:
+    def _conclude(self, ch, dealer, sid: str, outcome, elapsed: float) -> None:
         if outcome.kind == "ok":
             if dealer is not None and "dealer" not in outcome.done_peers:
                 wait_done(dealer, self.s.read_timeout)  # let the dealer's party end on its own
-            protocol.send(sock, "done", session_id=sid, elapsed_s=round(elapsed, 3))
+            ch.send("done", session_id=sid, elapsed_s=round(elapsed, 3))
+            with self._lock:
+                self._durations.append(elapsed)
             self.service.log(f"session {sid}: done in {elapsed:.1f} s")
             return
         message = _describe(outcome)
         self.service.log(f"session {sid}: ended ({outcome.kind}) after {elapsed:.1f} s: {message}")
         if outcome.peer != "client":
-            protocol.send_error(sock, message)
+            protocol.send_error(ch, message, self.s.retry_after)
+
+
+class _Stopping(Exception):
+    """The server stopped while a request waited for a slot."""
 
 
 def _describe(outcome) -> str:
@@ -156,9 +266,11 @@ def _describe(outcome) -> str:
     return outcome.message
 
 
-def _hung_up(sock) -> bool:
+def _hung_up(ch) -> bool:
     """True if the peer closed (or sent something) while we were not reading."""
-    readable, _, _ = select.select([sock], [], [], 0)
+    if ch.pending():
+        return True
+    readable, _, _ = select.select([ch], [], [], 0)
     return bool(readable)
 
 
@@ -166,7 +278,8 @@ def _hung_up(sock) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pi-server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # `--token` must not pass for --token-file
     p.add_argument("--plan", required=True, help="the secure plan (MODEL.plan from `deepreduce export`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7000, help="control port (0 picks a free one; default 7000)")
@@ -175,16 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INSECURE benchmark mode: no dealer, the server party makes the randomness")
     p.add_argument("--max-batch", type=int, default=64, help="most images in one session (default 64)")
     p.add_argument("--max-sessions", type=int, default=1, help="concurrent sessions (default 1; others queue)")
+    p.add_argument("--max-waiting", type=int, default=8,
+                   help="session requests that may wait for a slot; more get `busy, retry after` (default 8)")
     p.add_argument("--queue-timeout", type=float, default=300.0,
-                   help="seconds a session request waits for a free slot (default 300)")
+                   help="seconds a session request waits for a free slot before `busy` (default 300)")
+    p.add_argument("--retry-after", type=float, default=10.0,
+                   help="retry-after hint, in seconds, before any session has finished (default 10)")
     p.add_argument("--session-timeout", type=float, default=900.0,
                    help="seconds a session may run before it is stopped (default 900)")
     p.add_argument("--rendezvous-timeout", type=float, default=60.0,
-                   help="seconds the parties wait for each other at the rendezvous (default 60)")
+                   help="seconds the parties wait for each other at the rendezvous and for each message "
+                        "of the secure computation (default 60)")
     p.add_argument("--dealer-timeout", type=float, default=30.0,
                    help="seconds to wait for the dealer, at startup and per session (default 30)")
     p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
                    help="seconds to wait for a control message (default 30)")
+    g = p.add_argument_group("model-stealing limits")
+    g.add_argument("--label-only", action="store_true",
+                   help="reveal only each image's label to the client, never the logits (a head computed under "
+                        "encryption; see secure/limits.py)")
+    g.add_argument("--max-queries", type=int,
+                   help="images one client may classify per --query-window (default: no limit)")
+    g.add_argument("--query-window", type=float, default=86400.0,
+                   help="the window of --max-queries, in seconds (default 86400)")
+    auth.add_arguments(p, listener=True, connector=True, default_id="server")
+    add_limit_arguments(p)
     return p
 
 
@@ -193,45 +321,63 @@ def _settings(args) -> Settings:
         raise protocol.ControlError("--insecure-tfp runs without a dealer: drop --dealer (or drop --insecure-tfp)")
     if not args.insecure_tfp and not args.dealer:
         raise protocol.ControlError("pass --dealer HOST:PORT (the pi-dealer's control address), or --insecure-tfp "
-                                 "for an INSECURE benchmark without a dealer")
+                                    "for an INSECURE benchmark without a dealer")
     numbers = (args.max_batch, args.max_sessions, args.queue_timeout, args.session_timeout,
-               args.rendezvous_timeout, args.dealer_timeout, args.read_timeout)
-    if min(numbers) <= 0:
-        raise protocol.ControlError("--max-batch, --max-sessions and every --*-timeout must be positive")
+               args.rendezvous_timeout, args.dealer_timeout, args.read_timeout, args.query_window, args.retry_after)
+    if min(numbers) <= 0 or args.max_waiting < 0:
+        raise protocol.ControlError("--max-batch, --max-sessions, --retry-after, --query-window and every "
+                                    "--*-timeout must be positive (--max-waiting at least 0)")
+    if args.max_queries is not None and args.max_queries < 1:
+        raise protocol.ControlError("--max-queries must be at least 1")
     return Settings(dealer=protocol.parse_address(args.dealer, "--dealer") if args.dealer else None,
                     insecure_tfp=args.insecure_tfp, max_batch=args.max_batch, max_sessions=args.max_sessions,
                     read_timeout=args.read_timeout, rendezvous_timeout=args.rendezvous_timeout,
                     session_timeout=args.session_timeout, dealer_timeout=args.dealer_timeout,
-                    queue_timeout=args.queue_timeout)
+                    queue_timeout=args.queue_timeout, max_waiting=args.max_waiting, retry_after=args.retry_after,
+                    label_only=args.label_only, max_queries=args.max_queries, query_window=args.query_window)
 
 
-def _check_dealer(settings: Settings) -> None:
+def _check_dealer(settings: Settings, security) -> str:
+    """Ping the dealer over an authenticated channel; its identity."""
     host, port = settings.dealer
-    reply = protocol.request(host, port, {"type": "ping"}, settings.dealer_timeout, settings.read_timeout,
-                             "dealer", "pong")
-    if reply.get("role") != "dealer":
-        raise protocol.ControlError(f"--dealer {protocol.format_address(host, port)} is a pi-{reply.get('role')}, "
-                                 "not a pi-dealer")
+    try:
+        reply = protocol.request(host, port, {"type": "ping"}, settings.dealer_timeout, settings.read_timeout,
+                                 "dealer", "pong", security=security, role="server")
+    except protocol.AuthError as exc:
+        raise protocol.ControlError(f"the dealer at {protocol.format_address(host, port)} did not accept this "
+                                    f"server: {exc}") from None
+    return str(reply.get("dealer_id"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
+    security = auth.security_from_args(args, listen_host=args.host)
+    limits = limits_from_args(args)
     if not os.path.isfile(args.plan):
         raise protocol.ControlError(f"plan {args.plan} does not exist: pass the MODEL.plan written by `deepreduce export`")
-    service = Service("pi-server", args.host, args.port)
+    private_tempdir("pi-server")
+    service = Service("pi-server", args.host, args.port, security, limits)
     service.install_signal_handlers()
     service.announce()  # before the slow imports: clients queue in the listen backlog meanwhile
     from secure.plan import SecurePlan  # imports torch
     plan = SecurePlan.load(args.plan)
     if settings.insecure_tfp:
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+    dealer_id = None
     if settings.dealer and not service.stop.is_set():
-        _check_dealer(settings)
+        dealer_id = _check_dealer(settings, security)
+    start_fork_server()  # party processes are forks of it (it loads the runtime once, in the background)
+    server = PiServer(service, plan, settings, dealer_id)
     service.log(f"serving plan {plan.plan_hash[:12]}: input {'x'.join(map(str, plan.input_shape))}, "
                 f"{len(plan.classes)} classes, {plan.relu_count:,} ReLUs per image"
-                + (" (INSECURE TFP mode)" if settings.insecure_tfp else ""))
-    server = PiServer(service, plan, settings)
+                + (" (INSECURE TFP mode)" if settings.insecure_tfp else f", dealer {dealer_id!r}")
+                + (f"; label-only (head plan {server.plan.plan_hash[:12]}, {server.plan.relu_count:,} ReLUs)"
+                   if settings.label_only else "")
+                + (f"; at most {settings.max_queries} images per client per {settings.query_window:g} s"
+                   if settings.max_queries else "")
+                + ("; authentication OFF (--no-auth)" if security.creds.no_auth else "; token authentication")
+                + (", TLS" if security.server_tls else ""))
     service.serve(server.handle)
     service.log("stopped")
     return 0

@@ -3,7 +3,8 @@
 The process tests use a small random-weight plan (ResNet18 at alpha 0.25, stages 1 and 4 culled,
 thinned; batch-norm statistics calibrated on real images so the logits are spread out) and the
 real CIFAR-10 test images shipped in demo/images. Every server binds 127.0.0.1 with --port 0 and
-reports its port in its `listening on` line; every wait is bounded.
+reports its port in its `listening on` line; every wait is bounded. Every role gets the shared
+control token through $DEEPREDUCE_TOKEN (never on a command line).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, subprocess_env
-from secure import protocol
+from secure import auth, protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = sorted((ROOT / "demo" / "images").glob("*.png"))
@@ -30,6 +31,21 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 FAST = ["--read-timeout", "10", "--session-timeout", "240"]
 SERVER_FAST = FAST + ["--rendezvous-timeout", "60", "--dealer-timeout", "5"]
 CLIENT_FAST = ["--connect-timeout", "10", "--timeout", "240"]
+TOKEN = "test-token-" + "0123456789abcdef" * 2
+
+
+def security(identity: str = "client", token: str = TOKEN) -> auth.Security:
+    """What a test process uses to talk to the roles (the token the roles get in role_env)."""
+    return auth.Security(auth.Credentials(identity, {auth.SHARED: token.encode()}))
+
+
+def role_env(**extra) -> dict:
+    """The environment of a role or client process: the shared token unless `extra` says otherwise
+    (DEEPREDUCE_TOKEN="" removes it)."""
+    env = subprocess_env(**{"DEEPREDUCE_TOKEN": TOKEN, **extra})
+    if not env["DEEPREDUCE_TOKEN"]:
+        del env["DEEPREDUCE_TOKEN"]
+    return env
 
 
 # -- the control protocol (no processes) --------------------------------------------------------
@@ -135,8 +151,8 @@ def test_connect_retries_until_a_listener_appears_and_gives_up_in_time():
 class Proc:
     """A role started as `python -m MODULE ...`; stdout/stderr are collected line by line."""
 
-    def __init__(self, module: str, *args: str):
-        self.p = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=subprocess_env(),
+    def __init__(self, module: str, *args: str, env: dict | None = None):
+        self.p = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env or role_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
@@ -152,11 +168,12 @@ class Proc:
                 lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
 
-    def wait_line(self, pattern: str, timeout: float, stream: str = "out") -> re.Match:
+    def wait_line(self, pattern: str, timeout: float, stream: str = "out", start: int = 0) -> re.Match:
+        """The first line (from line `start` on) that matches, waiting up to `timeout` seconds for it."""
         lines, deadline = (self.out if stream == "out" else self.err), time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in lines:
+                for line in lines[start:]:
                     m = re.search(pattern, line)
                     if m:
                         return m
@@ -186,14 +203,28 @@ class Proc:
 
 
 def worker_children(pid: int) -> set[int]:
-    """Child processes of `pid`, except multiprocessing's resource tracker (one per role, not per session)."""
+    """Party processes of the role `pid`: its children, except multiprocessing's resource tracker (one
+    per role, not per session), and the children of its fork server (which itself is not counted)."""
+    kids = set()
+    for kid in _children(pid):
+        command = _cmdline(kid)
+        if "resource_tracker" in command:
+            continue
+        if "forkserver" in command:
+            kids |= _children(kid)
+        else:
+            kids.add(kid)
+    return kids
+
+
+def _children(pid: int) -> set[int]:
     kids = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             kids |= {int(c) for c in (task / "children").read_text().split()}
         except OSError:
             continue
-    return {k for k in kids if "resource_tracker" not in _cmdline(k)}
+    return kids
 
 
 def _cmdline(pid: int) -> str:
@@ -242,8 +273,8 @@ def assert_port_free(port: int) -> None:
         s.bind(("", port))
 
 
-def client(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=subprocess_env(),
+def client(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env or role_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -341,12 +372,17 @@ def test_dealer_listens_answers_ping_refuses_clients_and_stops_on_sigterm():
     try:
         assert time.monotonic() - start < 20  # printed before any slow import
         host, port = protocol.parse_address(address)
-        assert protocol.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong")["role"] == "dealer"
+        sec = security()
+        assert protocol.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=sec)["role"] == "dealer"
         with pytest.raises(protocol.RemoteError, match="pi-server"):
-            protocol.request(host, port, {"type": "info"}, 5, 5, "dealer", "info")
+            protocol.request(host, port, {"type": "info"}, 5, 5, "dealer", "info", security=sec)
+        join = {"type": "join", "session_id": "x", "host": "127.0.0.1", "port": 0, "timeout_s": 5}
+        with pytest.raises(protocol.RemoteError, match="only a pi-server"):
+            protocol.request(host, port, join, 5, 5, "dealer", "joined", security=sec)
         with pytest.raises(protocol.RemoteError, match="port"):
-            protocol.request(host, port, {"type": "join", "session_id": "x", "host": "127.0.0.1", "port": 0,
-                                          "timeout_s": 5}, 5, 5, "dealer", "joined")
+            protocol.request(host, port, join, 5, 5, "dealer", "joined", security=security("server"), role="server")
+        with pytest.raises(protocol.AuthError, match="tokens differ"):
+            protocol.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security(token="x" * 32))
     finally:
         assert dealer.terminate(20) == 0
     assert dealer.out[-1].endswith("stopped")
@@ -382,6 +418,20 @@ def test_secure_predictions_equal_plaintext_and_sessions_leave_nothing_behind(cl
         eventually(lambda: not cluster[role].children(), 20, f"{role} workers reaped")
     for port in ports:
         assert_port_free(port)
+
+
+@pytest.mark.slow
+def test_several_queries_share_one_session(cluster, plan):
+    """--session-size 3 --batch-size 1: one session (one rendezvous, one weight opening), three queries."""
+    images = IMAGES[1::5][:3]
+    done = client("infer", "--server", cluster["address"], "--batch-size", "1", "--session-size", "3", "--json",
+                  *CLIENT_FAST, *map(str, images))
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert_matches_plaintext(doc["images"], plaintext(plan, images))
+    (session,) = doc["sessions"]
+    assert session["images"] == 3 and session["queries"] == 3
+    assert doc["latency"]["sessions"] == 1
 
 
 @pytest.mark.slow

@@ -219,3 +219,51 @@ def test_shipped_model_on_its_demo_images_agrees_with_plaintext():
     expected = run_plaintext(plan, x)
     assert torch.equal(run.client.logits.argmax(1), expected.argmax(1))
     assert (run.client.logits - expected).abs().max().item() <= TOLERANCE
+
+
+LONELY_SERVER = """
+import sys, torch
+from deepreduce.spec import ModelSpec
+from secure.plan import plan_from_checkpoint
+from secure.profiling import random_checkpoint
+from secure.runtime import Rendezvous, SecureSessionError, run_server
+plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, blocks=(1, 1, 1, 1))))
+try:
+    run_server(plan, Rendezvous("127.0.0.1", int(sys.argv[1]), 6.0), 1)
+except SecureSessionError as exc:
+    print("raised", exc)
+"""
+
+
+def listeners(port: int) -> set[str]:
+    """Local addresses (hex, as the kernel lists them) with a listening TCP socket on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+@pytest.mark.slow
+def test_the_rendezvous_store_listens_on_the_session_address_only():
+    """torch's c10d store would listen on every interface; the server binds it to the rendezvous host."""
+    from secure.runtime import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", LONELY_SERVER, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        seen, deadline = set(), time.monotonic() + 60
+        while not seen and time.monotonic() < deadline and proc.poll() is None:
+            seen = listeners(port)
+            time.sleep(0.05)
+        assert seen == {"0100007F"}, seen  # 127.0.0.1 only, no 0.0.0.0 or [::]
+        out, err = proc.communicate(timeout=120)
+        assert "raised" in out and "rendezvous" in out, err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not listeners(port)
