@@ -9,7 +9,6 @@ tensors of one message travel as one byte buffer. Each send and receive waits at
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -95,6 +94,3 @@ def _from_bytes(buf: torch.Tensor, specs) -> list[torch.Tensor]:
         offset += size
     return out
 
-
-def numel(shape) -> int:
-    return math.prod(shape)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import time
@@ -218,7 +219,7 @@ class Party:
         self.prg_c = Prg(_seed(seed))
         linear = sorted(op["id"] for op in self.layout.linear_ops())
         shapes = [self.public["tensor_shapes"][weight_name(self.ops[i])] for i in linear]
-        received = self.ch.recv(SERVER, [(torch.int64, _numel(s)) for s in shapes])
+        received = self.ch.recv(SERVER, [(torch.int64, math.prod(s)) for s in shapes])
         self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
 
     def _dealer_message(self, q: int) -> dict:
@@ -272,7 +273,7 @@ class Party:
                    "dealer": self._dealer_message(q)}
             ids = [op["id"] for op in self.layout.linear_ops() if self.offline_known[op["inputs"][0]]]
             shapes = [[batch, *self.layout.input_shape(self.ops[i])] for i in ids]
-            got = self.ch.recv(CLIENT, [(torch.int64, _numel(s)) for s in shapes], timeout_s=self.wait)
+            got = self.ch.recv(CLIENT, [(torch.int64, math.prod(s)) for s in shapes], timeout_s=self.wait)
             mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
             return mat
         own = party_randomness(self.prg_c, CLIENT, self.layout, q, batch)
@@ -402,13 +403,6 @@ def _offline_known(ops: list[dict]) -> dict[int, bool]:
         else:  # the input itself, and ReLU outputs
             known[op["id"]] = False
     return known
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _snapshot(ch: Channel):

@@ -316,15 +316,21 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
                                    args=(role, plan_path, public, pixels, rdv, insecure_tfp, results, engine,
                                          batch_size or len(pixels)))
                  for role in roles}
-        try:
-            for p in procs.values():
-                p.start()
-            outcomes = _collect(procs, results, deadline=time.monotonic() + 10 * timeout_s + 60)
-        finally:
-            _stop(procs.values())
-    pids = {role: outcome.pop("pid") for role, outcome in outcomes.items()}
+        outcomes, pids = run_processes(procs, results, timeout_s)
     return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
                     dealer=outcomes.get("dealer"), pids=pids)
+
+
+def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
+    """Start every party process, collect each one's ("ok", payload with its "pid") from `results`,
+    stop them all whatever happens; returns (role -> payload without the pid, role -> pid)."""
+    try:
+        for p in procs.values():
+            p.start()
+        outcomes = _collect(procs, results, deadline=time.monotonic() + 10 * timeout_s + 60)
+    finally:
+        _stop(procs.values())
+    return outcomes, {role: outcome.pop("pid") for role, outcome in outcomes.items()}
 
 
 def _local_party(role, plan_path, public_json, pixels, rdv, insecure_tfp, results, engine, batch_size) -> None:

@@ -36,8 +36,8 @@ from deepreduce.spec import ModelSpec
 
 from .crypten_compat import patch_from_pytorch
 from .profiling import LayerRecorder, TrafficCounter, random_checkpoint
-from .runtime import (ROLES, Rendezvous, _check_agreement, _collect, _crypten_session,
-                      _reveal_to_client, _serve_dealer, _stop, free_port)
+from .runtime import (ROLES, Rendezvous, _check_agreement, _crypten_session, _reveal_to_client, _serve_dealer,
+                      free_port, run_processes)
 
 PLACEHOLDER_SEED = 20_240_601  # the client's placeholder weights (any values do)
 
@@ -176,13 +176,7 @@ def run_stock_local(ckpt: Checkpoint, batches: list[torch.Tensor], timeout_s: fl
         procs = {role: ctx.Process(target=_local_stock_party, name=f"stock-{role}", daemon=True,
                                    args=(role, ckpt_path, spec_json, pixels, rdv, results))
                  for role in ("server", "client", "dealer")}
-        try:
-            for p in procs.values():
-                p.start()
-            outcomes = _collect(procs, results, deadline=time.monotonic() + 10 * timeout_s + 60)
-        finally:
-            _stop(procs.values())
-    pids = {role: outcome.pop("pid") for role, outcome in outcomes.items()}
+        outcomes, pids = run_processes(procs, results, timeout_s)
     return StockRun(server=outcomes["server"], client=outcomes["client"], dealer=outcomes["dealer"], pids=pids)
 
 
