@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-full", action="store_true", help="leave out the full ResNet18 (alpha 1)")
     p.add_argument("--batch-sizes", type=_int_list, help="default 1,8 (--quick: 1)")
     p.add_argument("--repeats", type=int, help="runs per model and batch size, median reported (default 3, --quick 2)")
+    p.add_argument("--warmup", type=int, help="runs before those, not counted (default 1): first-query start-up costs")
     p.add_argument("--quick", action="store_true",
                    help="batch 1, fewer repeats, the full ResNet18 and one model under 100K ReLUs")
     p.add_argument("--engine", help="this runtime's engine (default: the runtime's default)")

@@ -10,11 +10,14 @@ import tempfile
 from contextlib import contextmanager
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 @contextmanager
 def atomic_output(path: str, mode: str = "wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -24,6 +27,17 @@ def atomic_output(path: str, mode: str = "wb"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Delete the temp files a SIGKILLed writer left in `directory` (a 20 MB checkpoint each); for
+    directories one process owns, such as a training run's on --resume. Returns what was removed."""
+    if not os.path.isdir(directory):
+        return []
+    stale = [os.path.join(directory, name) for name in os.listdir(directory) if name.startswith(TEMP_PREFIX)]
+    for path in stale:
+        os.unlink(path)
+    return stale
 
 
 def atomic_write_text(path: str, text: str) -> None:

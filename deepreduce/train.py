@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, atomic_torch_save, load_checkpoint
+from .fileio import remove_stale_temps
 from .data import Dataset, Split, augment_batch, normalize
 from .errors import UserError
 from .kd import kd_loss
@@ -141,6 +142,8 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     teacher_model = _load_teacher(teacher, spec, data, dev)
     history, start_epoch = [], 0
     last_path = os.path.join(out_dir, LAST)
+    if resume and rank == 0:
+        remove_stale_temps(out_dir)  # a kill during a checkpoint write leaves one
     if resume and os.path.isfile(last_path):
         state = torch.load(last_path, map_location=dev, weights_only=True)
         _check_resumable(state, spec, config, last_path)

@@ -28,12 +28,10 @@ import socket
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 BAKED_PLAN = "/opt/deepreduce/model.plan"
 MOUNTED_PLAN = "/plan/model.plan"
 HEALTH_FILE = "/tmp/pi-role.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 COMMANDS = ("pi-dealer", "pi-server", "pi-client", "deepreduce")
 
 
@@ -79,22 +77,11 @@ def server(extra: list[str]) -> None:
 # -- the demo client ---------------------------------------------------------------------------------
 
 def find_images(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise EntryError(f"image folder {folder} does not exist: mount one (-v $PWD/demo/images:/data/images:ro) "
-                         "or set $PI_IMAGES")
-    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise EntryError(f"no images (.png, .jpg, ...) in {folder}")
-    return paths
-
-
-def true_label(path: str, root: str, classes: list[str]) -> str | None:
-    """The parent folder's name, or the file name's prefix as in cat_0123.png (as `make demo`)."""
-    parent = Path(path).parent
-    if parent.resolve() != Path(root).resolve() and parent.name in classes:
-        return parent.name
-    prefix = Path(path).stem.rsplit("_", 1)[0]
-    return prefix if prefix in classes else None
+    from client.images import image_files  # imports torch: only in the client role
+    try:
+        return image_files(folder, hint="mount one (-v $PWD/demo/images:/data/images:ro) or set $PI_IMAGES")
+    except ValueError as exc:
+        raise EntryError(str(exc)) from None
 
 
 def client(extra: list[str]) -> None:
@@ -126,6 +113,7 @@ def pi_client(args: list[str]) -> dict:
 
 
 def summary(paths: list[str], root: str, classes: list[str], secure: dict, plain: list[dict] | None) -> str:
+    from client.images import true_label
     same = correct = 0
     width = max(len(os.path.relpath(p, root)) for p in paths)
     print(f"{'image':<{width}}  {'true':<11} {'secure':<18} plaintext")

@@ -13,82 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import secrets
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
+from client.images import image_files, true_label
+from secure.roleproc import RoleProcess
+
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class DemoError(Exception):
     pass
 
 
-class Role:
-    """One long-running role (pi-dealer or pi-server) started for the demo, logging to a file."""
-
-    def __init__(self, name: str, module: str, args: list[str], log_dir: str, timeout: float):
-        self.name, self.log_path = name, os.path.join(log_dir, f"{name}.log")
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.address = self._wait_listening(timeout)
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            self.lines.put(line.rstrip("\n"))
-
-    def _wait_listening(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("listening on "):
-                return line.split()[-1]
-        raise DemoError(f"{self.name} did not start listening: {self.tail()}")
-
-    def wait_ready(self, marker: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if marker in self.lines.get(timeout=0.2):
-                    return
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-        raise DemoError(f"{self.name} is not ready: {self.tail()}")
-
-    def tail(self) -> str:
-        time.sleep(0.2)
-        with open(self.log_path) as f:
-            lines = [l.strip() for l in f if l.strip()]
-        return " | ".join(lines[-3:]) or f"no output (exit code {self.proc.poll()})"
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: float) -> RoleProcess:
+    """One long-running role (pi-dealer or pi-server), once it prints where it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    role = RoleProcess(name, proc, log_dir)
+    line = role.wait_for("listening on ", timeout)
+    if line is None:
+        role.stop()
+        raise DemoError(f"{name} did not start listening: {role.tail()}")
+    role.address = line.split()[-1]
+    return role
 
 
 # The control channel needs a shared token (secure/auth.py): a fresh random one for the demo's roles,
@@ -106,20 +59,10 @@ def _env() -> dict:
 # -- images and labels --------------------------------------------------------------------------
 
 def find_images(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise DemoError(f"image folder {folder} does not exist: pass --images DIR")
-    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise DemoError(f"no images (.png, .jpg, ...) in {folder}")
-    return paths
-
-
-def true_label(path: str, root: str, classes: list[str]) -> str | None:
-    parent = Path(path).parent
-    if parent.resolve() != Path(root).resolve() and parent.name in classes:
-        return parent.name
-    prefix = Path(path).stem.rsplit("_", 1)[0]
-    return prefix if prefix in classes else None
+    try:
+        return image_files(folder, hint="pass --images DIR")
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def plaintext_predictions(plan_path: str, paths: list[str], resize: bool) -> tuple[list[str], list[dict]]:
@@ -176,12 +119,13 @@ def demo(args) -> str:
     roles = []
     with tempfile.TemporaryDirectory(prefix="pi-demo-") as logs:
         try:
-            dealer = Role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"], logs, 60)
+            dealer = start_role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"], logs, 60)
             roles.append(dealer)
-            server = Role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1", "--port", "0",
-                                                  "--dealer", dealer.address], logs, 60)
+            server = start_role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1", "--port", "0",
+                                                        "--dealer", dealer.address], logs, 60)
             roles.append(server)
-            server.wait_ready("serving plan", 120)
+            if server.wait_for("serving plan", 120) is None:
+                raise DemoError(f"pi-server is not ready: {server.tail()}")
             print(f"pi-dealer on {dealer.address}, pi-server on {server.address}; "
                   f"classifying {len(paths)} images, {args.batch_size} per session ...", flush=True)
             secure = run_client(server.address, paths, args)

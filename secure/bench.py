@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - only while secure/netmodel.py is missi
 BENCH_FORMAT_VERSION = 1
 BENCH_KIND = "deepreduce-bench"
 QUICK_RELU_LIMIT = 100_000
+# Queries run first and not counted, for both runtimes: the first query after a process starts pays
+# one-off costs (lazy kernel and thread-pool set-up, first-touch page faults) a serving process does not.
+DEFAULT_WARMUP = 1
 RUNTIMES = ("stock", "ours")
 
 # The DeepReDuce models benchmarked without a frontier (random weights: latency does not depend on
@@ -151,37 +154,41 @@ def bench_inputs(spec: ModelSpec, batch_size: int, repeats: int) -> list[torch.T
                         generator=torch.Generator().manual_seed(1000 + r)) for r in range(repeats)]
 
 
-def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300) -> dict:
-    """One stock CrypTen session answering `repeats` queries; online time measured at the client,
-    traffic and rounds at the server."""
-    batches = bench_inputs(model.spec, batch_size, repeats)
+def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
+                  warmup: int = DEFAULT_WARMUP) -> dict:
+    """One stock CrypTen session answering `warmup` + `repeats` queries, the first `warmup` not
+    counted; online time measured at the client, traffic and rounds at the server."""
+    batches = bench_inputs(model.spec, batch_size, warmup + repeats)
     run = run_stock_local(model.checkpoint, batches, timeout_s=timeout_s)
     error = max(float((got - plaintext_logits(model.checkpoint, x)).abs().max())
                 for got, x in zip(run.logits, batches))
-    online = [q["online_s"] for q in run.client["queries"]]  # the client: input encryption .. logits
-    servers = run.server["queries"]
+    online = [q["online_s"] for q in run.client["queries"]][warmup:]  # the client: input encryption .. logits
+    servers = run.server["queries"][warmup:]
     return _figures(online, servers, run.server["offline_s"], batch_size, error,
-                    extra={"convert_s": run.server["convert_s"], "queries_per_session": repeats,
-                           "online_measured_at": "client"})
+                    extra={"convert_s": run.server["convert_s"], "queries_per_session": warmup + repeats,
+                           "warmup": warmup, "online_measured_at": "client"})
 
 
 def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
-                 engine: str | None = None) -> dict:
-    """`repeats` sessions of the project's runtime, one batch each; figures of the server party."""
+                 engine: str | None = None, warmup: int = DEFAULT_WARMUP) -> dict:
+    """`warmup` + `repeats` sessions of the project's runtime, one batch each, the first `warmup`
+    not counted; figures of the server party."""
     from .runtime import run_local_parties
     kwargs = {"engine": engine} if engine else {}
     online, servers, offline, error, engines = [], [], [], 0.0, set()
-    for x in bench_inputs(model.spec, batch_size, repeats):
+    for r, x in enumerate(bench_inputs(model.spec, batch_size, warmup + repeats)):
         run = run_local_parties(model.plan, x, timeout_s=timeout_s, **kwargs)
+        error = max(error, float((run.client.logits - plaintext_logits(model.checkpoint, x)).abs().max()))
+        if r < warmup:
+            continue
         p = run.server.profile
         online.append(p.online_s)
         offline.append(getattr(p, "offline_s", p.setup_s))
         servers.append({k: getattr(p, k) for k in ("online_s", "bytes_sent", "bytes_received", "rounds",
                                                     "relu_s", "linear_s")})
         engines.add(getattr(p, "engine", "crypten"))
-        error = max(error, float((run.client.logits - plaintext_logits(model.checkpoint, x)).abs().max()))
     return _figures(online, servers, statistics.median(offline), batch_size, error,
-                    extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1,
+                    extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1, "warmup": warmup,
                            "online_measured_at": "server"})
 
 
@@ -214,7 +221,7 @@ def projections(figures: dict, batch_size: int) -> dict:
 
 
 def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, timeout_s: float = 300,
-              engine: str | None = None, progress: bool = True, log=print) -> dict:
+              engine: str | None = None, progress: bool = True, log=print, warmup: int = DEFAULT_WARMUP) -> dict:
     """Measure every model at every batch size with both runtimes; returns the report document
     (without "command" and "machine", which `bench_command` adds)."""
     started = time.perf_counter()
@@ -231,9 +238,9 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
                 bar.set_description(f"{model.name} b{batch} {runtime}")
                 try:
                     if runtime == "stock":
-                        entry[runtime] = measure_stock(model, batch, repeats, timeout_s)
+                        entry[runtime] = measure_stock(model, batch, repeats, timeout_s, warmup)
                     else:
-                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine)
+                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup)
                 except (RuntimeError, OSError) as exc:  # SecureSessionError: a party failed or timed out
                     message = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
                     entry[runtime] = {"error": message}
@@ -253,13 +260,15 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
     finally:
         bar.close()
     return {"format_version": BENCH_FORMAT_VERSION, "kind": BENCH_KIND,
-            "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "timeout_s": timeout_s,
+            "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup, "timeout_s": timeout_s,
                          "engine": engine or "runtime default",
                          "setting": "semi-honest, 2 parties + dealer (stock: CrypTen TTP), all on 127.0.0.1, "
                                     "one process per party",
                          "stock": "crypten.nn.from_pytorch (batch-norm in), model.encrypt(src=0), input src=1; "
-                                  "one session, `repeats` queries; online at the client",
-                         "ours": "secure.runtime.run_local_parties on the exported plan; one session per repeat; "
+                                  "one session, `warmup` + `repeats` queries, the first `warmup` not counted; "
+                                  "online at the client",
+                         "ours": "secure.runtime.run_local_parties on the exported plan; one session per query, "
+                                 "the first `warmup` not counted; "
                                  "figures of the server party",
                          "units": "online_s, offline_s: seconds per image (online: median over repeats); "
                                   "mb: online MB per image sent + received by the server party; "
@@ -403,6 +412,9 @@ def bench_command(args, argv: list[str] | None = None, log=print) -> dict:
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    warmup = DEFAULT_WARMUP if getattr(args, "warmup", None) is None else args.warmup
+    if warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {warmup}")
     if any(b < 1 for b in batch_sizes) or not batch_sizes:
         raise UserError(f"--batch-sizes must be positive integers, got {','.join(map(str, batch_sizes))}")
     if args.timeout <= 0:
@@ -425,11 +437,12 @@ def bench_command(args, argv: list[str] | None = None, log=print) -> dict:
         models = golden_models(quick=args.quick, full=full)
     if not models:
         raise UserError("no models to benchmark (--no-full without --spec or --frontier)")
-    log(f"benchmarking {len(models)} model(s) x batch {','.join(map(str, batch_sizes))}, {repeats} repeat(s) each: "
+    log(f"benchmarking {len(models)} model(s) x batch {','.join(map(str, batch_sizes))}, {repeats} repeat(s) each "
+        f"after {warmup} warm-up: "
         + ", ".join(f"{m.name} ({m.relu_count:,} ReLUs)" for m in models))
     machine = machine_info()
     doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout, engine=args.engine,
-                    progress=not args.no_progress, log=log)
+                    progress=not args.no_progress, log=log, warmup=warmup)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     command = "deepreduce " + (shlex.join(argv) if argv is not None else "bench")
     doc = {"format_version": doc.pop("format_version"), "kind": doc.pop("kind"), "command": command,

@@ -41,8 +41,8 @@ from .channel import Channel, like
 from .correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
 from .profiling import LayerProfile, Profile
-from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, ring_linear, ring_linear_small,
-                   to_planes, truncate_share)
+from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, prefer_channels_last, ring_linear,
+                   ring_linear_small, to_planes, truncate_share)
 
 SERVER, CLIENT, DEALER = 0, 1, 2
 ENGINE_VERSION = 1
@@ -198,7 +198,9 @@ class Party:
         self.weights, self.biases, self.limbs = self._encode_weights()
         masked = [self.weights[i] - self.masks[i] for i in sorted(self.weights)]
         self.ch.send(CLIENT, masked)  # E = W - A, once per session
-        self.weights_f64 = {i: w.double() for i, w in self.weights.items()}  # exact: |w| << 2^53
+        self.weights_f64 = {i: w.to(torch.float64, memory_format=torch.channels_last if self.limbs[i].channels_last
+                                    else torch.contiguous_format)
+                            for i, w in self.weights.items()}  # exact: |w| << 2^53
 
     def _encode_weights(self):
         tensors, weights, biases, limbs = self.plan.tensors, {}, {}, {}
@@ -212,6 +214,8 @@ class Party:
             if b is not None:
                 biases[i] = encode(tensors[b].double(), ACT_BITS + WEIGHT_BITS)
             limbs[i] = plan_limbs(weights[i], op["op"])
+            if op["op"] == "conv" and prefer_channels_last(source["shape"]):
+                limbs[i] = dataclasses.replace(limbs[i], channels_last=True)
         return weights, biases, limbs
 
     def _client_setup(self) -> None:

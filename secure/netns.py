@@ -35,7 +35,6 @@ import atexit
 import ipaddress
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -44,9 +43,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from .roleproc import RoleProcess
 
 PREFIX = "drpi"
 IFNAME = "eth0"
@@ -244,38 +244,14 @@ def cli(name: str, module: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
-class _Role:
-    """A long-running role in its namespace; its output goes to a log file and is scanned for markers."""
-
-    def __init__(self, tb: Testbed, role: str, argv: list[str], log_dir: str, env: dict):
-        self.name, self.log_path = role, os.path.join(log_dir, f"{role}.log")
-        self.lines: queue.Queue[str] = queue.Queue()
-        self._log = open(self.log_path, "w")
-        self.proc = tb.popen(role, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, marker: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if marker in self.lines.get(timeout=0.2):
-                    return
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-        raise NetnsError(f"{self.name} did not print {marker!r} within {timeout:g} s: {self.tail()}")
-
-    def tail(self) -> str:
-        time.sleep(0.2)
-        with open(self.log_path) as f:
-            lines = [line.strip() for line in f if line.strip()]
-        return " | ".join(lines[-3:]) or f"no output (exit code {self.proc.poll()})"
+def _start_role(tb: Testbed, role: str, argv: list[str], log_dir: str, env: dict, ready: str,
+                timeout: float) -> RoleProcess:
+    """A long-running role in its namespace, once it prints `ready`."""
+    proc = RoleProcess(role, tb.popen(role, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env), log_dir)
+    if proc.wait_for(ready, timeout) is None:
+        raise NetnsError(f"{role} did not print {ready!r} within {timeout:g} s: {proc.tail()}")
+    return proc
 
 
 class Deployment:
@@ -289,13 +265,12 @@ class Deployment:
         self.env = tb.env({"DEEPREDUCE_TOKEN": os.environ.get("DEEPREDUCE_TOKEN") or secrets.token_hex(16)})
         dealer_addr = f"{tb.ip('dealer')}:{self.DEALER_PORT}"
         self.server_addr = f"{tb.ip('server')}:{self.SERVER_PORT}"
-        self.dealer = _Role(tb, "dealer", cli("pi-dealer", "secure.dealer")
-                            + ["--host", tb.ip("dealer"), "--port", str(self.DEALER_PORT)], log_dir, self.env)
-        self.dealer.wait_for("listening on", startup_timeout)
-        self.server = _Role(tb, "server", cli("pi-server", "server")
-                            + ["--plan", plan_path, "--host", tb.ip("server"), "--port", str(self.SERVER_PORT),
-                               "--dealer", dealer_addr], log_dir, self.env)
-        self.server.wait_for("serving plan", startup_timeout)
+        self.dealer = _start_role(tb, "dealer", cli("pi-dealer", "secure.dealer")
+                                  + ["--host", tb.ip("dealer"), "--port", str(self.DEALER_PORT)], log_dir, self.env,
+                                  "listening on", startup_timeout)
+        self.server = _start_role(tb, "server", cli("pi-server", "server")
+                                  + ["--plan", plan_path, "--host", tb.ip("server"), "--port", str(self.SERVER_PORT),
+                                     "--dealer", dealer_addr], log_dir, self.env, "serving plan", startup_timeout)
 
     def infer(self, images: list[str], batch_size: int = 1, timeout: float = 1800.0) -> dict:
         """pi-client infer --json from the client's namespace: its JSON document, plus `wall_s`."""

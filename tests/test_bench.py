@@ -127,12 +127,15 @@ def test_bench_command_writes_the_issue_schema(tmp_path, capsys):
     doc = json.loads(out_json.read_text())
     assert_schema(doc)
     assert doc["command"] == "deepreduce " + " ".join(argv)
+    assert doc["settings"]["warmup"] == 1
     assert [(e["name"], e["batch_size"]) for e in doc["models"]] == [("tiny", 1), ("tiny", 2)]
     for e in doc["models"]:
         assert e["relu_count"] == relu_count(ModelSpec(**TINY, cull=(1,), thin="bottom"))
         for runtime in ("stock", "ours"):
             assert e[runtime]["max_abs_error"] <= TOLERANCE  # both agree with the plaintext model
             assert 0 <= e[runtime]["relu_share"] <= 1
+            assert e[runtime]["warmup"] == 1 and len(e[runtime]["online_s_runs"]) == 1  # the warm-up not counted
+        assert e["stock"]["queries_per_session"] == 2
         assert set(e["projections"]) == set(doc["links"])
     assert out_png.read_bytes()[:8] == PNG_MAGIC
     assert "tiny" in out and "speedup" in out and "LAN" in out
@@ -148,8 +151,8 @@ def fake_figures(online: float, mb: float = 2.0, rounds: int = 10) -> dict:
 
 def test_speedup_and_projections_come_from_the_measured_values(monkeypatch, tmp_path):
     measured = {"stock": {1: 3.0, 4: 2.0}, "ours": {1: 0.5, 4: 0.25}}
-    monkeypatch.setattr(bench, "measure_stock", lambda m, b, r, t: fake_figures(measured["stock"][b], 40.0, 900))
-    monkeypatch.setattr(bench, "measure_ours", lambda m, b, r, t, e: fake_figures(measured["ours"][b], 4.0, 90))
+    monkeypatch.setattr(bench, "measure_stock", lambda m, b, r, t, w: fake_figures(measured["stock"][b], 40.0, 900))
+    monkeypatch.setattr(bench, "measure_ours", lambda m, b, r, t, e, w: fake_figures(measured["ours"][b], 4.0, 90))
     model = bench.random_model("tiny", ModelSpec(**TINY))
     doc = bench.run_bench([model], [1, 4], repeats=1, progress=False, log=lambda *a: None)
     doc = {"command": "deepreduce bench", "machine": bench.machine_info(), **doc}
@@ -169,7 +172,7 @@ def test_speedup_and_projections_come_from_the_measured_values(monkeypatch, tmp_
 def test_a_failed_run_is_recorded_not_fatal(monkeypatch):
     def broken(*args):
         raise RuntimeError("party server exited with code 1 without a result")
-    monkeypatch.setattr(bench, "measure_stock", lambda m, b, r, t: fake_figures(1.0))
+    monkeypatch.setattr(bench, "measure_stock", lambda m, b, r, t, w: fake_figures(1.0))
     monkeypatch.setattr(bench, "measure_ours", broken)
     model = bench.random_model("tiny", ModelSpec(**TINY))
     doc = bench.run_bench([model], [1], repeats=1, progress=False, log=lambda *a: None)

@@ -77,6 +77,26 @@ def test_entrypoint_errors_are_one_line(capsys, monkeypatch, tmp_path):
     assert "has not started" in capsys.readouterr().err
 
 
+def test_demo_images_and_their_labels(tmp_path, monkeypatch):
+    """client/images.py, shared by `make demo` and the container's client: image files below a folder,
+    sorted, and the true label from the parent folder or a cat_0123.png-style prefix."""
+    from client.images import image_files, true_label
+    (tmp_path / "dog").mkdir()
+    for name in ("cat_0001.png", "dog/0002.JPG", "notes.txt", "x_0003.png"):
+        (tmp_path / name).write_bytes(b"")
+    paths = image_files(str(tmp_path), hint="pass --images DIR")
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == ["cat_0001.png", "dog/0002.JPG", "x_0003.png"]
+    assert [true_label(p, str(tmp_path), ["cat", "dog"]) for p in paths] == ["cat", "dog", None]
+    with pytest.raises(ValueError, match=r"does not exist: pass --images DIR$"):
+        image_files(str(tmp_path / "missing"), hint="pass --images DIR")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images .* in .*empty: set \$PI_IMAGES$"):
+        image_files(str(tmp_path / "empty"), hint="set $PI_IMAGES")
+    monkeypatch.setattr(entrypoint, "HEALTH_FILE", str(tmp_path / "role.json"))
+    with pytest.raises(entrypoint.EntryError, match="does not exist: mount one"):
+        entrypoint.find_images(str(tmp_path / "missing"))
+
+
 def test_entrypoint_summary_line_matches_make_demo(capsys):
     paths = ["/d/cat_1.png", "/d/dog_2.png"]
     secure = {"images": [{"class_index": 3, "class_name": "cat", "probability": 0.9},

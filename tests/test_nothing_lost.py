@@ -121,6 +121,7 @@ def test_train_killed_at_random_points_loses_no_epoch(tmp_path):
           f"and {worst['json']} JSON files checked after each kill), {worst['temp']} stray temp files at most, "
           f"{check_files(out)['temp']} left at the end")
     assert kills >= 3 and lost == 0  # KILLS unless a run finished before its kill point
+    assert check_files(out)["temp"] == 0  # --resume removed what the kills left
 
 
 TINY_OPTIMIZE = """
@@ -190,3 +191,4 @@ def test_optimize_killed_at_random_points_loses_no_job(tmp_path):
           f"{worst['checkpoints']} checkpoints and {worst['json']} JSON files checked after each kill), "
           f"{worst['temp']} stray temp files at most, {check_files(out)['temp']} left at the end")
     assert kills >= 3 and lost == 0  # KILLS unless a run finished before its kill point
+    assert check_files(out)["temp"] == 0  # --resume removed what the kills left

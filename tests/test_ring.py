@@ -30,19 +30,34 @@ def test_small_weight_conv_is_exact_against_int64_conv():
     x = uniform(2, 6, 7, 7)
     params = {"stride": [2, 2], "padding": [1, 1]}
     expected = F.conv2d(x, w, stride=2, padding=1)  # int64 conv2d: exact mod 2^64, slow
-    for limbs in (plan_limbs(w, "conv"), LimbPlan(2, 2), LimbPlan(3, 1), LimbPlan(4, 3)):
+    for limbs in (plan_limbs(w, "conv"), LimbPlan(2, 2), LimbPlan(3, 1), LimbPlan(4, 3), LimbPlan(2, 1, True),
+                  LimbPlan(2, 3, True)):
         assert torch.equal(ring_linear_small("conv", w, x, params, limbs), expected), limbs
 
 
 def test_limb_plan_keeps_float64_sums_exact():
     small = torch.full((4, 512, 3, 3), 2**9)  # ||w||_1 = 4608 * 2^9 ~ 2^21.2 > 2^21: 32-bit limbs need 2 groups
-    assert plan_limbs(small, "conv") == LimbPlan(2, 2)
+    assert plan_limbs(small, "conv", uniform_input=False) == LimbPlan(2, 2)
     huge = torch.randint(2**29, 2**30, (4, 8, 3, 3), generator=GEN)  # ||w||_1 ~ 2^36: 16-bit limbs
     plan = plan_limbs(huge, "conv")
     assert plan.count == 4
     x = uniform(1, 8, 5, 5)
     params = {"stride": [1, 1], "padding": [1, 1]}
     assert torch.equal(ring_linear_small("conv", huge, x, params, plan), F.conv2d(x, huge, padding=1))
+
+
+def test_uniform_operand_needs_no_channel_groups():
+    """A wide layer of trained scale (||w||_1 ~ 2^22.8, ||w||_2 ~ 2^17.1): the worst-case bound wants
+    four channel groups, the Hoeffding bound for a uniform operand one conv; both exact here."""
+    w = (torch.randn(16, 512, 3, 3, generator=GEN) * 2**11).round().long()
+    assert plan_limbs(w, "conv", uniform_input=False).groups == 4
+    assert plan_limbs(w, "conv") == LimbPlan(2, 1)
+    x = uniform(2, 512, 4, 4)
+    params = {"stride": [1, 1], "padding": [1, 1]}
+    assert torch.equal(ring_linear_small("conv", w, x, params, LimbPlan(2, 1)), F.conv2d(x, w, padding=1))
+    spiky = torch.zeros(4, 512, 3, 3, dtype=torch.long)
+    spiky[:, 0, 0, 0] = 2**19  # ||w||_2 = 2^19 > 2^18.4: the statistical bound is too weak
+    assert plan_limbs(spiky, "conv") == plan_limbs(spiky, "conv", uniform_input=False)
 
 
 def test_full_ring_products_are_exact():

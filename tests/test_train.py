@@ -155,9 +155,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     epoch_at_kill = torch.load(killed / LAST, weights_only=True)["epoch"]
     assert epoch_at_kill in (1, 2, 3) and not (killed / FINAL).exists(), "the kill came too late to test resuming"
 
+    stale = killed / ".tmp-k1ll3d-last.pt"  # what a kill during the checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
     resumed = subprocess.run(_train_cmd(arg, killed, "--resume"), env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert not stale.exists() and not list(killed.glob(".tmp-*"))
     assert json.dumps({"resumed_from_epoch": epoch_at_kill}) in resumed.stdout
 
     a = torch.load(straight / FINAL, weights_only=True)

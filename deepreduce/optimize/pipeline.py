@@ -37,7 +37,7 @@ from ..checkpoint import load_checkpoint
 from ..data import Dataset
 from ..errors import UserError
 from ..relus import relu_count
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, remove_stale_temps
 from ..spec import ModelSpec
 from ..train import FINAL, evaluate_model, train
 from .candidates import (NO_RELU, Candidate, all_candidates, all_stages, criticality_specs, criticality_table,
@@ -49,6 +49,7 @@ from .report import format_criticality_table, format_frontier_table, frontier_do
 RUN_JSON = "run.json"
 CRITICALITY_JSON = "criticality.json"
 RESULT_JSON = "result.json"
+JOBS_DIR = "jobs"
 TEACHER = "teacher"
 
 
@@ -150,7 +151,7 @@ class Optimizer:
 
     # -- jobs ---------------------------------------------------------------------------------
     def _job_dir(self, name: str) -> str:
-        return os.path.join(self.out_dir, "jobs", name)
+        return os.path.join(self.out_dir, JOBS_DIR, name)
 
     def _is_done(self, name: str) -> bool:
         d = self._job_dir(name)
@@ -223,6 +224,11 @@ class Optimizer:
                 raise UserError(f"{self.out_dir} already holds an optimize run: pass --resume to continue it "
                                 "or choose a new --out directory")
             _check_same_run(_read_json(path), self.identity, path)
+            if self.is_main:  # what a kill during an atomic write left, here and in every job's directory
+                jobs = os.path.join(self.out_dir, JOBS_DIR)
+                for directory in [self.out_dir] + ([os.path.join(jobs, n) for n in os.listdir(jobs)]
+                                                   if os.path.isdir(jobs) else []):
+                    remove_stale_temps(directory)
         elif self.is_main:
             atomic_write_json(path, {**self.identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _barrier(self.world)
