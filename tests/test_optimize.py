@@ -135,7 +135,8 @@ def test_reshape_grid_excludes_the_parent_and_multiplies_the_base():
     assert cand.reshaped_for(config_with(reshape={"enabled": False}), R18, parents) == []
 
 
-@pytest.mark.parametrize("config_name,arch", [("resnet18-cifar.yaml", "resnet18"), ("wrn22_8-cifar.yaml", "wrn22_8")])
+@pytest.mark.parametrize("config_name,arch", [("resnet18-cifar.yaml", "resnet18"), ("wrn22_8-cifar.yaml", "wrn22_8"),
+                                              ("resnet18-cifar10-cpu.yaml", "resnet18")])
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_builtin_candidate_count_matches_relu_count_and_hooks(config_name, arch, quick):
     config = load_config(config_name, quick=quick)
@@ -221,6 +222,9 @@ def test_builtin_configs_load():
     wrn = load_config("wrn22_8-cifar.yaml")
     assert wrn.base.arch == "wrn22_8" and wrn.reshape.blocks == [[1, 1, 1]]
     assert load_config(builtin_config_path("wrn22_8-cifar.yaml")) == wrn
+    cpu = load_config("resnet18-cifar10-cpu.yaml")  # the CIFAR-10 run sized for a 2-core CPU
+    assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 20000 and cpu.train.candidates.epochs == 10
+    assert cpu.kd.enabled and cpu.reshape.alphas == [0.5] and cpu.reshape.rhos == [0.5]
 
 
 def test_a_user_file_changes_only_its_keys(tmp_path):
