@@ -31,8 +31,8 @@ class DemoError(Exception):
     pass
 
 
-def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: float) -> RoleProcess:
-    """One long-running role (pi-dealer or pi-server), once it prints where it listens."""
+def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: float) -> tuple[RoleProcess, str]:
+    """One long-running role (pi-dealer or pi-server) and the address it prints once it listens."""
     proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     role = RoleProcess(name, proc, log_dir)
@@ -40,8 +40,7 @@ def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: f
     if line is None:
         role.stop()
         raise DemoError(f"{name} did not start listening: {role.tail()}")
-    role.address = line.split()[-1]
-    return role
+    return role, line.split()[-1]
 
 
 # The control channel needs a shared token (secure/auth.py): a fresh random one for the demo's roles,
@@ -119,16 +118,17 @@ def demo(args) -> str:
     roles = []
     with tempfile.TemporaryDirectory(prefix="pi-demo-") as logs:
         try:
-            dealer = start_role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"], logs, 60)
+            dealer, dealer_addr = start_role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"],
+                                             logs, 60)
             roles.append(dealer)
-            server = start_role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1", "--port", "0",
-                                                        "--dealer", dealer.address], logs, 60)
+            server, server_addr = start_role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1",
+                                                                     "--port", "0", "--dealer", dealer_addr], logs, 60)
             roles.append(server)
             if server.wait_for("serving plan", 120) is None:
                 raise DemoError(f"pi-server is not ready: {server.tail()}")
-            print(f"pi-dealer on {dealer.address}, pi-server on {server.address}; "
+            print(f"pi-dealer on {dealer_addr}, pi-server on {server_addr}; "
                   f"classifying {len(paths)} images, {args.batch_size} per session ...", flush=True)
-            secure = run_client(server.address, paths, args)
+            secure = run_client(server_addr, paths, args)
         finally:
             for role in reversed(roles):
                 role.stop()
