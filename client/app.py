@@ -50,10 +50,6 @@ class Transient(protocol.ControlError):
 
 # -- connections, with retries ----------------------------------------------------------------------
 
-def _security(args) -> auth.Security:
-    return auth.security_from_args(args)
-
-
 def with_retries(args, action):
     """action(); failures that may pass (busy, server gone or restarting) are retried --retries times,
     waiting --retry-backoff seconds (doubling each time) or the server's retry-after hint if longer."""
@@ -88,7 +84,7 @@ def fetch_info(server: tuple[str, int], args, security) -> dict:
 
 def cmd_info(args) -> None:
     server = protocol.parse_address(args.server, "--server")
-    info = fetch_info(server, args, _security(args))
+    info = fetch_info(server, args, auth.security_from_args(args))
     plan = info["plan"]
     if args.json:
         print(json.dumps({"server": args.server, "insecure_tfp": bool(info.get("insecure_tfp")),
@@ -245,10 +241,7 @@ def run_batch(worker: Worker, x, plan: dict, server: tuple[str, int], args, secu
     nonce = secrets.token_hex(32)
     queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
     with auth.open_channel(*server, security, args.connect_timeout, args.timeout, "server") as ch:
-        if len(queries) > 1:
-            ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan["plan_hash"], dealer_nonce=nonce)
-        else:
-            ch.send("session", batch_size=len(x), plan_hash=plan["plan_hash"], dealer_nonce=nonce)
+        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan["plan_hash"], dealer_nonce=nonce)
         reply = protocol.expect(ch.recv(args.timeout), "session")
         sid = protocol.field(reply, "session_id", str)
         rdv = {"host": protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
@@ -257,7 +250,7 @@ def run_batch(worker: Worker, x, plan: dict, server: tuple[str, int], args, secu
                                                  "seconds in (0, 3600]"))}
         tfp = protocol.field(reply, "insecure_tfp", bool)
         verified = _check_dealer(reply, sid, rdv["port"], nonce, tfp, trust)
-        worker.start_job("client", public=plan, images=queries if len(queries) > 1 else x, insecure_tfp=tfp, rdv=rdv)
+        worker.start_job("client", public=plan, images=queries, insecure_tfp=tfp, rdv=rdv)
         outcome = supervise(worker, {"server": ch}, start + args.timeout, read_timeout=args.timeout)
     if outcome.kind != "ok":
         message = _describe(outcome, args.timeout)
@@ -317,7 +310,7 @@ def cmd_infer(args) -> None:
         raise protocol.ControlError("--batch-size must be at least 1")
     if args.session_size is not None and args.session_size < 1:
         raise protocol.ControlError("--session-size must be at least 1")
-    security, trust = _security(args), dealer_trust(args)
+    security, trust = auth.security_from_args(args), dealer_trust(args)
     info = fetch_info(server, args, security)
     plan = info["plan"]
     tfp = bool(info.get("insecure_tfp"))
@@ -436,7 +429,7 @@ def cmd_load(args) -> None:
             or not 0 < args.duration <= LOAD_MAX_DURATION:
         raise protocol.ControlError(f"--clients 1..{LOAD_MAX_CLIENTS}, --sessions 1..{LOAD_MAX_SESSIONS} and "
                                     f"--duration (0, {LOAD_MAX_DURATION:g}] bound a load run")
-    security, trust = _security(args), dealer_trust(args)
+    security, trust = auth.security_from_args(args), dealer_trust(args)
     info = fetch_info((host, port), args, security)
     plan = info["plan"]
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))

@@ -198,9 +198,8 @@ class Party:
         self.weights, self.biases, self.limbs = self._encode_weights()
         masked = [self.weights[i] - self.masks[i] for i in sorted(self.weights)]
         self.ch.send(CLIENT, masked)  # E = W - A, once per session
-        self.weights_f64 = {i: w.to(torch.float64, memory_format=torch.channels_last if self.limbs[i].channels_last
-                                    else torch.contiguous_format)
-                            for i, w in self.weights.items()}  # exact: |w| << 2^53
+        self.weights_f64 = {i: w.to(torch.float64, memory_format=self.limbs[i].memory_format)
+                            for i, w in self.weights.items()}  # exact: |w| << 2^53; converted once, not per query
 
     def _encode_weights(self):
         tensors, weights, biases, limbs = self.plan.tensors, {}, {}, {}

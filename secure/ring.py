@@ -73,6 +73,10 @@ class LimbPlan:
     groups: int
     channels_last: bool = False
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
 
 # A float64 sum of w_k * u_k is exact while every partial sum stays below 2^53. Worst case that
 # needs ||w||_1 * 2^(b-1) <= 2^53 for limbs of b bits, which wide trained layers miss (channel
@@ -125,9 +129,8 @@ def ring_linear_small(kind: str, w: torch.Tensor, x: torch.Tensor, params: dict,
     """w * x mod 2^64 for a small-integer w (the server's encoded weights, int64 or already float64)
     and any ring x."""
     bits = math.ceil(64 / limbs.count)
-    fmt = torch.channels_last if limbs.channels_last else torch.contiguous_format
-    stacked = torch.cat(_balanced_limbs(x, bits, limbs.count)).to(torch.float64, memory_format=fmt)  # all limbs at once
-    wd = w.to(torch.float64, memory_format=fmt)  # no copy when the caller keeps it so
+    stacked = torch.cat(_balanced_limbs(x, bits, limbs.count)).to(torch.float64, memory_format=limbs.memory_format)
+    wd = w.to(torch.float64, memory_format=limbs.memory_format)  # no copy when the caller keeps it so
     if limbs.groups == 1:
         y = apply_linear(kind, wd, stacked, params)
     else:  # exact per channel group, summed in the ring

@@ -105,7 +105,8 @@ def run_client(public: dict, images: torch.Tensor | list[torch.Tensor], rdv: Ren
         logits, profile = _run_fast("client", rdv, public, [len(b) for b in batches], insecure_tfp,
                                     images=[b.float() for b in batches])
         return PartyResult("client", torch.cat(logits), profile, insecure_tfp)
-    (batch,) = batches if len(batches) == 1 else (_single([len(b) for b in batches]),)
+    _single([len(b) for b in batches])
+    batch = batches[0]
     shapes = {name: public["tensor_shapes"][name] for name in sorted(public["tensor_shapes"])}
     logits, profile = _run_party("client", public, shapes, batch.float(), len(batch), rdv, insecure_tfp)
     return PartyResult("client", logits, profile, insecure_tfp)

@@ -391,10 +391,10 @@ class Limits:
 
 def add_limit_arguments(p) -> None:
     g = p.add_argument_group("connection limits")
-    g.add_argument("--max-connections", type=int, default=64,
-                   help="open control connections, all peers together (default 64)")
-    g.add_argument("--max-connections-per-ip", type=int, default=16,
-                   help="open control connections from one address (default 16)")
+    g.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                   help=f"open control connections, all peers together (default {Limits.max_connections})")
+    g.add_argument("--max-connections-per-ip", type=int, default=Limits.max_connections_per_ip,
+                   help=f"open control connections from one address (default {Limits.max_connections_per_ip})")
 
 
 def limits_from_args(args) -> Limits:

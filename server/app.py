@@ -185,7 +185,7 @@ class PiServer:
         try:
             worker = Worker(f"pi-server-{sid}")
             self.service.track(worker)
-            worker.start_job("server", plan=self.plan, batch_size=sizes if len(sizes) > 1 else sizes[0],
+            worker.start_job("server", plan=self.plan, batch_size=sizes,
                              insecure_tfp=self.s.insecure_tfp,
                              rdv={"host": host, "port": port, "timeout_s": self.s.rendezvous_timeout})
             ch.send("session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
