@@ -320,11 +320,12 @@ def test_slow_peers_and_connection_floods_are_cut_off(tfp_server):
     hello = protocol.encode({"type": "hello", "role": "client", "id": "x", "nonce": "0" * 64, "auth": "hmac-sha256"})
     with socket.create_connection((host, port), 5) as s:
         cut_pre, sent = slowloris(s, hello)
-    assert 0.9 < cut_pre < 4.0 and sent < len(hello), (cut_pre, sent)
+    # lower bounds: not cut early; upper bounds generous: a loaded 2-core machine delays the server's timers
+    assert 0.9 < cut_pre < 8.0 and sent < len(hello), (cut_pre, sent)
     # slowloris after authentication: --read-timeout 2 bounds one whole message
     with authed(address) as ch:
         cut_post, _ = slowloris(ch.sock, protocol.encode({"type": "info", "seq": 0, "mac": "0" * 64}))
-    assert 1.9 < cut_post < 5.0, cut_post
+    assert 1.9 < cut_post < 9.0, cut_post
     # a flood of connections from one address: 8 are allowed (--max-connections-per-ip), the rest hear `busy`
     socks, busy = [], 0
     try:
@@ -339,7 +340,9 @@ def test_slow_peers_and_connection_floods_are_cut_off(tfp_server):
     finally:
         for s in socks:
             s.close()
-    assert 30 <= busy <= 32, busy  # a held connection's handshake may time out (1 s) before the last connects
+    # at least 8 held; more than 8 only when a held connection's handshake timed out (1 s) and freed its slot
+    # before the last ones connected, which a loaded machine can stretch to a few slots
+    assert 24 <= busy <= 32, busy
     eventually(lambda: _pings(address), 10, "the server answering again")
     print(f"\nslow-peer figures: slowloris cut after {cut_pre:.1f} s before authentication (--handshake-timeout 1, "
           f"{sent} of {len(hello)} bytes sent) and {cut_post:.1f} s after (--read-timeout 2); "

@@ -63,8 +63,11 @@ class SessionDriver:
 
     def kill(self) -> None:
         """What a client that dies looks like to the others: its party gone, its connection closed."""
-        os.kill(self.worker.pid, signal.SIGKILL)
-        self.ch.sock.shutdown(socket.SHUT_RDWR)  # (not close(): the watching thread still holds the socket)
+        kill_if_alive(self.worker.pid)
+        try:
+            self.ch.sock.shutdown(socket.SHUT_RDWR)  # (not close(): the watching thread still holds the socket)
+        except OSError:
+            pass  # already closed by a session that finished first
 
     def wait(self, timeout: float):
         self._thread.join(timeout)
@@ -72,6 +75,14 @@ class SessionDriver:
         self.worker.stop()
         self.ch.close()
         return self.outcome
+
+
+def kill_if_alive(pid: int) -> None:
+    """SIGKILL `pid`; a process that already exited (its session finished before the fault) is fine."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def descendants(pid: int) -> set[int]:
@@ -153,10 +164,10 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
                     dealer.p.kill()
                 elif kind == "dealer party":
                     for pid in worker_children(dealer.p.pid):
-                        os.kill(pid, signal.SIGKILL)
+                        kill_if_alive(pid)
                 elif kind == "server party":
                     for pid in worker_children(server.p.pid):
-                        os.kill(pid, signal.SIGKILL)
+                        kill_if_alive(pid)
                 outcome = c.wait(BOUND_S + MARGIN_S)
                 ended = server.wait_line(rf"session {sid}: (ended|done)", BOUND_S + MARGIN_S, start=before)
                 survivor_s = time.monotonic() - killed_at
