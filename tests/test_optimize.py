@@ -223,8 +223,11 @@ def test_builtin_configs_load():
     assert wrn.base.arch == "wrn22_8" and wrn.reshape.blocks == [[1, 1, 1]]
     assert load_config(builtin_config_path("wrn22_8-cifar.yaml")) == wrn
     cpu = load_config("resnet18-cifar10-cpu.yaml")  # the CIFAR-10 run sized for a 2-core CPU
-    assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 20000 and cpu.train.candidates.epochs == 10
+    assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 20000 and cpu.train.candidates.epochs == 5
     assert cpu.kd.enabled and cpu.reshape.alphas == [0.5] and cpu.reshape.rhos == [0.5]
+    assert cpu.pruning.max_relus == 120000 and cpu.finals.budgets == [50000, 15000] and cpu.ablations.budget == 50000
+    assert cpu.train.finals.epochs == 24 and cpu.train.finals.compile
+    assert load_config().finals.budgets == [] and load_config().ablations.budget is None  # the default: opt-in
 
 
 def test_a_user_file_changes_only_its_keys(tmp_path):
@@ -257,6 +260,10 @@ def test_a_user_file_changes_only_its_keys(tmp_path):
     ("kd:\n  enabled: 'yes'", ["kd.enabled", "true or false"]),
     ("kd: 3", ["kd", "mapping"]),
     ("budgets: [0]", ["budgets", "positive"]),
+    ("pruning:\n  max_relus: 0", ["pruning.max_relus", "positive"]),
+    ("finals:\n  budgets: [-5]", ["finals.budgets", "positive"]),
+    ("ablations:\n  budget: 0", ["ablations.budget", "positive"]),
+    ("ablations:\n  kd: maybe", ["ablations.kd", "true or false"]),
     ("evaluation:\n  test_subset: 0", ["evaluation.test_subset", "positive"]),
     ("quick:\n  train:\n    teacher:\n      epoch: 1", ["quick.train.teacher.epoch", "epochs"]),
     ("- a\n- b", ["mapping"]),
@@ -400,6 +407,85 @@ def test_pipeline_refuses_to_mix_runs(tmp_path, monkeypatch):
         run_fake(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="config differ"):
         run_fake(tmp_path, monkeypatch, config=tiny_config(kd={"alpha": 0.5}), resume=True)
+
+
+def test_pipeline_max_relus_cap_skips_big_candidates_and_their_variants(tmp_path, monkeypatch):
+    # tiny base (alpha 0.125, 8x8): stage ReLUs S1 2048, S2 1024, S3 512, S4 256; order S3 > S2 > S4 > S1
+    doc, fake, _ = run_fake(tmp_path, monkeypatch, config=tiny_config(pruning={"max_relus": 1000}))
+    trained = [c["name"] for c in fake.calls]
+    pruned = {p["name"]: p["reason"] for p in doc["pruned"]}
+    assert pruned["keep-s2s3"] == "1,536 ReLUs > pruning.max_relus 1,000"
+    assert pruned["keep-s1s2s3s4-thin"] == "1,920 ReLUs > pruning.max_relus 1,000"
+    assert {"keep-s2s3s4", "keep-s1s2s3s4"} <= set(pruned)
+    # every variant of a parent that was not trained is skipped, whatever its size
+    assert pruned["keep-s1s2s3s4-thin-a0.5-r0.5"] == "its parent keep-s1s2s3s4-thin was not trained"
+    assert all(relu_count(ModelSpec.from_dict(c["spec"])) <= 1000 for c in doc["candidates"])
+    assert {"keep-s3", "keep-s3-thin", "keep-s2s3-thin", "keep-s2s3s4-thin", "keep-s2s3-thin-a0.5"} <= set(trained)
+    assert not set(pruned) & set(trained)
+
+
+def test_pipeline_finals_and_ablations(tmp_path, monkeypatch):
+    finals_training = {**TINY_TRAINING, "epochs": 3}
+    config = tiny_config(finals={"budgets": [800, 790]}, ablations={"budget": 800}, train={"finals": finals_training})
+    doc, fake, out = run_fake(tmp_path, monkeypatch, config=config)
+    calls = {c["name"]: c for c in fake.calls}
+    teacher = str((out / "jobs" / "teacher" / "final.pt").resolve())
+    # the most accurate candidate within 800 ReLUs (accuracy rises with ReLUs here): keep-s2s3-thin, 768
+    # ReLUs; both budgets pick it, so it is retrained once, with train.finals and KD
+    names = [c["name"] for c in fake.calls]
+    assert names[-3:] == ["final-keep-s2s3-thin", "ablation-nokd-keep-s2s3-thin", "ablation-order-keep-s1s4-thin"]
+    final = calls["final-keep-s2s3-thin"]
+    assert final["config"].epochs == 3 and final["teacher"] == teacher
+    assert calls["ablation-nokd-keep-s2s3-thin"]["teacher"] is None
+    assert calls["ablation-nokd-keep-s2s3-thin"]["config"].epochs == 1  # the search's epochs, like the pick
+    assert calls["ablation-order-keep-s1s4-thin"]["teacher"] == teacher
+    final_point = next(p for p in doc["candidates"] if p["name"] == "final-keep-s2s3-thin")
+    assert final_point["kind"] == "final" and final_point["parent"] == "keep-s2s3-thin"
+    assert final_point["relu_count"] == 768 and final_point["epochs"] == 3
+    rows = {(r["question"], r["ours"]["name"]): r for r in doc["ablations"]}
+    kd = rows["kd", "keep-s2s3-thin"]
+    assert kd["other"]["name"] == "ablation-nokd-keep-s2s3-thin" and kd["other"]["relu_count"] == 768
+    order = rows["order", "keep-s2s3-thin"]
+    # the reverse order (S1 > S4 > S2 > S3) keeps S1 and S4: thinned, (2048 + 256) / 2 ReLUs
+    assert order["other"]["name"] == "ablation-order-keep-s1s4-thin" and order["other"]["relu_count"] == 1152
+    assert order["accuracy_gain"] == pytest.approx(order["ours"]["accuracy"] - order["other"]["accuracy"], abs=1e-4)
+    # thinned vs. the culled candidate nearest in ReLU count (hand-picked from 512/1536/1792/3840)
+    thinning = {r["ours"]["name"]: r["other"]["name"] for r in doc["ablations"] if r["question"] == "thinning"}
+    assert thinning == {"keep-s3-thin": "keep-s3", "keep-s2s3-thin": "keep-s3", "keep-s2s3s4-thin": "keep-s2s3",
+                        "keep-s1s2s3s4-thin": "keep-s2s3s4"}
+    assert doc["meta"]["complete"] and load_frontier(str(out)) == json.loads(json.dumps(doc))
+    text = pipeline.format_frontier_table(doc)
+    assert "ablations" in text and "ablation-order-keep-s1s4-thin" in text
+
+
+def test_ablation_jobs_hand_cases():
+    from deepreduce.optimize.ablations import ablation_jobs
+    base = ModelSpec(alpha=0.5)
+    pick = {"name": "keep-s2s3-thin-r0.5", "spec": cand.keep_only(base, (2, 3)).replace(thin="bottom", rho=0.5).to_dict()}
+    jobs = ablation_jobs(pick, base, [2, 3, 1, 4], kd_enabled=True)
+    assert [j.name for j in jobs] == ["ablation-nokd-keep-s2s3-thin-r0.5", "ablation-order-keep-s1s4-thin-r0.5"]
+    assert [j.kd for j in jobs] == [False, True]
+    # alpha 0.5, rho 0.5 (16x16 after the stem): S1 32ch 16x16, S4 256ch 2x2, thinned: (32768 + 4096) / 2
+    assert relu_count(jobs[1].spec) == 18432 and jobs[1].spec.rho == 0.5 and jobs[1].spec.thin == "bottom"
+    # KD off in the run: the ablation switches it on; a pick keeping every stage has no order ablation
+    everything = {"name": "keep-s1s2s3s4", "spec": cand.keep_only(base, (1, 2, 3, 4)).to_dict()}
+    jobs = ablation_jobs(everything, base, [2, 3, 1, 4], kd_enabled=False)
+    assert [(j.name, j.kd) for j in jobs] == [("ablation-kd-keep-s1s2s3s4", True)]
+
+
+def test_an_interrupted_run_leaves_the_frontier_so_far(tmp_path, monkeypatch):
+    def dies_at_keep_s2s3(name, spec):
+        if name == "keep-s2s3":
+            raise KeyboardInterrupt  # what Ctrl-C mid-job looks like to the pipeline
+        return by_relus(name, spec)
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(tmp_path, monkeypatch, dies_at_keep_s2s3)
+    partial = load_frontier(str(tmp_path / "run"))
+    assert not partial["meta"]["complete"] and [p["name"] for p in partial["candidates"]] == ["keep-s3"]
+    assert not (tmp_path / "run" / "frontier.png").exists()  # drawn when the run completes
+    doc, fake, out = run_fake(tmp_path, monkeypatch, resume=True)
+    assert fake.calls[0]["name"] == "keep-s2s3" and doc["meta"]["complete"]
+    assert (out / "frontier.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_pipeline_with_an_external_teacher(tmp_path, monkeypatch):
@@ -588,7 +674,16 @@ def test_quick_pipeline_end_to_end_on_real_cifar10(tmp_path, cifar10_arg, cifar_
     doc = check_frontier_files(out)
     config = load_config(quick=True)
     assert doc["meta"]["quick"] and doc["meta"]["test_images"] == config.evaluation.test_subset
-    assert len(doc["candidates"]) + len(doc["pruned"]) == 12
+    search = [p for p in doc["candidates"] if p["kind"] != "final"]
+    assert len(search) + len(doc["pruned"]) == 12
+    # --quick retrains the pick within 15,000 ReLUs (finals) and ablates it (KD, and the order unless it keeps
+    # every stage); the thinning rows come from the search's own candidates
+    pick = best_within(search, 15000)
+    assert [p["name"] for p in doc["candidates"] if p["kind"] == "final"] == [f"final-{pick['name']}"]
+    questions = [(r["question"], r["ours"]["name"]) for r in doc["ablations"]]
+    assert ("kd", pick["name"]) in questions and any(q == "thinning" for q, _ in questions)
+    assert (("order", pick["name"]) in questions) == bool(pick["spec"]["cull"])
+    assert doc["meta"]["complete"]
     assert len(doc["frontier"]) >= 2  # normally 3+; 2 frontier points is the floor even with unlucky noise
     assert all(10 <= p["accuracy"] for p in doc["frontier"][-1:])  # the best frontier model learnt something
     crit = json.loads((out / "criticality.json").read_text())

@@ -15,7 +15,8 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
     train:                    # SGD one-cycle hyperparameters, one block per kind of job, each with
       teacher: {...}          #   epochs (>= 1), batch_size (>= 1), lr (> 0), weight_decay (>= 0),
       criticality: {...}      #   subset (images, or null = all), seed, compile (bool); criticality
-      candidates: {...}       #   nets train without KD, candidates with it (kd below)
+      candidates: {...}       #   nets train without KD, candidates, finals and ablations with it
+      finals: {...}           #   (kd below)
     kd:                       # distillation of every candidate from the teacher
       enabled: true
       temperature: 4.0        # > 0
@@ -35,7 +36,15 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
       blocks: []              # blocks-per-stage variants, each no deeper than base.blocks
     pruning:
       enabled: true           # skip reshaped variants that cannot improve the frontier (below)
+      max_relus: null         # candidates with more ReLUs are not trained (null = no cap; applies
+                              #   even with enabled: false); nor are the reshaped variants of such a parent
     budgets: [100000, 50000, 15000]   # ReLU budgets: frontier.json picks the best model under each
+    finals:
+      budgets: []             # retrain the best candidate within each of these ReLU budgets with train.finals
+    ablations:
+      budget: null            # ablate the best candidate within this ReLU budget; null = no ablation jobs
+      kd: true                # the pick's spec trained with KD switched (off if it was on)
+      order: true             # the pick's shape keeping the stages of the other criticality order
     quick: {...}              # overrides applied with --quick (same schema, any subset of keys);
                               # typos in it are reported even without --quick
 
@@ -43,6 +52,15 @@ The reshape grid of a parent is every combination of {1} + alphas, {1} + rhos an
 {base.blocks} + blocks except the parent itself. Pruning: a reshaped variant of parent P is not
 trained when an already-trained candidate with no more ReLUs than the variant has a higher
 accuracy than P (shrinking P is not expected to beat P, so the variant would be dominated).
+
+Finals: the search trains every candidate briefly (train.candidates); the pick of each budget in
+finals.budgets (the most accurate search candidate within it) is then trained again from scratch
+with train.finals (DeepReDuce trains its chosen models longer) and joins the candidates as
+``final-<pick>``. Ablations: at the pick of ablations.budget (among the search candidates, so both
+sides had the same epochs), the same spec
+with KD switched, and the same shape (kept-stage count, thinning, alpha, rho, blocks) keeping the
+stages the other criticality order would keep. Thinned vs. culled needs no extra job: every thinned
+candidate is compared with the culled candidate nearest in ReLU count (within 2x).
 """
 
 from __future__ import annotations
@@ -127,6 +145,7 @@ class TrainSections:
     teacher: Training
     criticality: Training
     candidates: Training
+    finals: Training
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -204,9 +223,23 @@ class Reshape:
 @dataclass(frozen=True)
 class Pruning:
     enabled: bool
+    max_relus: int | None
 
     def check(self) -> None:
-        pass
+        _require(self.max_relus is None or self.max_relus >= 1, "pruning.max_relus",
+                 f"must be a positive ReLU count or null, got {self.max_relus}")
+
+
+@dataclass(frozen=True)
+class Finals:
+    budgets: list[int]
+
+
+@dataclass(frozen=True)
+class Ablations:
+    budget: int | None
+    kd: bool
+    order: bool
 
 
 @dataclass(frozen=True)
@@ -221,6 +254,8 @@ class OptimizeConfig:
     reshape: Reshape
     pruning: Pruning
     budgets: list[int]
+    finals: Finals
+    ablations: Ablations
 
     def check(self) -> None:
         for section in (self.base, self.evaluation, self.train, self.kd, self.criticality, self.culling,
@@ -231,6 +266,10 @@ class OptimizeConfig:
                  "reshape.apply_to", "is thinned but thinning.enabled is false, so nothing would be reshaped: "
                  "set reshape.apply_to: culled (or all), or reshape.enabled: false")
         _require(all(b >= 1 for b in self.budgets), "budgets", f"must be positive ReLU counts, got {self.budgets}")
+        _require(all(b >= 1 for b in self.finals.budgets), "finals.budgets",
+                 f"must be positive ReLU counts, got {self.finals.budgets}")
+        _require(self.ablations.budget is None or self.ablations.budget >= 1, "ablations.budget",
+                 f"must be a positive ReLU count or null, got {self.ablations.budget}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

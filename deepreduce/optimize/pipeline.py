@@ -12,7 +12,11 @@ Layout of the run directory DIR::
 
 Jobs, in order: ``teacher``; ``crit-none`` and ``crit-s<k>``; the culled candidates ``keep-s...``,
 their thinned variants ``keep-s...-thin``, then the reshaped variants (``...-a0.5-r0.5-b1111``),
-fewest ReLUs first, each skipped when pruning shows it cannot improve the frontier.
+fewest ReLUs first, each skipped when pruning shows it cannot improve the frontier (or it is above
+pruning.max_relus); then ``final-<pick>`` for the budget picks of finals.budgets (trained longer);
+then the ``ablation-...`` jobs at the pick of ablations.budget. frontier.json is rewritten after
+every candidate, final and ablation job (``meta.complete`` is false until the last; frontier.png is
+drawn at the end), so a run spread over days shows its frontier so far.
 
 A killed run continues with --resume: finished jobs are skipped, an interrupted one resumes from
 its last.pt. Multi-GPU: run the whole command under torchrun, e.g.
@@ -40,10 +44,11 @@ from ..relus import relu_count
 from ..fileio import atomic_write_json, remove_stale_temps
 from ..spec import ModelSpec
 from ..train import FINAL, evaluate_model, train
+from .ablations import ablation_jobs, job_row, thinning_rows
 from .candidates import (NO_RELU, Candidate, all_candidates, all_stages, criticality_specs, criticality_table,
                          culling_order, parent_candidates, reshaped_for, stage_relus)
 from .config import KD, OptimizeConfig, Training
-from .pareto import prune_reason
+from .pareto import best_within, prune_reason
 from .report import format_criticality_table, format_frontier_table, frontier_document, write_reports
 
 RUN_JSON = "run.json"
@@ -56,7 +61,7 @@ TEACHER = "teacher"
 @dataclass(frozen=True)
 class Job:
     name: str
-    kind: str                   # teacher | criticality | culled | thinned | reshaped
+    kind: str                   # teacher | criticality | culled | thinned | reshaped | final | ablation
     spec: ModelSpec
     training: Training
     kd: KD | None = None        # distil from the teacher with these settings
@@ -81,6 +86,10 @@ class Optimizer:
                               in_channels=data.in_channels, input_size=data.input_size,
                               num_classes=len(data.classes))
         self.bar = None
+        self.context: dict = {}        # teacher, criticality: what every frontier document carries
+        self.points: dict[str, dict] = {}  # trained candidates (and finals) by name
+        self.pruned: list[dict] = []
+        self.ablations: list[dict] = []
 
     @property
     def is_main(self) -> bool:
@@ -90,17 +99,28 @@ class Optimizer:
     def run(self) -> dict:
         self._claim_directory()
         # Generating every candidate up front also checks their specs before any training starts.
-        total = 1 + len(criticality_specs(self.base)) + len(all_candidates(self.config, self.base, all_stages(self.base)))
+        total = (1 + len(criticality_specs(self.base)) + len(all_candidates(self.config, self.base, all_stages(self.base)))
+                 + len(set(self.config.finals.budgets)) + self._ablation_job_count())
         with tqdm(total=total, desc="optimize", unit="job", position=0, file=sys.stderr,
                   disable=not self.progress or not self.is_main) as self.bar:
-            teacher = self._teacher()
+            self.context["teacher"] = self._teacher()
             table, no_relu, order = self._criticality()
-            candidates, pruned = self._candidates(order)
-        doc = frontier_document(candidates, self.config.budgets, pruned, teacher=teacher, criticality=table,
-                                no_relu_accuracy=no_relu, stage_order=order, meta=self._meta())
+            self.context.update(criticality=table, no_relu_accuracy=no_relu, stage_order=order)
+            self._candidates(order)
+            self._finals()
+            self._ablations(order)
+        doc = self._publish(complete=True)
         if self.is_main:
-            write_reports(self.out_dir, doc)
             self.out(format_frontier_table(doc))
+        return doc
+
+    def _publish(self, complete: bool = False) -> dict:
+        """The frontier document of what is trained so far, written to DIR (rank 0)."""
+        doc = frontier_document(list(self.points.values()), self.config.budgets, self.pruned, **self.context,
+                                ablations=thinning_rows(self._search_points()) + self.ablations,
+                                meta=self._meta(complete))
+        if self.is_main:
+            write_reports(self.out_dir, doc, plots=complete)  # (plotting takes a second: once, at the end)
         return doc
 
     def _teacher(self) -> dict:
@@ -125,25 +145,71 @@ class Optimizer:
                       + format_criticality_table(table, no_relu) + "\n")
         return table, no_relu, order
 
-    def _candidates(self, order: list[int]) -> tuple[list[dict], list[dict]]:
+    def _candidates(self, order: list[int]) -> None:
         """Steps 3-6: culled, thinned, then reshaped candidates (with pruning), all distilled."""
         parents = parent_candidates(self.config, self.base, order)
-        results = {c.name: self._run(self._candidate_job(c)) for c in parents}
-        pruned = []
-        for c in reshaped_for(self.config, self.base, parents):
-            reason = self._prune_reason(c, results)
+        for c in parents + reshaped_for(self.config, self.base, parents):
+            reason = self._prune_reason(c)
             if reason:
-                pruned.append({"name": c.name, "parent": c.parent, "relu_count": c.relu_count,
-                               "spec": c.spec.to_dict(), "reason": reason})
+                self.pruned.append({"name": c.name, "parent": c.parent, "relu_count": c.relu_count,
+                                    "spec": c.spec.to_dict(), "reason": reason})
                 self.bar.update(1)
                 continue
-            results[c.name] = self._run(self._candidate_job(c))
-        return list(results.values()), pruned
+            self.points[c.name] = self._run(self._candidate_job(c))
+            self._publish()
 
-    def _prune_reason(self, c: Candidate, results: dict) -> str | None:
+    def _prune_reason(self, c: Candidate) -> str | None:
+        cap = self.config.pruning.max_relus
+        if cap is not None and c.relu_count > cap:
+            return f"{c.relu_count:,} ReLUs > pruning.max_relus {cap:,}"
+        if c.parent is None:
+            return None
+        if c.parent not in self.points:
+            return f"its parent {c.parent} was not trained"
         if not self.config.pruning.enabled or self._is_done(c.name):  # a finished job is always used
             return None
-        return prune_reason({"name": c.name, "relu_count": c.relu_count}, results[c.parent], list(results.values()))
+        return prune_reason({"name": c.name, "relu_count": c.relu_count}, self.points[c.parent],
+                            list(self.points.values()))
+
+    def _search_points(self) -> list[dict]:
+        """The candidates of the search (all trained with train.candidates), not the finals."""
+        return [p for p in self.points.values() if p["kind"] != "final"]
+
+    def _finals(self) -> None:
+        """Step 8: the pick of every budget in finals.budgets, trained again with train.finals."""
+        picks = {}
+        for budget in self.config.finals.budgets:
+            pick = best_within(self._search_points(), budget)
+            if pick is None:
+                self._say(f"finals: no candidate has <= {budget:,} ReLUs; nothing to retrain")
+            else:
+                picks[pick["name"]] = pick
+        self.bar.update(len(set(self.config.finals.budgets)) - len(picks))  # budgets sharing a pick, or without one
+        for pick in picks.values():
+            kd = self.config.kd if self.config.kd.enabled else None
+            job = Job(f"final-{pick['name']}", "final", ModelSpec.from_dict(pick["spec"]), self.config.train.finals,
+                      kd, pick["name"])
+            self.points[job.name] = self._run(job)
+            self._publish()
+
+    def _ablation_job_count(self) -> int:
+        a = self.config.ablations
+        return 0 if a.budget is None else int(a.kd) + int(a.order)
+
+    def _ablations(self, order: list[int]) -> None:
+        """Step 9: at the pick of ablations.budget, the same spec with KD switched and the other order's stages."""
+        a = self.config.ablations
+        if a.budget is None:
+            return
+        pick = best_within(self._search_points(), a.budget)
+        jobs = [] if pick is None else ablation_jobs(pick, self.base, order, self.config.kd.enabled, kd=a.kd,
+                                                     reverse=a.order, order_mode=self.config.criticality.order)
+        self.bar.update(self._ablation_job_count() - len(jobs))
+        for aj in jobs:
+            kd = self.config.kd if aj.kd else None
+            result = self._run(Job(aj.name, "ablation", aj.spec, self.config.train.candidates, kd, pick["name"]))
+            self.ablations.append(job_row(aj, pick, result))
+            self._publish()
 
     def _candidate_job(self, c: Candidate) -> Job:
         kd = self.config.kd if self.config.kd.enabled else None
@@ -233,9 +299,10 @@ class Optimizer:
             atomic_write_json(path, {**self.identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _barrier(self.world)
 
-    def _meta(self) -> dict:
+    def _meta(self, complete: bool) -> dict:
         return {"data": self.identity["data"], "quick": self.identity["quick"], "test_images": len(self.data.test),
-                "base_spec": self.base.to_dict(), "budgets": self.config.budgets, "config": self.identity["config"]}
+                "base_spec": self.base.to_dict(), "budgets": self.config.budgets, "config": self.identity["config"],
+                "complete": complete}
 
     def _relative(self, path: str | None) -> str | None:
         if path is None:

@@ -7,7 +7,9 @@ frontier.json::
      "candidates": [point, ...],           # every trained candidate
      "budget_picks": {"100000": point | null, ...},
      "pruned":     [{"name", "parent", "relu_count", "spec", "reason"}, ...],
-     "teacher": point, "criticality": [row, ...], "stage_order": [3, 2, ...], "meta": {...}}
+     "ablations":  [row, ...],             # see ablations.py: KD, criticality order, thinning
+     "teacher": point, "criticality": [row, ...], "stage_order": [3, 2, ...],
+     "meta": {..., "complete": bool}}      # false while the run is still training (rewritten per job)
 
     point = {"name", "kind", "parent", "relu_count", "accuracy" (percent), "spec" (ModelSpec.to_dict()),
              "checkpoint" (relative to DIR), "train_seconds", "test_images",
@@ -42,10 +44,12 @@ def frontier_document(candidates: list[dict], budgets: list[int], pruned: list[d
             "budget_picks": budget_picks(candidates, budgets), "pruned": list(pruned or []), **extra}
 
 
-def write_reports(out_dir: str, doc: dict) -> None:
-    """frontier.json (atomically), frontier.csv and frontier.png (+ the latency plot when measured)."""
+def write_reports(out_dir: str, doc: dict, plots: bool = True) -> None:
+    """frontier.json (atomically), frontier.csv and, with `plots`, frontier.png (+ the latency plot when measured)."""
     atomic_write_json(os.path.join(out_dir, FRONTIER_JSON), doc)
     atomic_write_text(os.path.join(out_dir, FRONTIER_CSV), frontier_csv(doc))
+    if not plots:
+        return
     plot_frontier(doc, os.path.join(out_dir, FRONTIER_PNG))
     if any(p.get("latency_s") is not None for p in doc["frontier"]):
         plot_frontier(doc, os.path.join(out_dir, LATENCY_PNG), x="latency_s")
@@ -127,11 +131,28 @@ def format_frontier_table(doc: dict, show_all: bool = False) -> str:
         lines.append(line)
     lines.append(f"({len(doc['frontier'])} frontier points of {len(doc['candidates'])} candidates"
                  f"{', ' + str(len(doc.get('pruned', []))) + ' pruned' if doc.get('pruned') else ''}; * = on the frontier)")
+    if not doc.get("meta", {}).get("complete", True):
+        lines.append("(the run is still in progress: this is the frontier of the jobs finished so far; "
+                     "`deepreduce optimize ... --resume` continues it)")
     lines.append("")
     lines.append("budget picks:")
     for budget, pick in doc["budget_picks"].items():
         lines.append(f"  <= {int(budget):>10,} ReLUs: " +
                      (f"{pick['name']} ({pick['relu_count']:,} ReLUs, {pick['accuracy']:.2f}%)" if pick else "none fits"))
+    if doc.get("ablations"):
+        lines += ["", format_ablation_table(doc["ablations"])]
+    return "\n".join(lines)
+
+
+def format_ablation_table(rows: list[dict]) -> str:
+    """One line per comparison: this run's setting against the alternative, same epochs."""
+    lines = ["ablations (ours vs. the alternative, same training epochs; gain = accuracy difference):",
+             f"{'question':<9} {'ours':<36} {'ReLUs':>9} {'acc %':>6}   {'alternative':<36} {'ReLUs':>9} "
+             f"{'acc %':>6} {'gain':>6}"]
+    for r in rows:
+        o, a = r["ours"], r["other"]
+        lines.append(f"{r['question']:<9} {o['name']:<36} {o['relu_count']:>9,} {o['accuracy']:>6.2f}   "
+                     f"{a['name']:<36} {a['relu_count']:>9,} {a['accuracy']:>6.2f} {r['accuracy_gain']:>+6.2f}")
     return "\n".join(lines)
 
 
