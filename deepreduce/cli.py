@@ -141,7 +141,7 @@ def cmd_frontier(args) -> None:
     from .optimize.report import format_frontier_table, load_frontier
     if args.measure_latency:
         from .optimize.latency import measure_frontier_latency
-        doc = measure_frontier_latency(args.dir, args.data, args.images)
+        doc = measure_frontier_latency(args.dir, args.data, args.images, every_candidate=args.all)
     else:
         doc = load_frontier(args.dir)
     print(json.dumps(doc, indent=2) if args.json else format_frontier_table(doc, show_all=args.all))
@@ -222,10 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("frontier", help="print the frontier of an optimize run (optionally measure secure latency)")
     p.add_argument("dir", help="the optimize --out directory")
-    p.add_argument("--all", action="store_true", help="list every candidate, not only the frontier")
+    p.add_argument("--all", action="store_true",
+                   help="list (and with --measure-latency measure) every candidate, not only the frontier")
     p.add_argument("--json", action="store_true", help="print frontier.json")
     p.add_argument("--measure-latency", action="store_true",
-                   help="run each frontier model in the two-party secure runtime and record latency/MB/rounds")
+                   help="run each frontier model in the two-party secure runtime and record latency/MB/rounds, "
+                        "the latency frontier and where the ReLU count misleads as a cost proxy")
     p.add_argument("--images", type=int, default=4, help="test images per latency measurement")
     p.add_argument("--data", help="dataset for the latency images (default: the run's)")
     p.set_defaults(func=cmd_frontier)

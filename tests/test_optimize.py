@@ -605,6 +605,37 @@ def test_measure_latency_records_cost_per_image(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "frontier-latency.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_measure_latency_of_every_candidate_shows_where_relus_mislead(tmp_path, monkeypatch, capsys):
+    """--all measures every candidate; the latency frontier and the pairs where fewer ReLUs ran slower
+    (by more than 20%) are recorded and printed. Latencies per image (stand-in runtime, 2 images):
+    a 2,048 ReLUs 0.9 s, b 6,144 ReLUs 0.5 s, c 12,288 ReLUs 0.76 s."""
+    from types import SimpleNamespace
+
+    from deepreduce.optimize import latency
+    write_fake_run(tmp_path)
+    per_image = {2048: 0.9, 6144: 0.5, 12288: 0.76}
+
+    def run_local(plan, images):
+        profile = SimpleNamespace(online_s=per_image[plan.relu_count] * len(images), bytes_sent=1e6,
+                                  bytes_received=1e6, rounds=10)
+        return SimpleNamespace(profile=profile)
+
+    from secure.plan import export_plan
+    monkeypatch.setattr(latency, "secure_runtime", lambda: (export_plan, run_local))
+    data = Dataset("d", tiny_data(32, 6).train, tiny_data(32, 6).test, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
+    monkeypatch.setattr(latency, "load_dataset", lambda arg, progress=False: data)
+    assert main(["frontier", str(tmp_path), "--measure-latency", "--all", "--images", "2"]) == 0
+    text = capsys.readouterr().out
+    doc = load_frontier(str(tmp_path))
+    assert {p["name"]: p["latency_s"] for p in doc["candidates"]} == {"a": 0.9, "b": 0.5, "c": 0.76}
+    # b (0.5 s, 45%) dominates both others once latency is the cost; a is on the ReLU frontier only
+    assert doc["latency_frontier"] == ["b"]
+    # a is slower than b (0.9 > 1.2 * 0.5) but not by 20% more than c (0.9 < 1.2 * 0.76)
+    assert doc["proxy_inversions"] == [{"fewer_relus": "a", "more_relus": "b", "relu_counts": [2048, 6144],
+                                        "latency_s": [0.9, 0.5]}]
+    assert "dominated once latency is the cost: a" in text and "a (2,048 ReLUs, 0.900 s) slower than b" in text
+
+
 # -- subprocesses on real CIFAR-10 (slow) -----------------------------------------------------------------
 
 @pytest.fixture

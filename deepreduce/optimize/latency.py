@@ -14,7 +14,7 @@ import os
 
 from ..data import load_dataset, normalize
 from ..errors import UserError
-from .report import load_frontier, write_reports
+from .report import add_latency_summary, load_frontier, write_reports
 
 
 def secure_runtime():
@@ -28,8 +28,10 @@ def secure_runtime():
     return export_plan, run_local
 
 
-def measure_frontier_latency(out_dir: str, data_arg: str | None = None, images: int = 4, log=print) -> dict:
-    """Measure every frontier point, store the figures in frontier.json (and its candidate entry)."""
+def measure_frontier_latency(out_dir: str, data_arg: str | None = None, images: int = 4, log=print,
+                             every_candidate: bool = False) -> dict:
+    """Measure every frontier point (or every candidate), store the figures in frontier.json, with the
+    latency frontier and the pairs where the ReLU count misleads (report.add_latency_summary)."""
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
     export_plan, run_local = secure_runtime()
@@ -38,13 +40,15 @@ def measure_frontier_latency(out_dir: str, data_arg: str | None = None, images: 
     if not data_arg:
         raise UserError(f"{out_dir}/frontier.json does not name its dataset: pass --data")
     data = load_dataset(data_arg, progress=False)
-    for point in doc["frontier"]:
+    for point in doc["candidates"] if every_candidate else doc["frontier"]:
         figures = measure_point(os.path.join(out_dir, point["checkpoint"]), data, images, export_plan, run_local)
-        same = [c for c in doc["candidates"] + list(doc["budget_picks"].values()) if c and c["name"] == point["name"]]
+        same = [c for c in doc["candidates"] + doc["frontier"] + list(doc["budget_picks"].values())
+                if c and c["name"] == point["name"]]
         for entry in [point] + same:
             entry.update(figures)
         log(f"{point['name']}: {figures['latency_s']:.3f} s/image, {figures['mb']:.2f} MB/image, "
             f"{figures['rounds']} rounds")
+    add_latency_summary(doc)
     write_reports(out_dir, doc)
     return doc
 

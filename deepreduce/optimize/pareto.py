@@ -1,26 +1,27 @@
-"""Pareto selection over (ReLU count: lower is better, accuracy: higher is better).
+"""Pareto selection over (cost: lower is better, accuracy: higher is better).
 
-Points are dicts with ``relu_count`` and ``accuracy`` (and usually ``name``); they are returned
-unchanged, never copied, so callers can match them by identity.
+The cost is ``relu_count`` unless a function says otherwise (``cost="latency_s"``: the measured
+private-inference latency). Points are dicts with the cost key and ``accuracy`` (and usually
+``name``); they are returned unchanged, never copied, so callers can match them by identity.
 """
 
 from __future__ import annotations
 
 
-def dominates(a: dict, b: dict) -> bool:
+def dominates(a: dict, b: dict, cost: str = "relu_count") -> bool:
     """a is at least as good as b on both axes and strictly better on one."""
-    no_worse = a["relu_count"] <= b["relu_count"] and a["accuracy"] >= b["accuracy"]
-    better = a["relu_count"] < b["relu_count"] or a["accuracy"] > b["accuracy"]
+    no_worse = a[cost] <= b[cost] and a["accuracy"] >= b["accuracy"]
+    better = a[cost] < b[cost] or a["accuracy"] > b["accuracy"]
     return no_worse and better
 
 
-def pareto_front(points: list[dict]) -> list[dict]:
-    """The non-dominated points, fewest ReLUs first.
+def pareto_front(points: list[dict], cost: str = "relu_count") -> list[dict]:
+    """The non-dominated points, cheapest first.
 
-    Of several identical (ReLU count, accuracy) points only the first by name is kept, so the
-    frontier never lists the same trade-off twice.
+    Of several identical (cost, accuracy) points only the first by name is kept, so the frontier
+    never lists the same trade-off twice.
     """
-    ordered = sorted(points, key=lambda p: (p["relu_count"], -p["accuracy"], str(p.get("name", ""))))
+    ordered = sorted(points, key=lambda p: (p[cost], -p["accuracy"], str(p.get("name", ""))))
     front, best = [], float("-inf")
     for p in ordered:
         if p["accuracy"] > best:  # more ReLUs than every point kept so far: must be strictly more accurate
@@ -53,3 +54,14 @@ def prune_reason(variant: dict, parent: dict, trained: list[dict]) -> str | None
             return (f"{p['name']} has {p['relu_count']:,} <= {variant['relu_count']:,} ReLUs and "
                     f"{p['accuracy']:.2f}% > {parent['accuracy']:.2f}% of the parent {parent['name']}")
     return None
+
+
+def proxy_inversions(points: list[dict], margin: float = 0.2) -> list[dict]:
+    """Where the ReLU count misleads as a latency proxy: pairs of measured points in which the one
+    with fewer ReLUs is slower, by more than `margin` (20%: latency noise on a shared machine stays
+    below that), so linear layers, not ReLUs, decide there."""
+    measured = sorted((p for p in points if p.get("latency_s") is not None), key=lambda p: (p["relu_count"], p["name"]))
+    return [{"fewer_relus": a["name"], "more_relus": b["name"], "relu_counts": [a["relu_count"], b["relu_count"]],
+             "latency_s": [a["latency_s"], b["latency_s"]]}
+            for i, a in enumerate(measured) for b in measured[i + 1:]
+            if a["relu_count"] < b["relu_count"] and a["latency_s"] > (1 + margin) * b["latency_s"]]

@@ -11,6 +11,10 @@ frontier.json::
      "teacher": point, "criticality": [row, ...], "stage_order": [3, 2, ...],
      "meta": {..., "complete": bool}}      # false while the run is still training (rewritten per job)
 
+after --measure-latency also "latency_frontier" (names of the points non-dominated in (latency_s,
+accuracy)) and "proxy_inversions" ([{"fewer_relus", "more_relus", "relu_counts", "latency_s"}]:
+where fewer ReLUs were more than 20% slower, so the ReLU count misleads as a cost proxy).
+
     point = {"name", "kind", "parent", "relu_count", "accuracy" (percent), "spec" (ModelSpec.to_dict()),
              "checkpoint" (relative to DIR), "train_seconds", "test_images",
              after `deepreduce frontier DIR --measure-latency`: "latency_s", "mb", "rounds"}
@@ -25,7 +29,7 @@ import os
 
 from ..errors import UserError
 from ..fileio import atomic_output, atomic_write_json, atomic_write_text
-from .pareto import budget_picks, pareto_front
+from .pareto import budget_picks, pareto_front, proxy_inversions
 
 FRONTIER_JSON = "frontier.json"
 FRONTIER_CSV = "frontier.csv"
@@ -42,6 +46,13 @@ def frontier_document(candidates: list[dict], budgets: list[int], pruned: list[d
     return {"format_version": FORMAT_VERSION, "frontier": front,
             "candidates": sorted(candidates, key=lambda p: (p["relu_count"], p["name"])),
             "budget_picks": budget_picks(candidates, budgets), "pruned": list(pruned or []), **extra}
+
+
+def add_latency_summary(doc: dict) -> None:
+    """The latency frontier and the proxy's misleading pairs, over every point measured so far."""
+    measured = [p for p in doc["candidates"] if p.get("latency_s") is not None]
+    doc["latency_frontier"] = [p["name"] for p in pareto_front(measured, cost="latency_s")]
+    doc["proxy_inversions"] = proxy_inversions(measured)
 
 
 def write_reports(out_dir: str, doc: dict, plots: bool = True) -> None:
@@ -139,8 +150,28 @@ def format_frontier_table(doc: dict, show_all: bool = False) -> str:
     for budget, pick in doc["budget_picks"].items():
         lines.append(f"  <= {int(budget):>10,} ReLUs: " +
                      (f"{pick['name']} ({pick['relu_count']:,} ReLUs, {pick['accuracy']:.2f}%)" if pick else "none fits"))
+    if doc.get("latency_frontier") is not None:
+        lines += ["", format_proxy_check(doc)]
     if doc.get("ablations"):
         lines += ["", format_ablation_table(doc["ablations"])]
+    return "\n".join(lines)
+
+
+def format_proxy_check(doc: dict) -> str:
+    """How the ReLU frontier compares with the frontier of measured latency."""
+    relu_front = [p["name"] for p in doc["frontier"] if p.get("latency_s") is not None]
+    off = [n for n in relu_front if n not in doc["latency_frontier"]]
+    lines = ["ReLU count as a latency proxy (measured points only):",
+             f"  latency frontier: {', '.join(doc['latency_frontier']) or 'none'}",
+             f"  on the ReLU frontier but dominated once latency is the cost: {', '.join(off) or 'none'}"]
+    inversions = doc.get("proxy_inversions") or []
+    lines.append(f"  pairs where fewer ReLUs ran more than 20% slower: {len(inversions)}")
+    for inv in inversions[:10]:
+        (ra, rb), (la, lb) = inv["relu_counts"], inv["latency_s"]
+        lines.append(f"    {inv['fewer_relus']} ({ra:,} ReLUs, {la:.3f} s) slower than {inv['more_relus']} "
+                     f"({rb:,} ReLUs, {lb:.3f} s)")
+    if len(inversions) > 10:
+        lines.append(f"    ... {len(inversions) - 10} more in frontier.json")
     return "\n".join(lines)
 
 
