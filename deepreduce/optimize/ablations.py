@@ -30,19 +30,19 @@ class AblationJob:
     other_setting: str
 
 
-def ablation_jobs(pick: dict, base: ModelSpec, order: list[int], kd_enabled: bool, *, kd: bool = True,
-                  reverse: bool = True, order_mode: str = "critical") -> list[AblationJob]:
+def ablation_jobs(pick: dict, base: ModelSpec, order: list[int], kd_enabled: bool, *, switch_kd: bool = True,
+                  other_order: bool = True, order_mode: str = "critical") -> list[AblationJob]:
     """The jobs that ablate `pick` (a candidate record): the same spec with KD switched, and the same
     shape keeping the stages the other criticality order keeps (none when both orders keep the same)."""
     spec = ModelSpec.from_dict(pick["spec"])
     jobs = []
-    if kd:
+    if switch_kd:
         on, off = "KD from the teacher", "no KD (labels only)"
         jobs.append(AblationJob(f"{ABLATION_PREFIX}{'nokd' if kd_enabled else 'kd'}-{pick['name']}", "kd", spec,
                                 not kd_enabled, on if kd_enabled else off, off if kd_enabled else on))
     kept = [s for s in all_stages(base) if s not in spec.cull]
     other = order[::-1][:len(kept)]  # `order` is this run's culling order; its reverse is the other one's
-    if reverse and sorted(other) != sorted(kept):
+    if other_order and sorted(other) != sorted(kept):
         label = stage_label(kept)
         suffix = pick["name"][len(label):] if pick["name"].startswith(label) else ""
         other_spec = spec.replace(cull=tuple(s for s in all_stages(base) if s not in other))

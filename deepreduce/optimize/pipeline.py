@@ -202,8 +202,8 @@ class Optimizer:
         if a.budget is None:
             return
         pick = best_within(self._search_points(), a.budget)
-        jobs = [] if pick is None else ablation_jobs(pick, self.base, order, self.config.kd.enabled, kd=a.kd,
-                                                     reverse=a.order, order_mode=self.config.criticality.order)
+        jobs = [] if pick is None else ablation_jobs(pick, self.base, order, self.config.kd.enabled, switch_kd=a.kd,
+                                                     other_order=a.order, order_mode=self.config.criticality.order)
         self.bar.update(self._ablation_job_count() - len(jobs))
         for aj in jobs:
             kd = self.config.kd if aj.kd else None
