@@ -147,6 +147,13 @@ def job_records(out: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.faults
+def run_complete(out: Path) -> bool:
+    try:
+        return json.loads((out / "frontier.json").read_text())["meta"]["complete"]
+    except FileNotFoundError:
+        return False
+
+
 def test_optimize_killed_at_random_points_loses_no_job(tmp_path):
     rng = random.Random(SEED + 1)
     data = tmp_path / "ds"
@@ -160,7 +167,7 @@ def test_optimize_killed_at_random_points_loses_no_job(tmp_path):
     kills = runs = lost = 0
     worst = {"checkpoints": 0, "json": 0, "temp": 0}
     points = []
-    while not (out / "frontier.json").exists():
+    while not run_complete(out):  # frontier.json is rewritten after every job; complete at the end
         runs += 1
         assert runs <= 3 * KILLS, f"did not finish after {runs - 1} runs"
         resume = ["--resume"] if (out / "run.json").exists() else []
