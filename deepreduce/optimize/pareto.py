@@ -56,10 +56,14 @@ def prune_reason(variant: dict, parent: dict, trained: list[dict]) -> str | None
     return None
 
 
-def proxy_inversions(points: list[dict], margin: float = 0.2) -> list[dict]:
+# How much slower the model with fewer ReLUs must be before the pair counts as the proxy misleading:
+# latency noise on a shared machine stays below 20%.
+PROXY_MARGIN = 0.2
+
+
+def proxy_inversions(points: list[dict], margin: float = PROXY_MARGIN) -> list[dict]:
     """Where the ReLU count misleads as a latency proxy: pairs of measured points in which the one
-    with fewer ReLUs is slower, by more than `margin` (20%: latency noise on a shared machine stays
-    below that), so linear layers, not ReLUs, decide there."""
+    with fewer ReLUs is slower, by more than `margin`, so linear layers, not ReLUs, decide there."""
     measured = sorted((p for p in points if p.get("latency_s") is not None), key=lambda p: (p["relu_count"], p["name"]))
     return [{"fewer_relus": a["name"], "more_relus": b["name"], "relu_counts": [a["relu_count"], b["relu_count"]],
              "latency_s": [a["latency_s"], b["latency_s"]]}

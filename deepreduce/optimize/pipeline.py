@@ -186,9 +186,8 @@ class Optimizer:
                 picks[pick["name"]] = pick
         self.bar.update(len(set(self.config.finals.budgets)) - len(picks))  # budgets sharing a pick, or without one
         for pick in picks.values():
-            kd = self.config.kd if self.config.kd.enabled else None
             job = Job(f"final-{pick['name']}", "final", ModelSpec.from_dict(pick["spec"]), self.config.train.finals,
-                      kd, pick["name"])
+                      self._kd(), pick["name"])
             self.points[job.name] = self._run(job)
             self._publish()
 
@@ -205,15 +204,18 @@ class Optimizer:
         jobs = [] if pick is None else ablation_jobs(pick, self.base, order, self.config.kd.enabled, switch_kd=a.kd,
                                                      other_order=a.order, order_mode=self.config.criticality.order)
         self.bar.update(self._ablation_job_count() - len(jobs))
-        for aj in jobs:
+        for aj in jobs:  # aj.kd may differ from the run's: the KD ablation switches it
             kd = self.config.kd if aj.kd else None
             result = self._run(Job(aj.name, "ablation", aj.spec, self.config.train.candidates, kd, pick["name"]))
             self.ablations.append(job_row(aj, pick, result))
             self._publish()
 
+    def _kd(self) -> KD | None:
+        """The KD settings of candidates and finals: None when the config switches KD off."""
+        return self.config.kd if self.config.kd.enabled else None
+
     def _candidate_job(self, c: Candidate) -> Job:
-        kd = self.config.kd if self.config.kd.enabled else None
-        return Job(c.name, c.kind, c.spec, self.config.train.candidates, kd, c.parent)
+        return Job(c.name, c.kind, c.spec, self.config.train.candidates, self._kd(), c.parent)
 
     # -- jobs ---------------------------------------------------------------------------------
     def _job_dir(self, name: str) -> str:

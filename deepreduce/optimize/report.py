@@ -29,7 +29,7 @@ import os
 
 from ..errors import UserError
 from ..fileio import atomic_output, atomic_write_json, atomic_write_text
-from .pareto import budget_picks, pareto_front, proxy_inversions
+from .pareto import PROXY_MARGIN, budget_picks, pareto_front, proxy_inversions
 
 FRONTIER_JSON = "frontier.json"
 FRONTIER_CSV = "frontier.csv"
@@ -165,7 +165,7 @@ def format_proxy_check(doc: dict) -> str:
              f"  latency frontier: {', '.join(doc['latency_frontier']) or 'none'}",
              f"  on the ReLU frontier but dominated once latency is the cost: {', '.join(off) or 'none'}"]
     inversions = doc.get("proxy_inversions") or []
-    lines.append(f"  pairs where fewer ReLUs ran more than 20% slower: {len(inversions)}")
+    lines.append(f"  pairs where fewer ReLUs ran more than {100 * PROXY_MARGIN:g}% slower: {len(inversions)}")
     for inv in inversions[:10]:
         (ra, rb), (la, lb) = inv["relu_counts"], inv["latency_s"]
         lines.append(f"    {inv['fewer_relus']} ({ra:,} ReLUs, {la:.3f} s) slower than {inv['more_relus']} "
