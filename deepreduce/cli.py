@@ -83,7 +83,7 @@ def cmd_train(args) -> None:
                          subset=args.subset, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
                          weight_decay=args.weight_decay, compile=args.compile)
     result = train(spec, data, args.out, config, teacher=args.teacher, resume=args.resume,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, init=args.init)
     print(json.dumps({"final": result.checkpoint, "test_acc": result.metrics["test_acc"],
                       "relu_count": result.metrics["relu_count"],
                       "train_seconds": result.metrics["train_seconds"]}))
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resize", action="store_true", help="resize images to the spec's input size")
     p.add_argument("--teacher", help="checkpoint to distil from (Hinton KD)")
+    p.add_argument("--init", metavar="CKPT", help="warm start: copy the weights of CKPT whose names and shapes "
+                   "match (e.g. the all-ReLU teacher into a culled or thinned student)")
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--kd-alpha", type=float, default=0.9)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

@@ -122,8 +122,10 @@ def _sync_buffers(model: nn.Module, world: int) -> None:
 
 def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | None = None,
           teacher: str | None = None, resume: bool = False, progress: bool = True,
-          log=print) -> TrainResult:
-    """Train `spec` on `data`, writing DIR/last.pt every epoch and DIR/final.pt at the end."""
+          log=print, init: str | None = None) -> TrainResult:
+    """Train `spec` on `data`, writing DIR/last.pt every epoch and DIR/final.pt at the end.
+
+    `init`: a checkpoint to warm-start from (see `warm_start`); a resumed run ignores it."""
     config = config or TrainConfig()
     config.validate()
     _check_fits(spec, data)
@@ -131,6 +133,9 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     dev = device()
     torch.manual_seed(config.seed)
     model = build_model(spec)
+    warm = warm_start(model, init) if init else None
+    if warm and rank == 0:
+        log(json.dumps({"warm_start": init, **warm}))
     fmt = memory_format(model)
     model = model.to(dev, memory_format=fmt)
     train_split = data.train.subset(config.subset, config.seed) if config.subset else data.train
@@ -180,7 +185,7 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     final_path = os.path.join(out_dir, FINAL)
     metrics = {"test_acc": history[-1]["test_acc"] if history else None, "epochs": config.epochs,
                "relu_count": relu_count(spec), "train_seconds": round(sum(h["seconds"] for h in history), 1),
-               "teacher": teacher, "config": asdict(config), "data": data.name}
+               "teacher": teacher, "init": init, "config": asdict(config), "data": data.name}
     if rank == 0:
         Checkpoint(spec, model.state_dict(), data.mean, data.std, data.classes, metrics).save(final_path)
     return TrainResult(final_path, metrics, history)
@@ -221,6 +226,20 @@ def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoc
         seen += len(idx)
     return {"train_loss": round(total_loss / max(1, seen), 4), "train_acc": round(100.0 * correct / max(1, seen), 2),
             "images": seen * world}
+
+
+def warm_start(model: nn.Module, path: str) -> dict:
+    """Copy every tensor of checkpoint `path` whose name and shape match into `model`.
+
+    Removing ReLUs (culling, thinning) or downsampling the input (rho) keeps every weight's shape,
+    so such a student starts from the teacher's weights and only has to adapt; a narrower student
+    (alpha) matches nothing and starts from scratch. Returns how many tensors were copied."""
+    source = load_checkpoint(path).state_dict
+    # Scalars (BatchNorm's num_batches_tracked) always match in shape but carry no weights.
+    target = {k: v for k, v in model.state_dict().items() if v.dim() > 0}
+    matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return {"tensors_copied": len(matched), "tensors_total": len(target)}
 
 
 def _load_teacher(path, spec, data, dev):

@@ -223,10 +223,11 @@ def test_builtin_configs_load():
     assert wrn.base.arch == "wrn22_8" and wrn.reshape.blocks == [[1, 1, 1]]
     assert load_config(builtin_config_path("wrn22_8-cifar.yaml")) == wrn
     cpu = load_config("resnet18-cifar10-cpu.yaml")  # the CIFAR-10 run sized for a 2-core CPU
-    assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 20000 and cpu.train.candidates.epochs == 5
-    assert cpu.kd.enabled and cpu.reshape.alphas == [0.5] and cpu.reshape.rhos == [0.5]
-    assert cpu.pruning.max_relus == 120000 and cpu.finals.budgets == [50000, 15000] and cpu.ablations.budget == 50000
-    assert cpu.train.finals.epochs == 24 and cpu.train.finals.compile
+    assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 10000 and cpu.train.candidates.epochs == 1
+    assert cpu.kd.enabled and cpu.reshape.alphas == [] and cpu.reshape.rhos == [0.5]
+    assert cpu.pruning.max_relus == 60000 and cpu.finals.budgets == [50000, 15000] and cpu.ablations.budget == 50000
+    assert cpu.train.finals.epochs == 3 and cpu.train.finals.compile
+    assert cpu.train.candidates.init == cpu.train.finals.init == "teacher" and cpu.train.criticality.init == "scratch"
     assert load_config().finals.budgets == [] and load_config().ablations.budget is None  # the default: opt-in
 
 
@@ -265,6 +266,8 @@ def test_a_user_file_changes_only_its_keys(tmp_path):
     ("ablations:\n  budget: 0", ["ablations.budget", "positive"]),
     ("ablations:\n  kd: maybe", ["ablations.kd", "true or false"]),
     ("evaluation:\n  test_subset: 0", ["evaluation.test_subset", "positive"]),
+    ("train:\n  candidates:\n    init: pretrained", ["train.candidates.init", "scratch, teacher"]),
+    ("train:\n  teacher:\n    init: teacher", ["train.teacher.init", "must be scratch"]),
     ("quick:\n  train:\n    teacher:\n      epoch: 1", ["quick.train.teacher.epoch", "epochs"]),
     ("- a\n- b", ["mapping"]),
     ("base: [unclosed", ["not valid YAML"]),
@@ -317,11 +320,11 @@ class FakeTrainer:
     def __init__(self, accuracy):
         self.accuracy, self.calls = accuracy, []
 
-    def __call__(self, spec, data, out_dir, config, teacher=None, resume=False, progress=True, log=print):
+    def __call__(self, spec, data, out_dir, config, teacher=None, resume=False, progress=True, log=print, init=None):
         name = os.path.basename(out_dir)
-        self.calls.append({"name": name, "teacher": teacher, "resume": resume, "config": config})
+        self.calls.append({"name": name, "teacher": teacher, "resume": resume, "config": config, "init": init})
         metrics = {"test_acc": self.accuracy(name, spec), "train_seconds": 1.5, "epochs": config.epochs,
-                   "teacher": teacher}
+                   "teacher": teacher, "init": init}
         Checkpoint(spec, build_model(spec).state_dict(), data.mean, data.std, data.classes, metrics).save(
             os.path.join(out_dir, "final.pt"))
 
@@ -456,6 +459,21 @@ def test_pipeline_finals_and_ablations(tmp_path, monkeypatch):
     assert doc["meta"]["complete"] and load_frontier(str(out)) == json.loads(json.dumps(doc))
     text = pipeline.format_frontier_table(doc)
     assert "ablations" in text and "ablation-order-keep-s1s4-thin" in text
+
+
+def test_pipeline_warm_starts_the_jobs_whose_init_is_teacher(tmp_path, monkeypatch):
+    config = tiny_config(train={"candidates": {"init": "teacher"}, "finals": {"init": "teacher"}},
+                         finals={"budgets": [800]}, ablations={"budget": 800})
+    doc, fake, out = run_fake(tmp_path, monkeypatch, config=config)
+    teacher = str((out / "jobs" / "teacher" / "final.pt").resolve())
+    kinds = {c["name"]: p["kind"] for p in doc["candidates"] for c in fake.calls if c["name"] == p["name"]}
+    for call in fake.calls:
+        warm = call["name"] in kinds or call["name"].startswith(("final-", "ablation-"))
+        assert call["init"] == (teacher if warm else None), call["name"]  # teacher and criticality: scratch
+    assert all(p["init"] == "jobs/teacher/final.pt" for p in doc["candidates"])
+    # the default (DeepReDuce's) trains every job from scratch
+    _, fake, _ = run_fake(tmp_path, monkeypatch, out=tmp_path / "scratch")
+    assert all(c["init"] is None for c in fake.calls)
 
 
 def test_ablation_jobs_hand_cases():

@@ -21,7 +21,7 @@ from deepreduce.errors import UserError
 from deepreduce.models import build_model
 from deepreduce.relus import relu_count
 from deepreduce.spec import ModelSpec
-from deepreduce.train import FINAL, LAST, TrainConfig, evaluate_model, one_cycle, train
+from deepreduce.train import FINAL, LAST, TrainConfig, evaluate_model, one_cycle, train, warm_start
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
@@ -328,6 +328,34 @@ def test_knowledge_distillation_from_a_teacher(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         train(student_spec, data, str(tmp_path / "bad"), config, teacher=str(tmp_path / "nope.pt"), progress=False,
               log=quiet)
+
+
+def test_warm_start_copies_the_weights_whose_shapes_match(tmp_path):
+    data = synthetic(n_train=64, n_test=32)
+    teacher = train(TINY, data, str(tmp_path / "teacher"), TrainConfig(epochs=2, batch_size=16, lr=0.05),
+                    progress=False, log=quiet)
+    source = {k: v for k, v in load_checkpoint(teacher.checkpoint).state_dict.items() if v.dim() > 0}
+    # culling, thinning and rho keep every shape: the student starts as the teacher's weights
+    student = build_model(TINY.replace(stem_relu=False, cull=(1,), thin="bottom", rho=0.5))
+    assert warm_start(student, teacher.checkpoint) == {"tensors_copied": len(source), "tensors_total": len(source)}
+    assert all(torch.equal(v, source[k]) for k, v in student.state_dict().items() if k in source)
+    # a wider student matches nothing but the classifier's bias (its shape is the class count)
+    wide = build_model(TINY.replace(alpha=0.25))
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    assert warm_start(wide, teacher.checkpoint)["tensors_copied"] == 1
+    changed = [k for k, v in wide.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["fc.bias"] and torch.equal(wide.state_dict()["fc.bias"], source["fc.bias"])
+    # train(init=...) starts there and records it; the first epoch differs from a cold start
+    spec = TINY.replace(stem_relu=False, cull=(1,))
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.05)
+    lines = []
+    warm = train(spec, data, str(tmp_path / "warm"), config, init=teacher.checkpoint, progress=False,
+                 log=lines.append)
+    cold = train(spec, data, str(tmp_path / "cold"), config, progress=False, log=quiet)
+    assert warm.metrics["init"] == teacher.checkpoint and cold.metrics["init"] is None
+    assert json.loads(lines[0]) == {"warm_start": teacher.checkpoint, "tensors_copied": len(source),
+                                    "tensors_total": len(source)}
+    assert warm.history[0]["train_loss"] != cold.history[0]["train_loss"]
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):

@@ -14,9 +14,9 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
       test_subset: null       # accuracy on a fixed random subset of N test images (null = all)
     train:                    # SGD one-cycle hyperparameters, one block per kind of job, each with
       teacher: {...}          #   epochs (>= 1), batch_size (>= 1), lr (> 0), weight_decay (>= 0),
-      criticality: {...}      #   subset (images, or null = all), seed, compile (bool); criticality
-      candidates: {...}       #   nets train without KD, candidates, finals and ablations with it
-      finals: {...}           #   (kd below)
+      criticality: {...}      #   subset (images, or null = all), seed, compile (bool), init
+      candidates: {...}       #   (scratch | teacher: warm start, below); criticality nets train
+      finals: {...}           #   without KD, candidates, finals and ablations with it (kd below)
     kd:                       # distillation of every candidate from the teacher
       enabled: true
       temperature: 4.0        # > 0
@@ -53,13 +53,17 @@ The reshape grid of a parent is every combination of {1} + alphas, {1} + rhos an
 trained when an already-trained candidate with no more ReLUs than the variant has a higher
 accuracy than P (shrinking P is not expected to beat P, so the variant would be dominated).
 
+Warm start (train.<kind>.init: teacher): the job starts from the teacher's weights wherever a
+tensor's name and shape match. Culling, thinning and rho keep every shape, so those students only
+adapt to the missing ReLUs (far fewer epochs than from scratch, which matters on a CPU); alpha
+variants match nothing and start from scratch. DeepReDuce itself trains from scratch (the default).
+
 Finals: the search trains every candidate briefly (train.candidates); the pick of each budget in
-finals.budgets (the most accurate search candidate within it) is then trained again from scratch
-with train.finals (DeepReDuce trains its chosen models longer) and joins the candidates as
+finals.budgets (the most accurate search candidate within it) is then trained again, as
+train.finals says (DeepReDuce trains its chosen models longer), and joins the candidates as
 ``final-<pick>``. Ablations: at the pick of ablations.budget (among the search candidates, so both
-sides had the same epochs), the same spec
-with KD switched, and the same shape (kept-stage count, thinning, alpha, rho, blocks) keeping the
-stages the other criticality order would keep. Thinned vs. culled needs no extra job: every thinned
+sides had the same epochs), the same spec with KD switched, and the same shape (kept-stage count,
+thinning, alpha, rho, blocks) keeping the stages the other criticality order would keep. Thinned vs. culled needs no extra job: every thinned
 candidate is compared with the culled candidate nearest in ReLU count (within 2x).
 """
 
@@ -83,6 +87,7 @@ from ..train import TrainConfig
 DEFAULT_CONFIG = "resnet18-cifar.yaml"
 ORDERS = ("critical", "reverse")
 APPLY_TO = ("culled", "thinned", "all")
+INITS = ("scratch", "teacher")
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,10 @@ class Training:
     subset: int | None
     seed: int
     compile: bool
+    init: str = "scratch"   # scratch | teacher: warm-start from the teacher's weights where shapes match
 
     def check(self, where: str) -> None:
+        _require(self.init in INITS, f"{where}.init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         _require(self.epochs >= 1, f"{where}.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"{where}.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"{where}.lr", f"must be positive, got {self.lr}")
@@ -150,6 +157,8 @@ class TrainSections:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check(f"train.{f.name}")
+        _require(self.teacher.init == "scratch", "train.teacher.init",
+                 "must be scratch: the teacher cannot start from itself")
 
 
 @dataclass(frozen=True)

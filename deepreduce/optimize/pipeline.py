@@ -233,8 +233,9 @@ class Optimizer:
             if not os.path.isfile(os.path.join(directory, FINAL)):  # killed after final.pt: only the record is missing
                 config = job.training.train_config(job.kd)
                 teacher = self._teacher_checkpoint() if job.kd else None
+                init = self._teacher_checkpoint() if job.training.init == "teacher" else None
                 train(job.spec, self.data, directory, config, teacher=teacher, resume=self.resume,
-                      progress=self.progress, log=self._epoch_logger(directory))
+                      progress=self.progress, log=self._epoch_logger(directory), init=init)
             if self.is_main:
                 self._write_result(job)
             _barrier(self.world)
@@ -251,7 +252,8 @@ class Optimizer:
                   "accuracy": metrics["test_acc"], "spec": job.spec.to_dict(),
                   "checkpoint": os.path.relpath(final, self.out_dir), "train_seconds": metrics["train_seconds"],
                   "epochs": metrics["epochs"], "test_images": len(self.data.test),
-                  "teacher": self._relative(metrics.get("teacher")), "kd": dataclasses.asdict(job.kd) if job.kd else None}
+                  "teacher": self._relative(metrics.get("teacher")), "kd": dataclasses.asdict(job.kd) if job.kd else None,
+                  "init": self._relative(metrics.get("init"))}
         atomic_write_json(os.path.join(self._job_dir(job.name), RESULT_JSON), record)
 
     def _external_teacher(self) -> dict:
