@@ -62,7 +62,7 @@ RUNTIMES = ("stock", "ours")
 FULL_RESNET18 = "resnet18-full"
 GOLDEN_SPECS = {
     "s2s3-thin": dict(alpha=1.0, cull=(1, 4), thin="bottom", stem_relu=False),  # 98,304 ReLUs
-    "demo-a0.5-s2s3-thin": dict(alpha=0.5, cull=(1, 4), thin="bottom", stem_relu=False),  # 49,152: the shipped demo spec
+    "demo-a0.5-s2s3-thin": dict(alpha=0.5, cull=(1, 4), thin="bottom", stem_relu=False),  # 49,152: the first (interim) demo spec
     "no-relu": dict(alpha=1.0, cull=(1, 2, 3, 4), stem_relu=False),  # 0 ReLUs: linear layers only
 }
 QUICK_GOLDEN = ("s2s3-thin",)
