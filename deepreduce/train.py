@@ -233,7 +233,8 @@ def warm_start(model: nn.Module, path: str) -> dict:
 
     Removing ReLUs (culling, thinning) or downsampling the input (rho) keeps every weight's shape,
     so such a student starts from the teacher's weights and only has to adapt; a narrower student
-    (alpha) matches nothing and starts from scratch. Returns how many tensors were copied."""
+    (alpha) matches nothing but the classifier's bias and in effect starts from scratch. Returns how
+    many tensors were copied."""
     source = load_checkpoint(path).state_dict
     # Scalars (BatchNorm's num_batches_tracked) always match in shape but carry no weights.
     target = {k: v for k, v in model.state_dict().items() if v.dim() > 0}

@@ -56,15 +56,17 @@ accuracy than P (shrinking P is not expected to beat P, so the variant would be 
 Warm start (train.<kind>.init: teacher): the job starts from the teacher's weights wherever a
 tensor's name and shape match. Culling, thinning and rho keep every shape, so those students only
 adapt to the missing ReLUs (far fewer epochs than from scratch, which matters on a CPU); alpha
-variants match nothing and start from scratch. DeepReDuce itself trains from scratch (the default).
+variants match nothing but the classifier bias, so they in effect start from scratch. DeepReDuce
+itself trains from scratch (the default).
 
 Finals: the search trains every candidate briefly (train.candidates); the pick of each budget in
 finals.budgets (the most accurate search candidate within it) is then trained again, as
 train.finals says (DeepReDuce trains its chosen models longer), and joins the candidates as
 ``final-<pick>``. Ablations: at the pick of ablations.budget (among the search candidates, so both
 sides had the same epochs), the same spec with KD switched, and the same shape (kept-stage count,
-thinning, alpha, rho, blocks) keeping the stages the other criticality order would keep. Thinned vs. culled needs no extra job: every thinned
-candidate is compared with the culled candidate nearest in ReLU count (within 2x).
+thinning, alpha, rho, blocks) keeping the stages the other criticality order would keep. Thinned vs.
+culled needs no extra job: every thinned candidate is compared with the culled candidate nearest in
+ReLU count (within 2x).
 """
 
 from __future__ import annotations
