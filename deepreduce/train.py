@@ -133,9 +133,11 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     dev = device()
     torch.manual_seed(config.seed)
     model = build_model(spec)
-    warm = warm_start(model, init) if init else None
-    if warm and rank == 0:
-        log(json.dumps({"warm_start": init, **warm}))
+    last_path = os.path.join(out_dir, LAST)
+    if init and not (resume and os.path.isfile(last_path)):  # a resume loads last.pt's weights instead
+        warm = warm_start(model, init)
+        if rank == 0:
+            log(json.dumps({"warm_start": init, **warm}))
     fmt = memory_format(model)
     model = model.to(dev, memory_format=fmt)
     train_split = data.train.subset(config.subset, config.seed) if config.subset else data.train
@@ -146,7 +148,6 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
         optimizer, one_cycle(config.epochs * steps_per_epoch, config.warmup_frac))
     teacher_model = _load_teacher(teacher, spec, data, dev)
     history, start_epoch = [], 0
-    last_path = os.path.join(out_dir, LAST)
     if resume and rank == 0:
         remove_stale_temps(out_dir)  # a kill during a checkpoint write leaves one
     if resume and os.path.isfile(last_path):

@@ -466,9 +466,9 @@ def test_pipeline_warm_starts_the_jobs_whose_init_is_teacher(tmp_path, monkeypat
                          finals={"budgets": [800]}, ablations={"budget": 800})
     doc, fake, out = run_fake(tmp_path, monkeypatch, config=config)
     teacher = str((out / "jobs" / "teacher" / "final.pt").resolve())
-    kinds = {c["name"]: p["kind"] for p in doc["candidates"] for c in fake.calls if c["name"] == p["name"]}
+    trained = {p["name"] for p in doc["candidates"]}  # the search candidates and the finals
     for call in fake.calls:
-        warm = call["name"] in kinds or call["name"].startswith(("final-", "ablation-"))
+        warm = call["name"] in trained or call["name"].startswith("ablation-")
         assert call["init"] == (teacher if warm else None), call["name"]  # teacher and criticality: scratch
     assert all(p["init"] == "jobs/teacher/final.pt" for p in doc["candidates"])
     # the default (DeepReDuce's) trains every job from scratch
