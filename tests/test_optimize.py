@@ -225,8 +225,8 @@ def test_builtin_configs_load():
     cpu = load_config("resnet18-cifar10-cpu.yaml")  # the CIFAR-10 run sized for a 2-core CPU
     assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 15000 and cpu.train.candidates.epochs == 1
     assert cpu.kd.enabled and cpu.reshape.alphas == [] and cpu.reshape.rhos == [0.5]
-    assert cpu.pruning.max_relus == 100000 and cpu.finals.budgets == [100000, 50000, 15000] and cpu.ablations.budget == 50000
-    assert cpu.train.finals.epochs == 2 and cpu.train.finals.compile
+    assert cpu.pruning.max_relus == 100000 and cpu.finals.budgets == [50000, 15000] and cpu.ablations.budget == 50000
+    assert cpu.train.finals.epochs == 5 and cpu.train.finals.compile
     assert cpu.train.criticality.init == cpu.train.candidates.init == cpu.train.finals.init == "teacher"
     assert load_config().finals.budgets == [] and load_config().ablations.budget is None  # the default: opt-in
 
