@@ -134,7 +134,8 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     torch.manual_seed(config.seed)
     model = build_model(spec)
     last_path = os.path.join(out_dir, LAST)
-    if init and not (resume and os.path.isfile(last_path)):  # a resume loads last.pt's weights instead
+    resuming = resume and os.path.isfile(last_path)
+    if init and not resuming:  # a resume loads last.pt's weights instead
         warm = warm_start(model, init)
         if rank == 0:
             log(json.dumps({"warm_start": init, **warm}))
@@ -150,7 +151,7 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     history, start_epoch = [], 0
     if resume and rank == 0:
         remove_stale_temps(out_dir)  # a kill during a checkpoint write leaves one
-    if resume and os.path.isfile(last_path):
+    if resuming:
         state = torch.load(last_path, map_location=dev, weights_only=True)
         _check_resumable(state, spec, config, last_path)
         model.load_state_dict(state["model"])
