@@ -6,6 +6,7 @@ trainer and with real training on tiny data), reports, the CLI, SIGKILL + --resu
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,22 @@ def test_criticality_order_from_accuracies():
     assert table[0]["gain_per_1k_relus"] == pytest.approx(25.0 / 65.536, rel=1e-5)
     assert cand.culling_order(table, "critical") == [3, 2, 4, 1]
     assert cand.culling_order(table, "reverse") == [1, 4, 2, 3]
+    # per 1K ReLUs: S4 15/32.768 = 0.458, S3 25/65.536 = 0.381, S2 20/131.072 = 0.153, S1 5/262.144 = 0.019
+    assert cand.culling_order(table, "per_relu") == [4, 3, 2, 1]
+
+
+def test_per_relu_order_on_the_cifar10_run():
+    # The CIFAR-10 run of README (alpha 0.5, warm-started criticality): S2 gains most, S1 second, but
+    # S1 costs 131,072 ReLUs. Per 1K ReLUs: S4 12.07/16.384 = 0.737, S2 31.15/65.536 = 0.475,
+    # S3 13.19/32.768 = 0.403, S1 23.41/131.072 = 0.179.
+    relus = cand.stage_relus(ModelSpec(alpha=0.5))
+    table = cand.criticality_table({1: 55.32, 2: 63.06, 3: 45.10, 4: 43.98}, 31.91, relus)
+    assert cand.culling_order(table, "critical") == [2, 1, 3, 4]
+    assert cand.culling_order(table, "per_relu") == [4, 2, 3, 1]
+    culled = cand.culled_candidates(ModelSpec(alpha=0.5), cand.culling_order(table, "per_relu"), stem_relu=False)
+    # S4 16,384; + S2 65,536; + S3 32,768; + S1 131,072
+    assert [(c.name, c.relu_count) for c in culled] == [
+        ("keep-s4", 16384), ("keep-s2s4", 81920), ("keep-s2s3s4", 114688), ("keep-s1s2s3s4", 245760)]
 
 
 def test_criticality_ties_prefer_the_cheaper_stage_then_the_lower_one():
@@ -226,9 +243,13 @@ def test_builtin_configs_load():
     assert cpu.base.alpha == 0.5 and cpu.train.criticality.subset == 15000 and cpu.train.candidates.epochs == 1
     assert cpu.kd.enabled and cpu.reshape.alphas == [] and cpu.reshape.rhos == [0.5]
     assert cpu.pruning.max_relus == 100000 and cpu.finals.budgets == [50000, 15000] and cpu.ablations.budget == 50000
-    assert cpu.train.finals.epochs == 5 and cpu.train.finals.compile
+    assert cpu.train.finals.epochs == 12 and cpu.train.finals.compile and cpu.criticality.order == "per_relu"
     assert cpu.train.criticality.init == cpu.train.candidates.init == cpu.train.finals.init == "teacher"
     assert load_config().finals.budgets == [] and load_config().ablations.budget is None  # the default: opt-in
+    # the committed frontier's run (docs/frontier/) differs from the CPU config only in its order and epochs
+    critical = load_config(str(Path(__file__).resolve().parents[1] / "docs" / "frontier" / "critical-order.yaml"))
+    assert critical.criticality.order == "critical" and critical.train.finals.epochs == 15
+    assert dataclasses.replace(critical, criticality=cpu.criticality, train=cpu.train) == cpu
 
 
 def test_a_user_file_changes_only_its_keys(tmp_path):
@@ -489,6 +510,10 @@ def test_ablation_jobs_hand_cases():
     everything = {"name": "keep-s1s2s3s4", "spec": cand.keep_only(base, (1, 2, 3, 4)).to_dict()}
     jobs = ablation_jobs(everything, base, [2, 3, 1, 4], kd_enabled=False)
     assert [(j.name, j.kd) for j in jobs] == [("ablation-kd-keep-s1s2s3s4", True)]
+    # a per_relu run is ablated against its reverse, labelled as such
+    jobs = ablation_jobs(pick, base, [4, 2, 3, 1], kd_enabled=True, switch_kd=False, order_mode="per_relu")
+    assert [(j.name, j.ours_setting, j.other_setting) for j in jobs] == [
+        ("ablation-order-keep-s1s3-thin-r0.5", "per_relu order: keeps S2+S3", "reverse per_relu order: keeps S1+S3")]
 
 
 def test_an_interrupted_run_leaves_the_frontier_so_far(tmp_path, monkeypatch):

@@ -330,6 +330,22 @@ def test_knowledge_distillation_from_a_teacher(tmp_path):
               log=quiet)
 
 
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_teachers_logits(tmp_path):
+    # `compile: true` compiles the KD teacher too (its forward pass dominates a rho 0.5 final's epoch):
+    # it must stay the same function, in eval mode.
+    from deepreduce.train import _load_teacher
+    data = synthetic(n_train=64, n_test=32)
+    teacher = train(TINY, data, str(tmp_path / "teacher"), TrainConfig(epochs=1, batch_size=16, lr=0.05),
+                    progress=False, log=quiet)
+    eager = load_checkpoint(teacher.checkpoint).build()
+    compiled = _load_teacher(teacher.checkpoint, TINY, data, torch.device("cpu"), compile_model=True)
+    x = normalize(data.test.images, data.mean, data.std)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), eager(x), atol=1e-4)
+    assert not compiled.training
+
+
 def test_warm_start_copies_the_weights_whose_shapes_match(tmp_path):
     data = synthetic(n_train=64, n_test=32)
     teacher = train(TINY, data, str(tmp_path / "teacher"), TrainConfig(epochs=2, batch_size=16, lr=0.05),

@@ -30,6 +30,10 @@ class AblationJob:
     other_setting: str
 
 
+# The order each criticality order is ablated against: its reverse.
+OTHER_ORDER = {"critical": "reverse", "reverse": "critical", "per_relu": "reverse per_relu"}
+
+
 def ablation_jobs(pick: dict, base: ModelSpec, order: list[int], kd_enabled: bool, *, switch_kd: bool = True,
                   other_order: bool = True, order_mode: str = "critical") -> list[AblationJob]:
     """The jobs that ablate `pick` (a candidate record): the same spec with KD switched, and the same
@@ -46,7 +50,7 @@ def ablation_jobs(pick: dict, base: ModelSpec, order: list[int], kd_enabled: boo
         label = stage_label(kept)
         suffix = pick["name"][len(label):] if pick["name"].startswith(label) else ""
         other_spec = spec.replace(cull=tuple(s for s in all_stages(base) if s not in other))
-        ours_mode, other_mode = (order_mode, "reverse" if order_mode == "critical" else "critical")
+        ours_mode, other_mode = order_mode, OTHER_ORDER[order_mode]
         jobs.append(AblationJob(f"{ABLATION_PREFIX}order-{stage_label(other)}{suffix}", "order", other_spec,
                                 kd_enabled, f"{ours_mode} order: keeps {_stages(kept)}",
                                 f"{other_mode} order: keeps {_stages(other)}"))

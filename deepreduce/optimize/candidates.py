@@ -68,8 +68,13 @@ def stage_relus(base: ModelSpec) -> dict[int, int]:
 
 
 def culling_order(table: list[dict], order: str) -> list[int]:
-    """Stages in the order culling keeps them: most critical first, or the reverse (ablation)."""
+    """Stages in the order culling keeps them: most critical first (`critical`), most gain per 1K
+    ReLUs first (`per_relu`: under a ReLU budget a stage's price matters, and S1 holds half of
+    ResNet18's ReLUs), or the reverse of `critical` (`reverse`, the ablation)."""
     stages = [row["stage"] for row in table]
+    if order == "per_relu":
+        by_price = sorted(table, key=lambda r: (-r["gain_per_1k_relus"], -r["gain"], r["stage"]))
+        return [row["stage"] for row in by_price]
     return stages if order == "critical" else stages[::-1]
 
 

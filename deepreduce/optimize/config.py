@@ -22,7 +22,8 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
       temperature: 4.0        # > 0
       alpha: 0.9              # weight of the soft loss, in [0, 1]
     criticality:
-      order: critical         # critical: keep the most critical stages first | reverse (ablation)
+      order: critical         # critical: keep the most critical stages first | per_relu: the largest
+                              #   gain per 1K ReLUs first (budget-aware) | reverse of critical (ablation)
     culling:
       stem_relu: false        # whether candidates keep the stem ReLU (DeepReDuce drops it)
     thinning:
@@ -87,7 +88,7 @@ from ..spec import ARCH_DEFAULT_BLOCKS, ARCH_STAGES, THIN_MODES
 from ..train import TrainConfig
 
 DEFAULT_CONFIG = "resnet18-cifar.yaml"
-ORDERS = ("critical", "reverse")
+ORDERS = ("critical", "per_relu", "reverse")
 APPLY_TO = ("culled", "thinned", "all")
 INITS = ("scratch", "teacher")
 

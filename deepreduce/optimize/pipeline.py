@@ -142,7 +142,8 @@ class Optimizer:
                    "culling_order": [f"S{s}" for s in order], "order_mode": self.config.criticality.order}
             atomic_write_json(os.path.join(self.out_dir, CRITICALITY_JSON), doc)
             self._say("\ncriticality (accuracy gain over the no-ReLU network):\n"
-                      + format_criticality_table(table, no_relu) + "\n")
+                      + format_criticality_table(table, no_relu)
+                      + f"\nculling keeps stages in {doc['order_mode']} order: {' > '.join(doc['culling_order'])}\n")
         return table, no_relu, order
 
     def _candidates(self, order: list[int]) -> None:
