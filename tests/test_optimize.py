@@ -433,7 +433,7 @@ def test_pipeline_refuses_to_mix_runs(tmp_path, monkeypatch):
         run_fake(tmp_path, monkeypatch, config=tiny_config(kd={"alpha": 0.5}), resume=True)
 
 
-def test_pipeline_max_relus_cap_skips_big_candidates_and_their_variants(tmp_path, monkeypatch):
+def test_pipeline_max_relus_cap_skips_big_candidates_not_their_small_variants(tmp_path, monkeypatch):
     # tiny base (alpha 0.125, 8x8): stage ReLUs S1 2048, S2 1024, S3 512, S4 256; order S3 > S2 > S4 > S1
     doc, fake, _ = run_fake(tmp_path, monkeypatch, config=tiny_config(pruning={"max_relus": 1000}))
     trained = [c["name"] for c in fake.calls]
@@ -441,11 +441,22 @@ def test_pipeline_max_relus_cap_skips_big_candidates_and_their_variants(tmp_path
     assert pruned["keep-s2s3"] == "1,536 ReLUs > pruning.max_relus 1,000"
     assert pruned["keep-s1s2s3s4-thin"] == "1,920 ReLUs > pruning.max_relus 1,000"
     assert {"keep-s2s3s4", "keep-s1s2s3s4"} <= set(pruned)
-    # every variant of a parent that was not trained is skipped, whatever its size
-    assert pruned["keep-s1s2s3s4-thin-a0.5-r0.5"] == "its parent keep-s1s2s3s4-thin was not trained"
+    # the capped parent keep-s1s2s3s4-thin (1,920) has no accuracy to prune by: its variants under the cap
+    # (a0.5 960, r0.5 576: stage 3 and 4 stay 1x1, a0.5-r0.5 288; thinned only, reshape.apply_to) are trained
+    assert {"keep-s1s2s3s4-thin-a0.5", "keep-s1s2s3s4-thin-r0.5", "keep-s1s2s3s4-thin-a0.5-r0.5"} <= set(trained)
     assert all(relu_count(ModelSpec.from_dict(c["spec"])) <= 1000 for c in doc["candidates"])
     assert {"keep-s3", "keep-s3-thin", "keep-s2s3-thin", "keep-s2s3s4-thin", "keep-s2s3-thin-a0.5"} <= set(trained)
     assert not set(pruned) & set(trained)
+
+
+def test_pipeline_max_relus_cap_applies_to_variants_too(tmp_path, monkeypatch):
+    # cap 600: keep-s1s2s3s4-thin-a0.5 (960) is capped itself, its siblings r0.5 (576) and a0.5-r0.5 (288)
+    # are not
+    doc, fake, _ = run_fake(tmp_path, monkeypatch, config=tiny_config(pruning={"max_relus": 600}))
+    trained = {c["name"] for c in fake.calls}
+    pruned = {p["name"]: p["reason"] for p in doc["pruned"]}
+    assert pruned["keep-s1s2s3s4-thin-a0.5"] == "960 ReLUs > pruning.max_relus 600"
+    assert {"keep-s1s2s3s4-thin-r0.5", "keep-s1s2s3s4-thin-a0.5-r0.5"} <= trained
 
 
 def test_pipeline_finals_and_ablations(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
     pruning:
       enabled: true           # skip reshaped variants that cannot improve the frontier (below)
       max_relus: null         # candidates with more ReLUs are not trained (null = no cap; applies
-                              #   even with enabled: false); nor are the reshaped variants of such a parent
+                              #   even with enabled: false); variants under the cap are trained even
+                              #   when their parent was capped
     budgets: [100000, 50000, 15000]   # ReLU budgets: frontier.json picks the best model under each
     finals:
       budgets: []             # retrain the best candidate within each of these ReLU budgets with train.finals
@@ -52,7 +53,8 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
 The reshape grid of a parent is every combination of {1} + alphas, {1} + rhos and
 {base.blocks} + blocks except the parent itself. Pruning: a reshaped variant of parent P is not
 trained when an already-trained candidate with no more ReLUs than the variant has a higher
-accuracy than P (shrinking P is not expected to beat P, so the variant would be dominated).
+accuracy than P (shrinking P is not expected to beat P, so the variant would be dominated). A parent
+above pruning.max_relus has no accuracy, so this rule cannot skip its variants.
 
 Warm start (train.<kind>.init: teacher): the job starts from the teacher's weights wherever a
 tensor's name and shape match. Culling, thinning and rho keep every shape, so those students only
