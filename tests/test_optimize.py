@@ -247,11 +247,12 @@ def test_builtin_configs_load():
     assert cpu.train.criticality.init == cpu.train.candidates.init == cpu.train.finals.init == "teacher"
     assert load_config().finals.budgets == [] and load_config().ablations.budget is None  # the default: opt-in
     # the committed frontier's run (docs/frontier/) differs from the CPU config only in its order and epochs
-    critical = load_config(str(Path(__file__).resolve().parents[1] / "docs" / "frontier" / "critical-order.yaml"))
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    critical = load_config(str(docs / "frontier" / "critical-order.yaml"))
     assert critical.criticality.order == "critical" and critical.train.finals.epochs == 15
     assert dataclasses.replace(critical, criticality=cpu.criticality, train=cpu.train) == cpu
     # docs/frontier-per-relu/ ran the CPU config with only the 15K final and no ablation jobs
-    per_relu = load_config(str(Path(__file__).resolve().parents[1] / "docs" / "frontier-per-relu" / "run-config.yaml"))
+    per_relu = load_config(str(docs / "frontier-per-relu" / "run-config.yaml"))
     assert per_relu.finals.budgets == [15000] and per_relu.ablations.budget is None
     assert dataclasses.replace(per_relu, finals=cpu.finals, ablations=cpu.ablations) == cpu
 
