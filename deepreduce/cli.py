@@ -145,6 +145,11 @@ def cmd_frontier(args) -> None:
     else:
         doc = load_frontier(args.dir)
     print(json.dumps(doc, indent=2) if args.json else format_frontier_table(doc, show_all=args.all))
+    if not args.json and not doc.get("meta", {}).get("complete", True):
+        from .optimize.pipeline import jobs_in_progress
+        from .optimize.report import format_jobs_in_progress
+        if rows := jobs_in_progress(args.dir):
+            print("\n" + format_jobs_in_progress(rows))
 
 
 # -- bench (stock CrypTen vs this project's runtime, secure/bench.py) ---------------------------------

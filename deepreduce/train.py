@@ -193,6 +193,22 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     return TrainResult(final_path, metrics, history)
 
 
+def training_progress(out_dir: str) -> dict | None:
+    """How far an unfinished training in `out_dir` got, from its last.pt (None before the first
+    epoch ends): epochs done and planned, the last epoch's test accuracy, the mean epoch time."""
+    path = os.path.join(out_dir, LAST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        history = state["history"]
+        return {"epochs_done": state["epoch"], "epochs": state["config"]["epochs"],
+                "test_acc": history[-1]["test_acc"] if history else None,
+                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history) if history else None}
+    except Exception as exc:  # noqa: BLE001 -- a status display reports a damaged file, it does not fail on it
+        return {"unreadable": f"{path}: {exc}"}
+
+
 def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoch, steps,
                  rank, world, dev, progress) -> dict:
     model.train()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from deepreduce.spec import ModelSpec
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+train_module = importlib.import_module("deepreduce.train")  # (the package exports the function train)
 R18 = ModelSpec()                      # ResNet18, alpha 1, 32x32, stem ReLU on: the teacher shape
 WRN = ModelSpec(arch="wrn22_8")
 
@@ -629,6 +631,39 @@ def test_reports_and_frontier_command(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == load_frontier(str(tmp_path))
     assert main(["frontier", str(tmp_path / "missing")]) == 2
     assert "run `deepreduce optimize" in capsys.readouterr().err
+
+
+def test_frontier_of_an_unfinished_run_shows_the_jobs_in_progress(tmp_path, monkeypatch, capsys):
+    write_fake_run(tmp_path)  # jobs a, b, c: final.pt written, no result.json (killed before the record)
+    doc = load_frontier(str(tmp_path))
+    (tmp_path / FRONTIER_JSON).write_text(json.dumps({**doc, "meta": {**doc["meta"], "complete": False}}))
+    for name in ("a", "b", "c"):
+        (tmp_path / "jobs" / name / "result.json").write_text("{}")
+    (tmp_path / "jobs" / "keep-s9").mkdir()  # started, killed in its first epoch
+    real_epoch = train_module._train_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if args[7] == 1:  # (the epoch index)
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train_module, "_train_epoch", killed_in_epoch_2)
+    final_dir = tmp_path / "jobs" / "final-keep-s2"
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(ModelSpec(alpha=0.125, input_size=8, num_classes=3), tiny_data(), str(final_dir),
+                           train_module.TrainConfig(epochs=2, batch_size=4), progress=False, log=lines.append)
+    epoch_1 = json.loads(lines[-1])
+    assert main(["frontier", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    progress = text.split("started, not finished:\n")[1].splitlines()
+    assert progress == [f"  final-keep-s2: epoch 1/2, test acc {epoch_1['test_acc']:.2f}% after it, "
+                        f"{epoch_1['seconds'] / 60:.1f} min per epoch, about {epoch_1['seconds'] / 3600:.1f} h to go",
+                        "  keep-s9: no epoch finished yet"]
+    (final_dir / "final.pt").write_bytes(b"")  # trained, killed before its record
+    assert main(["frontier", str(tmp_path)]) == 0
+    assert "final-keep-s2: trained; the next --resume records its result" in capsys.readouterr().out
+    assert main(["frontier", str(tmp_path), "--json"]) == 0
+    assert "started, not finished" not in capsys.readouterr().out
 
 
 def test_measure_latency_without_the_secure_runtime_is_a_clear_error(tmp_path, monkeypatch, capsys):

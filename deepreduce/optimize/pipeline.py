@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..relus import relu_count
 from ..fileio import atomic_write_json, remove_stale_temps
 from ..spec import ModelSpec
-from ..train import FINAL, evaluate_model, train
+from ..train import FINAL, evaluate_model, train, training_progress
 from .ablations import ablation_jobs, job_row, thinning_rows
 from .candidates import (NO_RELU, Candidate, all_candidates, all_stages, criticality_specs, criticality_table,
                          culling_order, parent_candidates, reshaped_for, stage_relus)
@@ -319,6 +319,19 @@ class Optimizer:
     def _say(self, text: str) -> None:
         if self.is_main:
             self.out(text)
+
+
+def jobs_in_progress(out_dir: str) -> list[dict]:
+    """The jobs of run DIR that started but have no record yet, with how far each got: what
+    `deepreduce frontier` shows of a run spread over sessions besides its frontier so far."""
+    jobs = os.path.join(out_dir, JOBS_DIR)
+    rows = []
+    for name in sorted(os.listdir(jobs)) if os.path.isdir(jobs) else []:
+        directory = os.path.join(jobs, name)
+        if os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, RESULT_JSON)):
+            rows.append({"name": name, "trained": os.path.isfile(os.path.join(directory, FINAL)),
+                         **(training_progress(directory) or {"epochs_done": 0})})
+    return rows
 
 
 def _print_above_bars(text: str) -> None:

@@ -157,6 +157,24 @@ def format_frontier_table(doc: dict, show_all: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_jobs_in_progress(rows: list[dict]) -> str:
+    """One line per job that started but has no result yet (see pipeline.jobs_in_progress)."""
+    lines = ["started, not finished:"]
+    for r in rows:
+        if r["trained"]:
+            state = "trained; the next --resume records its result"
+        elif r.get("unreadable"):
+            state = f"unreadable resume state ({r['unreadable']})"
+        elif not r["epochs_done"]:
+            state = "no epoch finished yet"
+        else:
+            left = (r["epochs"] - r["epochs_done"]) * r["seconds_per_epoch"]
+            state = (f"epoch {r['epochs_done']}/{r['epochs']}, test acc {_num(r['test_acc'], '.2f')}% after it, "
+                     f"{r['seconds_per_epoch'] / 60:.1f} min per epoch, about {left / 3600:.1f} h to go")
+        lines.append(f"  {r['name']}: {state}")
+    return "\n".join(lines)
+
+
 def format_proxy_check(doc: dict) -> str:
     """How the ReLU frontier compares with the frontier of measured latency."""
     relu_front = [p["name"] for p in doc["frontier"] if p.get("latency_s") is not None]
