@@ -640,6 +640,8 @@ def test_frontier_of_an_unfinished_run_shows_the_jobs_in_progress(tmp_path, monk
     for name in ("a", "b", "c"):
         (tmp_path / "jobs" / name / "result.json").write_text("{}")
     (tmp_path / "jobs" / "keep-s9").mkdir()  # started, killed in its first epoch
+    (tmp_path / "jobs" / "keep-s8").mkdir()
+    (tmp_path / "jobs" / "keep-s8" / "last.pt").write_bytes(b"not a checkpoint")
     real_epoch = train_module._train_epoch
 
     def killed_in_epoch_2(*args, **kwargs):
@@ -658,6 +660,8 @@ def test_frontier_of_an_unfinished_run_shows_the_jobs_in_progress(tmp_path, monk
     progress = text.split("started, not finished:\n")[1].splitlines()
     assert progress == [f"  final-keep-s2: epoch 1/2, test acc {epoch_1['test_acc']:.2f}% after it, "
                         f"{epoch_1['seconds'] / 60:.1f} min per epoch, about {epoch_1['seconds'] / 3600:.1f} h to go",
+                        f"  keep-s8: {tmp_path / 'jobs' / 'keep-s8' / 'last.pt'} is unreadable: delete it and "
+                        "--resume retrains this job from its start",
                         "  keep-s9: no epoch finished yet"]
     (final_dir / "final.pt").write_bytes(b"")  # trained, killed before its record
     assert main(["frontier", str(tmp_path)]) == 0

@@ -164,7 +164,7 @@ def format_jobs_in_progress(rows: list[dict]) -> str:
         if r["trained"]:
             state = "trained; the next --resume records its result"
         elif r.get("unreadable"):
-            state = f"unreadable resume state ({r['unreadable']})"
+            state = f"{r['unreadable']} is unreadable: delete it and --resume retrains this job from its start"
         elif not r["epochs_done"]:
             state = "no epoch finished yet"
         else:
