@@ -637,7 +637,8 @@ def test_frontier_of_an_unfinished_run_shows_the_jobs_in_progress(tmp_path, monk
     write_fake_run(tmp_path)  # jobs a, b, c: final.pt written, no result.json (killed before the record)
     doc = load_frontier(str(tmp_path))
     (tmp_path / FRONTIER_JSON).write_text(json.dumps({**doc, "meta": {**doc["meta"], "complete": False}}))
-    for name in ("a", "b", "c"):
+    (tmp_path / "jobs" / "teacher").mkdir()  # an external --teacher: a record, no final.pt, not in progress
+    for name in ("a", "b", "c", "teacher"):
         (tmp_path / "jobs" / name / "result.json").write_text("{}")
     (tmp_path / "jobs" / "keep-s9").mkdir()  # started, killed in its first epoch
     (tmp_path / "jobs" / "keep-s8").mkdir()

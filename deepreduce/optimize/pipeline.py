@@ -328,6 +328,7 @@ def jobs_in_progress(out_dir: str) -> list[dict]:
     rows = []
     for name in sorted(os.listdir(jobs)) if os.path.isdir(jobs) else []:
         directory = os.path.join(jobs, name)
+        # The record alone decides, not _is_done: an external --teacher has a record and no final.pt.
         if os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, RESULT_JSON)):
             rows.append({"name": name, "trained": os.path.isfile(os.path.join(directory, FINAL)),
                          **(training_progress(directory) or {"epochs_done": 0})})
