@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
@@ -312,10 +313,14 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
         plan_path = os.path.join(tmp, "model.plan")
         plan.save(plan_path)  # each party loads it: no tensors through pickled process arguments
         public = json.dumps(client_public or plan.public_info())  # only what crosses the network
-        pixels = images.detach().float().numpy()
+        # the images go through a file too: spawn writes a process's arguments into a pipe that the child
+        # reads only after importing __main__, so a child that dies there (a script without a
+        # `__main__` guard) leaves the parent blocked on a full pipe instead of reporting the dead party
+        pixels_path = os.path.join(tmp, "images.npy")
+        np.save(pixels_path, images.detach().float().numpy())
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
-                                   args=(role, plan_path, public, pixels, rdv, insecure_tfp, results, engine,
-                                         batch_size or len(pixels)))
+                                   args=(role, plan_path, public, pixels_path, rdv, insecure_tfp, results, engine,
+                                         batch_size or len(images)))
                  for role in roles}
         outcomes, pids = run_processes(procs, results, timeout_s)
     return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
@@ -334,13 +339,13 @@ def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
     return outcomes, {role: outcome.pop("pid") for role, outcome in outcomes.items()}
 
 
-def _local_party(role, plan_path, public_json, pixels, rdv, insecure_tfp, results, engine, batch_size) -> None:
+def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, results, engine, batch_size) -> None:
     try:
         if role == "dealer":
             traffic = run_dealer(rdv, engine)
             results.put((role, "ok", {"pid": os.getpid(), **traffic}))
             return
-        batches = list(torch.from_numpy(pixels).split(batch_size))
+        batches = list(torch.from_numpy(np.load(pixels_path)).split(batch_size))
         if role == "server":
             outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine)
         else:

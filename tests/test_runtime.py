@@ -267,3 +267,22 @@ def test_the_rendezvous_store_listens_on_the_session_address_only():
         proc.kill()
         proc.wait()
     assert not listeners(port)
+
+
+@pytest.mark.slow
+def test_a_party_that_dies_while_starting_is_reported_not_waited_for(tmp_path):
+    """A script without a `__main__` guard: spawn re-runs it in each party process, which then dies
+    before reading its arguments. With 32 images (393 KB) in those arguments the parent used to
+    block forever on the full pipe; now it must name the dead party within its timeout."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import torch\n"
+        "from deepreduce.spec import ModelSpec\n"
+        "from secure.plan import plan_from_checkpoint\n"
+        "from secure.profiling import random_checkpoint\n"
+        "from secure.runtime import run_local\n"
+        "plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, cull=(1,), thin='bottom'), seed=1))\n"
+        "run_local(plan, torch.zeros(32, 3, 32, 32), timeout_s=20)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "SecureSessionError: party" in done.stderr and "without a result" in done.stderr
