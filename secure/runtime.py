@@ -311,11 +311,8 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="secure-local-") as tmp:
         plan_path = os.path.join(tmp, "model.plan")
-        plan.save(plan_path)  # each party loads it: no tensors through pickled process arguments
+        plan.save(plan_path)  # each party loads it, as the images below: arguments stay small (run_processes)
         public = json.dumps(client_public or plan.public_info())  # only what crosses the network
-        # the images go through a file too: spawn writes a process's arguments into a pipe that the child
-        # reads only after importing __main__, so a child that dies there (a script without a
-        # `__main__` guard) leaves the parent blocked on a full pipe instead of reporting the dead party
         pixels_path = os.path.join(tmp, "images.npy")
         np.save(pixels_path, images.detach().float().numpy())
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
@@ -329,7 +326,11 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
 
 def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
     """Start every party process, collect each one's ("ok", payload with its "pid") from `results`,
-    stop them all whatever happens; returns (role -> payload without the pid, role -> pid)."""
+    stop them all whatever happens; returns (role -> payload without the pid, role -> pid).
+
+    The processes' arguments must stay small (paths, not tensors): spawn writes them into a pipe that
+    the child reads only after importing __main__, so a child that dies there (a script without a
+    `__main__` guard) would leave start() blocked on a full pipe instead of reporting the dead party."""
     try:
         for p in procs.values():
             p.start()

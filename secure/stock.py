@@ -29,6 +29,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deepreduce.checkpoint import Checkpoint, load_checkpoint
@@ -172,26 +173,28 @@ def run_stock_local(ckpt: Checkpoint, batches: list[torch.Tensor], timeout_s: fl
         ckpt_path = os.path.join(tmp, "model.pt")
         ckpt.save(ckpt_path)  # only the server process reads it
         spec_json = json.dumps(spec.to_dict())
-        pixels = [b.detach().float().numpy() for b in batches]
+        pixels_path = os.path.join(tmp, "images.npy")  # queries x N x C x H x W; arguments stay small (run_processes)
+        np.save(pixels_path, torch.stack(batches).detach().float().numpy())
         procs = {role: ctx.Process(target=_local_stock_party, name=f"stock-{role}", daemon=True,
-                                   args=(role, ckpt_path, spec_json, pixels, rdv, results))
+                                   args=(role, ckpt_path, spec_json, pixels_path, rdv, results))
                  for role in ("server", "client", "dealer")}
         outcomes, pids = run_processes(procs, results, timeout_s)
     return StockRun(server=outcomes["server"], client=outcomes["client"], dealer=outcomes["dealer"], pids=pids)
 
 
-def _local_stock_party(role, ckpt_path, spec_json, pixels, rdv, results) -> None:
+def _local_stock_party(role, ckpt_path, spec_json, pixels_path, rdv, results) -> None:
     try:
         if role == "dealer":
             traffic = _serve_dealer(rdv)
             results.put((role, "ok", {"pid": os.getpid(), **traffic}))
             return
         spec = ModelSpec.from_dict(json.loads(spec_json))
-        batch_size, queries = len(pixels[0]), len(pixels)
+        pixels = torch.from_numpy(np.load(pixels_path))
+        queries, batch_size = pixels.shape[:2]
         if role == "server":
             outcome = _run_stock_party("server", load_checkpoint(ckpt_path), spec, None, batch_size, queries, rdv)
         else:
-            batches = [torch.from_numpy(p) for p in pixels]
+            batches = list(pixels)
             outcome = _run_stock_party("client", None, spec, batches, batch_size, queries, rdv)
         results.put((role, "ok", {"pid": os.getpid(), **outcome}))
     except BaseException as exc:

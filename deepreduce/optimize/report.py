@@ -106,9 +106,8 @@ def plot_frontier(doc: dict, path: str, x: str = "relu_count") -> None:
     front = [p for p in doc["frontier"] if p.get(x) is not None]
     off_front = []
     if x == "latency_s" and doc.get("latency_frontier") is not None:
-        on = set(doc["latency_frontier"])
-        off_front = [p for p in front if p["name"] not in on]
-        front = sorted((p for p in points if p["name"] in on), key=lambda p: p[x])
+        off_front = dominated_in_latency(doc)
+        front = sorted((p for p in points if p["name"] in doc["latency_frontier"]), key=lambda p: p[x])
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     ax.scatter([max(1, p[x]) if x == "relu_count" else p[x] for p in points], [p["accuracy"] for p in points],
                c="0.7", s=22, label="candidates")
@@ -188,10 +187,14 @@ def format_jobs_in_progress(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dominated_in_latency(doc: dict) -> list[dict]:
+    """The measured ReLU-frontier points that the latency frontier leaves out: where the proxy misleads."""
+    return [p for p in doc["frontier"] if p.get("latency_s") is not None and p["name"] not in doc["latency_frontier"]]
+
+
 def format_proxy_check(doc: dict) -> str:
     """How the ReLU frontier compares with the frontier of measured latency."""
-    relu_front = [p["name"] for p in doc["frontier"] if p.get("latency_s") is not None]
-    off = [n for n in relu_front if n not in doc["latency_frontier"]]
+    off = [p["name"] for p in dominated_in_latency(doc)]
     lines = ["ReLU count as a latency proxy (measured points only):",
              f"  latency frontier: {', '.join(doc['latency_frontier']) or 'none'}",
              f"  on the ReLU frontier but dominated once latency is the cost: {', '.join(off) or 'none'}"]
