@@ -106,4 +106,4 @@ docker-clean:
 NETNS_ARGS ?= --plan demo/model.plan
 .PHONY: netns-demo
 netns-demo: install
-	$(PY) -m secure.netns $(NETNS_ARGS)
+	$(PY) -m secure.tools.netns $(NETNS_ARGS)

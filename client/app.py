@@ -27,8 +27,10 @@ import threading
 import time
 import warnings
 
-from secure import auth, protocol
-from secure.session import Worker, private_tempdir, run_main, start_fork_server, supervise
+from secure.control import auth, protocol
+from secure.control.service import run_main
+from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
+from secure.core.party import Rendezvous
 
 INSECURE_NOTE = ("INSECURE: the server runs in --insecure-tfp benchmark mode (no dealer): "
                  "it could learn your images. Do not use it for private data.")
@@ -244,20 +246,20 @@ def run_batch(worker: Worker, x, plan: dict, server: tuple[str, int], args, secu
         ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan["plan_hash"], dealer_nonce=nonce)
         reply = protocol.expect(ch.recv(args.timeout), "session")
         sid = protocol.field(reply, "session_id", str)
-        rdv = {"host": protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
-               "port": protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
-               "timeout_s": float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
-                                                 "seconds in (0, 3600]"))}
+        rdv = Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
+                         protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
+                         float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
+                                              "seconds in (0, 3600]")))
         tfp = protocol.field(reply, "insecure_tfp", bool)
-        verified = _check_dealer(reply, sid, rdv["port"], nonce, tfp, trust)
-        worker.start_job("client", public=plan, images=queries, insecure_tfp=tfp, rdv=rdv)
+        verified = _check_dealer(reply, sid, rdv.port, nonce, tfp, trust)
+        worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, public=plan, batches=queries))
         outcome = supervise(worker, {"server": ch}, start + args.timeout, read_timeout=args.timeout)
     if outcome.kind != "ok":
         message = _describe(outcome, args.timeout)
         if outcome.kind == "peer_closed" or outcome.retry_after is not None:
             raise Transient(message, outcome.retry_after)
         raise protocol.ControlError(message)
-    return {"session_id": sid, "rendezvous": protocol.format_address(rdv["host"], rdv["port"]),
+    return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port),
             "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp,
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
             "dealer_verified": verified, **outcome.result}
@@ -348,8 +350,8 @@ def _batch_size(wanted: int | None, limit, n: int) -> int:
 def records(plan: dict, names: list[str], runs: list[dict]) -> list[dict]:
     import torch
 
-    from secure.limits import labels_from_head
-    from secure.plan import prediction_records
+    from secure.control.limits import labels_from_head
+    from secure.core.plan import prediction_records
     rows = [row for r in runs for row in r["logits"]]
     if any(r.get("label_only") for r in runs):
         return [{"image": name, "class_index": lab["class_index"], "class_name": plan["classes"][lab["class_index"]],

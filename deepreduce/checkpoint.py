@@ -75,3 +75,34 @@ def load_checkpoint(path: str) -> Checkpoint:
     return Checkpoint(spec=ModelSpec.from_dict(raw["spec"]), state_dict=raw["state_dict"],
                       mean=norm["mean"], std=norm["std"], classes=raw["classes"],
                       metrics=raw.get("metrics", {}))
+
+
+# -- random-weight models for tests and latency benchmarks (latency does not depend on the weight values)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+
+
+def random_checkpoint(spec: ModelSpec, seed: int = 0, classes: list[str] | None = None,
+                      mean: list[float] | None = None, std: list[float] | None = None) -> Checkpoint:
+    """A checkpoint with random weights and random batch-norm statistics and affine parameters
+    (default ones would make batch-norm folding bugs invisible)."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.5 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(0.3 * torch.randn(n, generator=gen))
+    if classes is None:
+        classes = CIFAR10_CLASSES if spec.num_classes == 10 else [f"class{i}" for i in range(spec.num_classes)]
+    channels = spec.in_channels
+    return Checkpoint(spec=spec, state_dict=model.state_dict(),
+                      mean=mean or (CIFAR10_MEAN if channels == 3 else [0.5])[:channels],
+                      std=std or (CIFAR10_STD if channels == 3 else [0.25])[:channels],
+                      classes=list(classes))

@@ -7,10 +7,11 @@ import json
 import sys
 
 from .errors import exit_status
+from .plugins import command_plugins
 from .spec import THIN_MODES, ModelSpec
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -26,8 +27,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--in-channels", type=int, choices=[1, 3])
     g.add_argument("--alpha", type=float, help="channel width multiplier")
     g.add_argument("--rho", type=float, help="input downsampling (stem stride round(1/rho))")
-    g.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 2,1,1,1")
-    g.add_argument("--cull", type=_int_list, help="stages whose ReLUs are all removed, e.g. 1,4")
+    g.add_argument("--blocks", type=int_list, help="blocks per stage, e.g. 2,1,1,1")
+    g.add_argument("--cull", type=int_list, help="stages whose ReLUs are all removed, e.g. 1,4")
     g.add_argument("--thin", choices=THIN_MODES)
     g.add_argument("--stem-relu", dest="stem_relu", action="store_true", default=None)
     g.add_argument("--no-stem-relu", dest="stem_relu", action="store_false")
@@ -106,28 +107,6 @@ def cmd_train_bench(args) -> None:
     run(tuple(float(a) for a in args.alphas.split(",")), args.batch_size, args.steps, args.json_out)
 
 
-# -- export / predict (secure plans) ---------------------------------------------------------------
-
-def cmd_export(args) -> None:
-    from secure.plan import export_plan
-    plan = export_plan(args.checkpoint)
-    plan.save(args.out)
-    print(json.dumps({"plan": args.out, "plan_hash": plan.plan_hash, "relu_count": plan.relu_count,
-                      "ops": len(plan.ops)}))
-
-
-def cmd_predict(args) -> None:
-    from secure.plan import load_plan_or_checkpoint, predict_files
-    records = predict_files(load_plan_or_checkpoint(args.model), args.images, resize=args.resize)
-    if args.json:
-        print(json.dumps({"images": records}))
-        return
-    width = max(len("image"), *(len(r["image"]) for r in records))
-    print(f"{'image':<{width}}  {'class':<12} {'probability':>11}")
-    for r in records:
-        print(f"{r['image']:<{width}}  {r['class_name']:<12} {r['probability']:>11.4f}")
-
-
 # -- optimize / frontier (the DeepReDuce pipeline, deepreduce/optimize/) ---------------------------
 
 def cmd_optimize(args) -> None:
@@ -150,13 +129,6 @@ def cmd_frontier(args) -> None:
         from .optimize.report import format_jobs_in_progress
         if rows := jobs_in_progress(args.dir):
             print("\n" + format_jobs_in_progress(rows))
-
-
-# -- bench (stock CrypTen vs this project's runtime, secure/bench.py) ---------------------------------
-
-def cmd_bench(args) -> None:
-    from secure.bench import bench_command
-    bench_command(args, argv=getattr(args, "argv", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,18 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", help="also write the figures as JSON")
     p.set_defaults(func=cmd_train_bench)
 
-    p = sub.add_parser("export", help="export a checkpoint to a secure plan (batch-norm folded, one file)")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="the plan file to write, e.g. model.plan")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("predict", help="plaintext prediction on image files with a checkpoint or plan")
-    p.add_argument("model", metavar="CKPT_OR_PLAN")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files")
-    p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
-    p.add_argument("--json", action="store_true", help='print {"images": [records]}')
-    p.set_defaults(func=cmd_predict)
-
     p = sub.add_parser("optimize", help="DeepReDuce: train candidates and write their Pareto frontier (resumable)")
     p.add_argument("--data", required=True, help="cifar10:DIR, cifar100:DIR, folder:PATH or tinyimagenet:DIR")
     p.add_argument("--config", help="YAML config (only the keys it changes; default: the built-in "
@@ -239,25 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset for the latency images (default: the run's)")
     p.set_defaults(func=cmd_frontier)
 
-    p = sub.add_parser("bench", help="private-inference latency: stock CrypTen vs this runtime, same models, one run")
-    models = p.add_mutually_exclusive_group()
-    models.add_argument("--frontier", metavar="DIR", help="benchmark the frontier models of `deepreduce optimize "
-                        "--out DIR` (default: the golden DeepReDuce specs with random weights)")
-    models.add_argument("--spec", dest="spec_files", action="append", metavar="FILE.json",
-                        help="benchmark this ModelSpec with random weights (repeatable)")
-    p.add_argument("--no-full", action="store_true", help="leave out the full ResNet18 (alpha 1)")
-    p.add_argument("--batch-sizes", type=_int_list, help="default 1,8 (--quick: 1)")
-    p.add_argument("--repeats", type=int, help="runs per model and batch size, median reported (default 3, --quick 2)")
-    p.add_argument("--warmup", type=int, help="runs before those, not counted (default 1): first-query start-up costs")
-    p.add_argument("--quick", action="store_true",
-                   help="batch 1, fewer repeats, the full ResNet18 and one model under 100K ReLUs")
-    p.add_argument("--engine", help="this runtime's engine (default: the runtime's default)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds any party may wait for a peer (rendezvous, each message)")
-    p.add_argument("--json-out", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="write latency vs ReLU count as a PNG")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_bench)
+    for register in command_plugins():  # e.g. export, predict, bench from the secure layer
+        register(sub)
     return parser
 
 

@@ -1,10 +1,16 @@
-"""User-facing errors: one clear line, no traceback (the CLI prints them as `error: ...`)."""
+"""The project's error base and its user-facing errors: one clear line, no traceback (the CLIs print
+them as `error: ...`). Torch-free: the control plane imports it before anything heavy."""
 
 import sys
 
 
-class UserError(Exception):
-    """A mistake the user can fix; the message names the problem and the fix."""
+class ProjectError(Exception):
+    """The base of every error this project raises on purpose (deepreduce, secure, server, client)."""
+
+
+class UserError(ProjectError):
+    """A mistake the user can fix, or a condition they must act on; the message names the problem and
+    the fix, and is printed as one `error: ...` line with exit status 2."""
 
 
 def exit_status(command, *args) -> int:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from client.images import image_files, true_label
-from secure.roleproc import RoleProcess
+from secure.tools.roleproc import RoleProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def find_images(folder: str) -> list[str]:
 
 
 def plaintext_predictions(plan_path: str, paths: list[str], resize: bool) -> tuple[list[str], list[dict]]:
-    from secure.plan import SecurePlan, predict_files
+    from secure.core.plan import SecurePlan, predict_files
     plan = SecurePlan.load(plan_path)
     return plan.classes, predict_files(plan, paths, resize=resize)
 
@@ -118,7 +118,7 @@ def demo(args) -> str:
     roles = []
     with tempfile.TemporaryDirectory(prefix="pi-demo-") as logs:
         try:
-            dealer, dealer_addr = start_role("pi-dealer", "secure.dealer", ["--host", "127.0.0.1", "--port", "0"],
+            dealer, dealer_addr = start_role("pi-dealer", "secure.control.dealer", ["--host", "127.0.0.1", "--port", "0"],
                                              logs, 60)
             roles.append(dealer)
             server, server_addr = start_role("pi-server", "server", ["--plan", args.plan, "--host", "127.0.0.1",

@@ -4,7 +4,7 @@
     pi-server --plan MODEL.plan --token-file token --label-only --max-queries 1000 --query-window 86400
     pi-server --plan MODEL.plan --no-auth --insecure-tfp   # INSECURE local benchmark: no token, no dealer
 
-Every control connection must pass the token handshake (secure.auth) before anything else; TLS is
+Every control connection must pass the token handshake (secure.control.auth) before anything else; TLS is
 optional (--tls-cert/--tls-key, and --tls-ca for the dealer's certificate). Per session the server
 picks a fresh free rendezvous port, asks the dealer to join (a control connection that lives as
 long as the session), runs its party in a fresh worker process and tells the client where to meet:
@@ -26,10 +26,11 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
-from secure import auth, protocol
-from secure.limits import QueryLimiter, QuotaExceeded
-from secure.session import (PortPicker, Service, Worker, add_limit_arguments, limits_from_args, private_tempdir,
-                            run_main, start_fork_server, supervise, wait_done)
+from secure.control import auth, protocol
+from secure.control.limits import QueryLimiter, QuotaExceeded
+from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
+from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise, wait_done
+from secure.core.party import Rendezvous
 
 INSECURE_WARNING = ("INSECURE: --insecure-tfp runs CrypTen's trusted-first-party mode without a dealer; "
                     "the server party generates all correlated randomness and could learn the client's "
@@ -59,7 +60,7 @@ class PiServer:
         self.service, self.s = service, settings
         self.security = service.security
         if settings.label_only:
-            from secure.limits import label_only_plan
+            from secure.control.limits import label_only_plan
             plan = label_only_plan(plan)
         self.plan = plan  # what the parties run (with the label-only head in that mode)
         self.public = plan.public_info()
@@ -185,9 +186,8 @@ class PiServer:
         try:
             worker = Worker(f"pi-server-{sid}")
             self.service.track(worker)
-            worker.start_job("server", plan=self.plan, batch_size=sizes,
-                             insecure_tfp=self.s.insecure_tfp,
-                             rdv={"host": host, "port": port, "timeout_s": self.s.rendezvous_timeout})
+            worker.start_job(PartyJob("server", Rendezvous(host, port, self.s.rendezvous_timeout),
+                                      insecure_tfp=self.s.insecure_tfp, plan=self.plan, batch_sizes=sizes))
             ch.send("session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
                     insecure_tfp=self.s.insecure_tfp, plan_hash=self.plan.plan_hash, label_only=self.s.label_only,
                     dealer_id=dealer_id, attestation=attestation)
@@ -341,7 +341,7 @@ def _check_dealer(settings: Settings, security) -> str:
     """Ping the dealer over an authenticated channel; its identity."""
     host, port = settings.dealer
     try:
-        reply = protocol.request(host, port, {"type": "ping"}, settings.dealer_timeout, settings.read_timeout,
+        reply = auth.request(host, port, {"type": "ping"}, settings.dealer_timeout, settings.read_timeout,
                                  "dealer", "pong", security=security, role="server")
     except protocol.AuthError as exc:
         raise protocol.ControlError(f"the dealer at {protocol.format_address(host, port)} did not accept this "
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     service = Service("pi-server", args.host, args.port, security, limits)
     service.install_signal_handlers()
     service.announce()  # before the slow imports: clients queue in the listen backlog meanwhile
-    from secure.plan import SecurePlan  # imports torch
+    from secure.core.plan import SecurePlan  # imports torch
     plan = SecurePlan.load(args.plan)
     if settings.insecure_tfp:
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import sys
 import tarfile
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from secure.control.protocol import free_port  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR10_TAR = Path(os.environ.get("DEEPREDUCE_TEST_CIFAR10")
@@ -73,12 +74,6 @@ def subprocess_env(**extra) -> dict:
     env.setdefault("MKL_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- small datasets built inside tests ------------------------------------------------------------

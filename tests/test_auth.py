@@ -1,5 +1,5 @@
-"""The authenticated control channel (secure/auth.py, secure/protocol.py), TLS, dealer attestation and
-the model-stealing limits (secure/limits.py): unit tests on socket pairs, then the roles as processes."""
+"""The authenticated control channel (secure/control/auth.py, secure/control/protocol.py), TLS, dealer attestation and
+the model-stealing limits (secure/control/limits.py): unit tests on socket pairs, then the roles as processes."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from secure import auth, protocol
-from secure.limits import QueryLimiter, QuotaExceeded, label_only_plan, labels_from_head
+from secure.control import auth, protocol
+from secure.control.limits import QueryLimiter, QuotaExceeded, label_only_plan, labels_from_head
 from test_processes import (CLIENT_FAST, FAST, IMAGES, ROOT, SERVER_FAST, Proc, assert_one_line_error, client,  # noqa: F401
                             eventually, plaintext, plan, plan_file, role_env)
 
@@ -174,7 +174,7 @@ def test_named_tokens_identify_clients():
 
 def test_token_sources_and_mistakes(tmp_path, monkeypatch):
     from client.app import build_parser as client_parser
-    from secure.dealer import build_parser as dealer_parser
+    from secure.control.dealer import build_parser as dealer_parser
     from server.app import build_parser as server_parser
     monkeypatch.delenv(auth.TOKEN_ENV, raising=False)
     shared = tmp_path / "shared"
@@ -214,11 +214,11 @@ def test_token_sources_and_mistakes(tmp_path, monkeypatch):
 
 def test_new_token_command(tmp_path):
     path = tmp_path / "token"
-    done = subprocess.run([sys.executable, "-m", "secure.auth", "new-token", str(path)], cwd=ROOT, env=role_env(),
+    done = subprocess.run([sys.executable, "-m", "secure.control.auth", "new-token", str(path)], cwd=ROOT, env=role_env(),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and re.fullmatch(r"[0-9a-f]{64}\n", path.read_text())
-    again = subprocess.run([sys.executable, "-m", "secure.auth", "new-token", str(path)], cwd=ROOT, env=role_env(),
+    again = subprocess.run([sys.executable, "-m", "secure.control.auth", "new-token", str(path)], cwd=ROOT, env=role_env(),
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "exists" in again.stderr
 
@@ -238,7 +238,7 @@ def test_dealer_attestation():
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 10, 17])
 def test_label_only_head_reveals_only_the_argmax(classes):
-    from secure.plan import SecurePlan, run_plaintext
+    from secure.core.plan import SecurePlan, run_plaintext
     g = torch.Generator().manual_seed(classes)
     weight, bias = torch.randn(classes, 6, generator=g), torch.randn(classes, generator=g)
     ops = [{"id": 0, "op": "input", "name": "input", "inputs": [], "shape": [6, 1, 1]},
@@ -344,7 +344,7 @@ def test_label_only_dealer_attestation_and_query_limit(plan_file, plan, tmp_path
     alice = write(tmp_path / "alice.token", tokens["alice"] + "\n")
     mallory = write(tmp_path / "mallory.token", tokens["mallory"] + "\n")
     env = role_env(DEEPREDUCE_TOKEN="")
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", "--id", "dealer-a", "--token-file",
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--id", "dealer-a", "--token-file",
                   str(dealer_tokens), "--dealer-token-file", str(dealer_secret), *FAST, env=env)
     server = None
     try:
@@ -406,7 +406,7 @@ def _openssl_cert(folder: Path, name: str) -> tuple[Path, Path]:
 def test_tls_control_channel(plan_file, plan, tmp_path):
     cert, key = _openssl_cert(tmp_path, "pi")
     other, _ = _openssl_cert(tmp_path, "other")
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
                   *FAST)
     server = None
     try:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from client import app as client_app
-from secure import auth, protocol
+from secure.control import auth, protocol
 from test_processes import (CLIENT_FAST, IMAGES, SERVER_FAST, Proc, assert_one_line_error, client, eventually,
                             plan, plan_file, security)  # noqa: F401
 
@@ -160,7 +160,7 @@ def tfp_server(plan_file):
 
 def ping(address: str) -> None:
     host, port = protocol.parse_address(address)
-    assert protocol.request(host, port, {"type": "ping"}, 5, 5, "server", "pong", security=security())["role"] == "server"
+    assert auth.request(host, port, {"type": "ping"}, 5, 5, "server", "pong", security=security())["role"] == "server"
 
 
 @pytest.mark.slow

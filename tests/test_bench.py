@@ -1,4 +1,4 @@
-"""`deepreduce bench` and the stock CrypTen path (secure/stock.py, secure/bench.py).
+"""`deepreduce bench` and the stock CrypTen path (secure/tools/stock.py, secure/tools/bench.py).
 
 The multi-process tests (marked slow) run tiny random-weight models (alpha 0.125, 8x8 inputs), so
 they take about a minute each on a busy 2-core machine. No assertion depends on a timing: the
@@ -18,8 +18,8 @@ import torch
 from deepreduce.cli import main
 from deepreduce.relus import relu_count
 from deepreduce.spec import ModelSpec
-from secure import bench
-from secure.profiling import random_checkpoint
+from secure.tools import bench
+from deepreduce.checkpoint import random_checkpoint
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
@@ -59,7 +59,7 @@ def assert_schema(doc: dict) -> None:
 
 @pytest.mark.slow
 def test_stock_crypten_matches_plaintext_pytorch():
-    from secure.stock import plaintext_logits, run_stock_local
+    from secure.tools.stock import plaintext_logits, run_stock_local
     spec = ModelSpec(**TINY, cull=(4,), thin="top")
     ckpt = random_checkpoint(spec, seed=5)
     batches = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
@@ -89,7 +89,7 @@ def test_from_pytorch_patch_converts_identity_nodes():
     """The compatibility patch: TorchScript export (no onnxscript) and ONNX Identity nodes."""
     script = """
 import io, warnings, onnx, torch
-from secure.crypten_compat import patch_from_pytorch
+from secure.reference.crypten_compat import patch_from_pytorch
 crypten = patch_from_pytorch()
 assert patch_from_pytorch() is crypten
 crypten.init()  # one party

@@ -1,4 +1,4 @@
-"""CrypTen 0.4.1 imports on current torch through secure.crypten_compat, and nowhere else."""
+"""CrypTen 0.4.1 imports on current torch through secure.reference.crypten_compat, and nowhere else."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SINGLE_PARTY = """
 import torch
-from secure.crypten_compat import crypten_module
+from secure.reference.crypten_compat import crypten_module
 crypten = crypten_module()
 assert crypten_module() is crypten
 crypten.init()  # single party: no peers
@@ -42,4 +42,4 @@ def test_crypten_is_imported_only_by_the_compat_module():
     pattern = re.compile(r"^\s*(import crypten|from crypten[ .])", re.MULTILINE)
     offenders = [str(p.relative_to(ROOT)) for d in ("deepreduce", "secure", "server", "client")
                  for p in (ROOT / d).rglob("*.py") if pattern.search(p.read_text())]
-    assert offenders == ["secure/crypten_compat.py"]
+    assert offenders == ["secure/reference/crypten_compat.py"]

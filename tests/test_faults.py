@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from secure import auth, protocol
+from secure.control import auth, protocol
 from test_processes import (CLIENT_FAST, IMAGES, Proc, _cmdline, alive, assert_port_free, client, eventually,  # noqa: F401
                             listening_ports, plaintext, plan, plan_file, role_env, security, worker_children)
 
@@ -42,22 +42,23 @@ class SessionDriver:
     """The client side of one session, driven by the test: its control channel and its party process."""
 
     def __init__(self, address: str, public: dict, x):
-        from secure.session import Worker
+        from secure.control.workers import PartyJob, Worker
+        from secure.core.party import Rendezvous
         host, port = protocol.parse_address(address)
         self.ch = auth.open_channel(host, port, security(), 10, 30, "server")
         self.ch.send("session", batch_size=len(x), plan_hash=public["plan_hash"], dealer_nonce=secrets.token_hex(32))
         reply = protocol.expect(self.ch.recv(30), "session")
         self.sid, self.port = reply["session_id"], reply["port"]
         self.worker = Worker("fault-test-client")
-        self.worker.start_job("client", public=public, images=x, insecure_tfp=False,
-                              rdv={"host": reply["host"], "port": reply["port"], "timeout_s": reply["timeout_s"]})
+        self.worker.start_job(PartyJob("client", Rendezvous(reply["host"], reply["port"], reply["timeout_s"]),
+                                       public=public, batches=[x]))
         self.outcome = None
         self.ended_at = None
         self._thread = threading.Thread(target=self._finish, daemon=True)
         self._thread.start()
 
     def _finish(self) -> None:
-        from secure.session import supervise
+        from secure.control.workers import supervise
         self.outcome = supervise(self.worker, {"server": self.ch}, time.monotonic() + 120, read_timeout=120)
         self.ended_at = time.monotonic()
 
@@ -107,7 +108,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
     roles_tmp = Path(tempfile.mkdtemp(prefix="pi-faults-", dir="/tmp"))  # short: unix socket paths live in it
     env = role_env(TMPDIR=str(roles_tmp))
     dealer_port = free_port()
-    dealer_args = ("secure.dealer", "--host", "127.0.0.1", "--port", str(dealer_port), "--read-timeout", "10",
+    dealer_args = ("secure.control.dealer", "--host", "127.0.0.1", "--port", str(dealer_port), "--read-timeout", "10",
                    "--session-timeout", "60")
     dealer = Proc(*dealer_args, env=env)
     dealer.address()
@@ -225,7 +226,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
 @pytest.mark.faults
 def test_server_restart_while_clients_wait(plan_file, plan, tmp_path):
     env = role_env()
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", "--read-timeout", "10", env=env)
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--read-timeout", "10", env=env)
     dealer_addr = dealer.address()
     port = free_port()
     args = ("server", "--plan", str(plan_file), "--host", "127.0.0.1", "--port", str(port), "--dealer", dealer_addr,

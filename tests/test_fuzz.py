@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from secure import auth, protocol
+from secure.control import auth, protocol
 from test_processes import FAST, SERVER_FAST, Proc, plan_file, security  # noqa: F401
 
 TARGET_MESSAGES = int(os.environ.get("DEEPREDUCE_FUZZ_MESSAGES", 10_000))  # the issue asks for at least 10,000
@@ -133,7 +133,7 @@ def _send_one(address: tuple[str, int, str], case, stats: Counter, lock: threadi
 @pytest.mark.slow
 @pytest.mark.fuzz
 def test_fuzz_control_protocol(plan_file):
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", "--handshake-timeout", "2", *FAST)
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--handshake-timeout", "2", *FAST)
     server = None
     try:
         dealer_addr = dealer.address()
@@ -175,7 +175,7 @@ def test_fuzz_control_protocol(plan_file):
         assert not failures, failures[:5]
         assert stats["messages"] >= TARGET_MESSAGES, stats
         for name, address in targets.items():  # both still serve
-            reply = protocol.request(*address, {"type": "ping"}, 5, 5, name, "pong", security=security())
+            reply = auth.request(*address, {"type": "ping"}, 5, 5, name, "pong", security=security())
             assert reply["role"] == name
         assert server.p.poll() is None and dealer.p.poll() is None
         assert not server.children() and not dealer.children()

@@ -50,7 +50,7 @@ def concurrency(lines: list[str]) -> int:
 
 @pytest.mark.slow
 def test_concurrent_clients_are_isolated_and_extra_ones_hear_busy(plan_file, plan, tmp_path):
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(CLIENTS),
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--max-sessions", str(CLIENTS),
                   "--read-timeout", "30")
     server = None
     try:

@@ -1,12 +1,12 @@
-"""secure.netmodel: the latency projection from a loopback profile (no processes, no network)."""
+"""secure.tools.netmodel: the latency projection from a loopback profile (no processes, no network)."""
 
 import json
 
 import pytest
 
-from secure import netmodel
-from secure.netmodel import OVERLAP_SHARE, PROJECTIONS, Cost, WIRE_OVERHEAD, cost_of, format_projections, predict_latency, project
-from secure.profiling import LayerProfile, Profile
+from secure.tools import netmodel
+from secure.tools.netmodel import OVERLAP_SHARE, PROJECTIONS, Cost, WIRE_OVERHEAD, cost_of, format_projections, predict_latency, project
+from secure.core.profiling import LayerProfile, Profile
 
 PROFILE = {"online_s": 2.0, "bytes_sent": 30e6, "bytes_received": 50e6, "rounds": 200, "batch_size": 1,
            "setup_s": 0.1}
@@ -30,7 +30,7 @@ def test_accepts_profile_objects_and_measure_dicts():
     assert predict_latency(profile, 1e9, 2e-4) == pytest.approx(predict_latency(PROFILE, 1e9, 2e-4))
     assert predict_latency(profile.to_dict(), 1e9, 2e-4) == pytest.approx(predict_latency(PROFILE, 1e9, 2e-4))
     measured = {"online_s_per_image": 1.0, "mb_sent_per_image": 15.0, "mb_received_per_image": 25.0,
-                "rounds": 200, "batch_size": 2}  # secure.measure.measure_cost of a batch of 2
+                "rounds": 200, "batch_size": 2}  # secure.tools.measure.measure_cost of a batch of 2
     assert cost_of(measured) == Cost(2.0, 30e6, 50e6, 200, 2)
     assert predict_latency(measured, 1e9, 2e-4) == pytest.approx(predict_latency(PROFILE, 1e9, 2e-4))
 

@@ -1,5 +1,5 @@
-"""Dealer, server and client on three network namespaces with real addresses (secure.netns): links and
-clean-up, secure == plaintext across them, and secure.netmodel's projection against tbf-limited links.
+"""Dealer, server and client on three network namespaces with real addresses (secure.tools.netns): links and
+clean-up, secure == plaintext across them, and secure.tools.netmodel's projection against tbf-limited links.
 
 Needs root and iproute2 (`ip netns`, `tc`); skipped with the reason otherwise. Marked slow."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from secure import netns
-from secure.netns import NetnsError, list_namespaces, parse_rate
+from secure.tools import netns
+from secure.tools.netns import NetnsError, list_namespaces, parse_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "demo" / "model.plan"
@@ -71,7 +71,7 @@ def test_testbed_addresses_links_and_cleanup_on_failure(need_netns):
 def across_namespaces(need_netns):
     """pi-dealer, pi-server, pi-client in three namespaces on the shipped plan, 2 images per run:
     unlimited, 1 Gbit/s, unlimited, 100 Mbit/s, unlimited (one testbed, rates changed in between)."""
-    from secure.plan import SecurePlan
+    from secure.core.plan import SecurePlan
     images = sorted(str(p) for p in (ROOT / "demo" / "images").glob("*.png"))[:2]
     profile = netns.loopback_profile(SecurePlan.load(str(PLAN)))
     before = set(list_namespaces())
@@ -92,9 +92,9 @@ def test_three_namespaces_match_plaintext_at_real_addresses(across_namespaces):
 
 @pytest.mark.slow
 def test_network_model_projects_the_tbf_runs(across_namespaces):
-    """secure.netmodel projects each limited run: traffic and rounds from the loopback profile, compute
+    """secure.tools.netmodel projects each limited run: traffic and rounds from the loopback profile, compute
     time from the unlimited runs just before and after, and a slower link costs more. How close the
-    projection comes is a measurement (`python -m secure.netns --json-out`, README table), not asserted
+    projection comes is a measurement (`python -m secure.tools.netns --json-out`, README table), not asserted
     here: for this small plan the network term is the size of the compute's run-to-run noise."""
     rows = across_namespaces[1]["runs"]
     base = [r["online_s_per_image"] for r in rows if r["rate"] == "none"]

@@ -672,13 +672,14 @@ def test_frontier_of_an_unfinished_run_shows_the_jobs_in_progress(tmp_path, monk
 
 def test_measure_latency_without_the_secure_runtime_is_a_clear_error(tmp_path, monkeypatch, capsys):
     write_fake_run(tmp_path)
-    monkeypatch.setitem(sys.modules, "secure.runtime", None)  # makes `import secure.runtime` fail
+    monkeypatch.setitem(sys.modules, "secure.cli", None)  # the latency plugin's module cannot be imported
     assert main(["frontier", str(tmp_path), "--measure-latency"]) == 2
     assert "needs the secure runtime" in capsys.readouterr().err
 
 
 def test_measure_latency_records_cost_per_image(tmp_path, monkeypatch, capsys):
-    """The wiring, with a stand-in for secure.runtime.run_local (the real one is tested in secure/)."""
+    """The wiring through the secure layer's latency plugin (found by its entry point), with a stand-in for
+    secure.tools.local.run_local (the real one is tested in test_runtime)."""
     from types import SimpleNamespace
 
     from deepreduce.optimize import latency
@@ -690,8 +691,8 @@ def test_measure_latency_records_cost_per_image(tmp_path, monkeypatch, capsys):
         profile = SimpleNamespace(online_s=2.0, bytes_sent=3_000_000, bytes_received=1_000_000, rounds=40)
         return SimpleNamespace(profile=profile)
 
-    from secure.plan import export_plan
-    monkeypatch.setattr(latency, "secure_runtime", lambda: (export_plan, run_local))
+    import secure.tools.local
+    monkeypatch.setattr(secure.tools.local, "run_local", run_local)
     data = Dataset("d", tiny_data(32, 6).train, tiny_data(32, 6).test, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
     monkeypatch.setattr(latency, "load_dataset", lambda arg, progress=False: data)
     assert main(["frontier", str(tmp_path), "--measure-latency", "--images", "2"]) == 0
@@ -718,8 +719,8 @@ def test_measure_latency_of_every_candidate_shows_where_relus_mislead(tmp_path, 
                                   bytes_received=1e6, rounds=10)
         return SimpleNamespace(profile=profile)
 
-    from secure.plan import export_plan
-    monkeypatch.setattr(latency, "secure_runtime", lambda: (export_plan, run_local))
+    import secure.tools.local
+    monkeypatch.setattr(secure.tools.local, "run_local", run_local)
     data = Dataset("d", tiny_data(32, 6).train, tiny_data(32, 6).test, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
     monkeypatch.setattr(latency, "load_dataset", lambda arg, progress=False: data)
     assert main(["frontier", str(tmp_path), "--measure-latency", "--all", "--images", "2"]) == 0

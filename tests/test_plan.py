@@ -16,8 +16,9 @@ from deepreduce.data import load_image_files, normalize
 from deepreduce.errors import UserError
 from deepreduce.relus import relu_count, relu_sites
 from deepreduce.spec import ModelSpec
-from secure.plan import MAGIC, SecurePlan, export_plan, plan_from_checkpoint, prediction_records, run_plaintext
-from secure.profiling import random_checkpoint
+from secure.core.export import export_plan, plan_from_checkpoint
+from secure.core.plan import MAGIC, SecurePlan, prediction_records, run_plaintext
+from deepreduce.checkpoint import random_checkpoint
 
 N_IMAGES = 64
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, subprocess_env
-from secure import auth, protocol
+from secure.control import auth, protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = sorted((ROOT / "demo" / "images").glob("*.png"))
@@ -286,7 +286,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, pattern: str) -> No
 
 
 def start_dealer() -> tuple[Proc, str]:
-    dealer = Proc("secure.dealer", "--host", "127.0.0.1", "--port", "0", *FAST)
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", *FAST)
     return dealer, dealer.address()
 
 
@@ -309,7 +309,7 @@ def plan_file(tmp_path_factory) -> Path:
     from deepreduce.data import load_image_files, normalize
     from deepreduce.models import build_model
     from deepreduce.spec import ModelSpec
-    from secure.plan import export_plan
+    from secure.core.export import export_plan
     torch.manual_seed(0)
     spec = ModelSpec(alpha=0.25, cull=(1, 4), thin="bottom", stem_relu=False)
     model = build_model(spec)
@@ -329,7 +329,7 @@ def plan_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plan(plan_file):
-    from secure.plan import SecurePlan
+    from secure.core.plan import SecurePlan
     return SecurePlan.load(str(plan_file))
 
 
@@ -348,7 +348,7 @@ def cluster(plan_file):
 
 
 def plaintext(plan, paths):
-    from secure.plan import predict_files
+    from secure.core.plan import predict_files
     return predict_files(plan, [str(p) for p in paths])
 
 
@@ -373,16 +373,16 @@ def test_dealer_listens_answers_ping_refuses_clients_and_stops_on_sigterm():
         assert time.monotonic() - start < 20  # printed before any slow import
         host, port = protocol.parse_address(address)
         sec = security()
-        assert protocol.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=sec)["role"] == "dealer"
+        assert auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=sec)["role"] == "dealer"
         with pytest.raises(protocol.RemoteError, match="pi-server"):
-            protocol.request(host, port, {"type": "info"}, 5, 5, "dealer", "info", security=sec)
+            auth.request(host, port, {"type": "info"}, 5, 5, "dealer", "info", security=sec)
         join = {"type": "join", "session_id": "x", "host": "127.0.0.1", "port": 0, "timeout_s": 5}
         with pytest.raises(protocol.RemoteError, match="only a pi-server"):
-            protocol.request(host, port, join, 5, 5, "dealer", "joined", security=sec)
+            auth.request(host, port, join, 5, 5, "dealer", "joined", security=sec)
         with pytest.raises(protocol.RemoteError, match="port"):
-            protocol.request(host, port, join, 5, 5, "dealer", "joined", security=security("server"), role="server")
+            auth.request(host, port, join, 5, 5, "dealer", "joined", security=security("server"), role="server")
         with pytest.raises(protocol.AuthError, match="tokens differ"):
-            protocol.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security(token="x" * 32))
+            auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security(token="x" * 32))
     finally:
         assert dealer.terminate(20) == 0
     assert dealer.out[-1].endswith("stopped")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from secure.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
-from secure.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear, ring_linear_small,
+from secure.core.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
+from secure.core.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear, ring_linear_small,
                          to_planes, truncate_share)
 
 GEN = torch.Generator().manual_seed(0)

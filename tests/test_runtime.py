@@ -1,5 +1,5 @@
 """The two-party runtime: secure logits == plaintext on real CIFAR-10 images, roles, profiles, for the
-fast engine (the default, secure/engine.py) and the CrypTen reference engine.
+fast engine (the default, secure/core/engine.py) and the CrypTen reference engine.
 
 Every secure run spawns fresh party processes (CrypTen's state and gloo's process group are
 process-global), so this test process never initialises either itself.
@@ -19,9 +19,11 @@ import torch
 
 from deepreduce.data import normalize
 from deepreduce.spec import ModelSpec
-from secure.plan import SecurePlan, plan_from_checkpoint, run_plaintext
-from secure.profiling import random_checkpoint
-from secure.runtime import ROLES, SecureSessionError, run_local_parties
+from secure.core.export import plan_from_checkpoint
+from secure.core.plan import SecurePlan, run_plaintext
+from deepreduce.checkpoint import random_checkpoint
+from secure.core.runtime import ROLES, SecureSessionError
+from secure.tools.local import run_local_parties
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-2
@@ -148,9 +150,10 @@ def test_insecure_tfp_is_marked_and_still_correct(tfp_run):
 MISSING_SERVER = """
 import time, torch
 from deepreduce.spec import ModelSpec
-from secure.plan import plan_from_checkpoint
-from secure.profiling import random_checkpoint
-from secure.runtime import Rendezvous, SecureSessionError, free_port, run_client
+from secure.core.export import plan_from_checkpoint
+from deepreduce.checkpoint import random_checkpoint
+from secure.control.protocol import free_port
+from secure.core.runtime import Rendezvous, SecureSessionError, run_client
 plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, blocks=(1, 1, 1, 1))))
 start = time.monotonic()
 try:
@@ -224,9 +227,9 @@ def test_shipped_model_on_its_demo_images_agrees_with_plaintext():
 LONELY_SERVER = """
 import sys, torch
 from deepreduce.spec import ModelSpec
-from secure.plan import plan_from_checkpoint
-from secure.profiling import random_checkpoint
-from secure.runtime import Rendezvous, SecureSessionError, run_server
+from secure.core.export import plan_from_checkpoint
+from deepreduce.checkpoint import random_checkpoint
+from secure.core.runtime import Rendezvous, SecureSessionError, run_server
 plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, blocks=(1, 1, 1, 1))))
 try:
     run_server(plan, Rendezvous("127.0.0.1", int(sys.argv[1]), 6.0), 1)
@@ -251,7 +254,7 @@ def listeners(port: int) -> set[str]:
 @pytest.mark.slow
 def test_the_rendezvous_store_listens_on_the_session_address_only():
     """torch's c10d store would listen on every interface; the server binds it to the rendezvous host."""
-    from secure.runtime import free_port
+    from secure.control.protocol import free_port
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", LONELY_SERVER, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -278,9 +281,9 @@ def test_a_party_that_dies_while_starting_is_reported_not_waited_for(tmp_path):
     script.write_text(
         "import torch\n"
         "from deepreduce.spec import ModelSpec\n"
-        "from secure.plan import plan_from_checkpoint\n"
-        "from secure.profiling import random_checkpoint\n"
-        "from secure.runtime import run_local\n"
+        "from secure.core.export import plan_from_checkpoint\n"
+        "from deepreduce.checkpoint import random_checkpoint\n"
+        "from secure.tools.local import run_local\n"
         "plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, cull=(1,), thin='bottom'), seed=1))\n"
         "run_local(plan, torch.zeros(32, 3, 32, 32), timeout_s=20)\n")
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=240)

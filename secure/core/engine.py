@@ -1,12 +1,12 @@
 """The fast two-party engine: dealer-assisted linear layers with a reused weight mask, a bit-packed
 ReLU, and an offline/online split.
 
-Ranks as in `secure.runtime`: server 0 (weights), client 1 (images), dealer 2. Values are additive
-shares in Z_2^64 (`secure.ring`), activations with ACT_BITS fractional bits, weights WEIGHT_BITS.
+Ranks as in `secure.core.runtime`: server 0 (weights), client 1 (images), dealer 2. Values are additive
+shares in Z_2^64 (`secure.core.ring`), activations with ACT_BITS fractional bits, weights WEIGHT_BITS.
 
 Session (offline, before any input is used):
   1. server and client check they run the same plan, batches and parameters;
-  2. the dealer draws two seeds: prg_s for the server, prg_c for the client (`secure.correlations`);
+  2. the dealer draws two seeds: prg_s for the server, prg_c for the client (`secure.core.correlations`);
   3. the server opens E_l = W_l - A_l for every linear layer to the client: once per session;
   4. per query, the dealer sends the server its complement of the correlations; the client derives
      its part from prg_c, computes its output share of every linear layer (E_l * B + C1, no input
@@ -29,26 +29,25 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
-from .channel import Channel, like
-from .correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
+from deepreduce.errors import ProjectError
+from secure.core.channel import Channel, gloo_channel, like
+from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
-from .profiling import LayerProfile, Profile
-from .ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, prefer_channels_last, ring_linear,
+from secure.core.party import Rendezvous, Role, SecureSessionError
+from secure.core.profiling import LayerProfile, Profile
+from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, prefer_channels_last, ring_linear,
                    ring_linear_small, to_planes, truncate_share)
 
-SERVER, CLIENT, DEALER = 0, 1, 2
+SERVER, CLIENT, DEALER = Role.SERVER, Role.CLIENT, Role.DEALER
 ENGINE_VERSION = 1
 
 
-class EngineError(RuntimeError):
+class EngineError(ProjectError, RuntimeError):
     """The parties disagree or the plan cannot run on this engine."""
 
 
@@ -64,28 +63,6 @@ class EngineConfig:
     # client and dealer wait meanwhile; on a machine busy with other work each parallel call can cost
     # ~15 ms more, so set 1 there.
     server_threads: int = field(default_factory=_server_threads)
-
-
-# -- process group ------------------------------------------------------------------------------
-
-def connect(rank: int, host: str, port: int, timeout_s: float, insecure_tfp: bool) -> Channel:
-    """Join the session's process group. The server hosts the c10d store on a socket bound to the
-    session's address only: torch's own store would listen on every interface."""
-    world, timeout = (2 if insecure_tfp else 3), timedelta(seconds=timeout_s)
-    if rank == SERVER:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, port), family=family, backlog=16)
-        store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
-                              master_listen_fd=listener.detach(), use_libuv=False)
-    else:  # retries until the server's store is up or the timeout passes
-        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout, use_libuv=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    return Channel(rank, timeout_s)
-
-
-def disconnect() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # -- dealer ---------------------------------------------------------------------------------------
@@ -447,3 +424,41 @@ def _combine(results: list[QueryResult], ch: Channel, setup_s: float, images: in
     return dataclasses.replace(profile, offline_s=setup_s + sum(r.offline_s for r in results),
                                offline_bytes=sum(t.sent + t.received for t in offline),
                                queries=len(results), engine="fast")
+
+
+# -- the engine behind the party entry points (`secure.core.runtime`) ----------------------------
+
+class FastEngine:
+    """This project's dealer-assisted protocol; several queries (batches) per session."""
+    name = "fast"
+
+    def run_server(self, plan, rdv: Rendezvous, batch_sizes: list[int], insecure_tfp: bool) -> Profile:
+        _, profile = _run("server", rdv, plan.public_info(), batch_sizes, insecure_tfp, plan=plan)
+        return profile
+
+    def run_client(self, public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
+        logits, profile = _run("client", rdv, public, [len(b) for b in batches], insecure_tfp,
+                               images=[b.float() for b in batches])
+        return torch.cat(logits), profile
+
+    def run_dealer(self, rdv: Rendezvous) -> dict:
+        return _run("dealer", rdv, None, None, False)
+
+
+def _run(role: str, rdv: Rendezvous, public: dict | None, batch_sizes: list[int] | None, insecure_tfp: bool,
+         plan=None, images: list[torch.Tensor] | None = None):
+    torch.set_num_threads(1)  # the server raises its own count for the online convolutions
+    rank = Role[role.upper()]
+    try:
+        channel = gloo_channel(rank, rdv.host, rdv.port, rdv.timeout_s, world=2 if insecure_tfp else 3)
+    except Exception as exc:  # DistNetworkError, RuntimeError: the peers did not all show up
+        raise SecureSessionError(f"{role}: rendezvous at {rdv.url} failed within {rdv.timeout_s:g} s "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    try:
+        if rank == DEALER:
+            return serve_dealer(channel)
+        return run_party(rank, channel, public, batch_sizes, EngineConfig(), insecure_tfp, plan, images)
+    except (RuntimeError, ValueError) as exc:  # gloo timeouts and resets are RuntimeErrors
+        raise SecureSessionError(f"{role}: secure session failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        channel.close()

@@ -2,10 +2,10 @@
 
 For every model and batch size it runs
 
-* **stock**: the path a CrypTen user would write (`secure.stock`): ``crypten.nn.from_pytorch`` on the
+* **stock**: the path a CrypTen user would write (`secure.tools.stock`): ``crypten.nn.from_pytorch`` on the
   PyTorch model with batch-norm left in, ``encrypt(src=0)`` at the server, the input encrypted with
   ``src=1`` at the client; one session answers ``repeats`` queries;
-* **ours**: `secure.runtime.run_local_parties` on the model's secure plan (batch-norm folded), one
+* **ours**: `secure.tools.local.run_local_parties` on the model's secure plan (batch-norm folded), one
   session per repeat;
 
 both with the dealer (CrypTen's TTP or the runtime's own) as a third process, all three on
@@ -14,7 +14,7 @@ same random inputs (cost does not depend on the pixel values). Reported per mode
 online latency per image (median over the repeats), offline time per image, online MB per image
 (sent + received by the server party), online rounds per batch, the ReLU and linear shares of the
 online time, ``speedup`` = stock online_s / ours online_s, and LAN/WAN projections
-(`secure.netmodel`). Both runtimes' logits are checked against the plaintext PyTorch model
+(`secure.tools.netmodel`). Both runtimes' logits are checked against the plaintext PyTorch model
 (``max_abs_error``).
 """
 
@@ -34,18 +34,19 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from deepreduce.checkpoint import Checkpoint, load_checkpoint
+from deepreduce.checkpoint import Checkpoint, load_checkpoint, random_checkpoint
 from deepreduce.errors import UserError
 from deepreduce.fileio import atomic_output, atomic_write_json
 from deepreduce.relus import relu_count
 from deepreduce.spec import ModelSpec
 
-from .plan import SecurePlan, plan_from_checkpoint
-from .profiling import random_checkpoint
-from .stock import plaintext_logits, run_stock_local
+from secure.core.export import plan_from_checkpoint
+from secure.core.plan import SecurePlan
+from secure.core.runtime import ENGINES
+from secure.tools.stock import plaintext_logits, run_stock_local
 
 try:  # the latency model for real networks (optional: projections are skipped without it)
-    from .netmodel import PROJECTIONS, predict_latency
+    from secure.tools.netmodel import PROJECTIONS, predict_latency
 except ImportError:  # pragma: no cover - only while secure/netmodel.py is missing
     PROJECTIONS, predict_latency = {}, None
 
@@ -173,7 +174,7 @@ def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: fl
                  engine: str | None = None, warmup: int = DEFAULT_WARMUP) -> dict:
     """`warmup` + `repeats` sessions of the project's runtime, one batch each, the first `warmup`
     not counted; figures of the server party."""
-    from .runtime import run_local_parties
+    from secure.tools.local import run_local_parties
     kwargs = {"engine": engine} if engine else {}
     online, servers, offline, error, engines = [], [], [], 0.0, set()
     for r, x in enumerate(bench_inputs(model.spec, batch_size, warmup + repeats)):
@@ -210,7 +211,7 @@ def _figures(online: list[float], servers: list[dict], offline_s: float, batch_s
 
 
 def projections(figures: dict, batch_size: int) -> dict:
-    """{link: seconds per image} from the measured figures (secure.netmodel; {} without it)."""
+    """{link: seconds per image} from the measured figures (secure.tools.netmodel; {} without it)."""
     if predict_latency is None:
         return {}
     profile = {"online_s": figures["online_s"] * batch_size, "batch_size": batch_size,
@@ -267,7 +268,7 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
                          "stock": "crypten.nn.from_pytorch (batch-norm in), model.encrypt(src=0), input src=1; "
                                   "one session, `warmup` + `repeats` queries, the first `warmup` not counted; "
                                   "online at the client",
-                         "ours": "secure.runtime.run_local_parties on the exported plan; one session per query, "
+                         "ours": "secure.tools.local.run_local_parties on the exported plan; one session per query, "
                                  "the first `warmup` not counted; "
                                  "figures of the server party",
                          "units": "online_s, offline_s: seconds per image (online: median over repeats); "
@@ -301,8 +302,8 @@ def format_table(doc: dict) -> str:
 def format_projections(doc: dict) -> str:
     names = list(doc.get("links", {}))
     if not names:
-        return "(no LAN/WAN projections: secure.netmodel is not available)"
-    lines = ["projected online latency per image (secure.netmodel: compute + rounds x RTT + bytes / bandwidth):"]
+        return "(no LAN/WAN projections: secure.tools.netmodel is not available)"
+    lines = ["projected online latency per image (secure.tools.netmodel: compute + rounds x RTT + bytes / bandwidth):"]
     for name, link in doc["links"].items():
         lines.append(f"  {name}: {link['description']}")
     head = f"{'model':<22} {'batch':>5} " + " ".join(f"| {name + ' stock':>11} {name + ' ours':>10} {'speedup':>8} "
@@ -406,29 +407,43 @@ DEFAULT_REPEATS = 3
 DEFAULT_BATCH_SIZES = (1, 8)
 
 
-def bench_command(args, argv: list[str] | None = None, log=print) -> dict:
-    """What `deepreduce bench` does; `args` from deepreduce.cli's parser. Returns the report."""
+@dataclass
+class BenchSettings:
+    """What `deepreduce bench` measures; None picks the default (which --quick changes)."""
+    frontier: str | None = None  # an optimize run's directory: its frontier models
+    spec_files: list[str] = field(default_factory=list)  # ModelSpec JSON files, random weights
+    full: bool = True  # add the full ResNet18 (alpha 1)
+    batch_sizes: list[int] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+    quick: bool = False
+    engine: str | None = None  # this runtime's engine; None: the runtime's default
+    timeout_s: float = 300.0
+    json_out: str | None = None
+    plot: str | None = None
+    progress: bool = True
+
+
+def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print) -> dict:
+    """What `deepreduce bench` does. Returns the report."""
     batch_sizes = args.batch_sizes if args.batch_sizes is not None else [1] if args.quick else list(DEFAULT_BATCH_SIZES)
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    warmup = DEFAULT_WARMUP if getattr(args, "warmup", None) is None else args.warmup
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     if warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
     if any(b < 1 for b in batch_sizes) or not batch_sizes:
         raise UserError(f"--batch-sizes must be positive integers, got {','.join(map(str, batch_sizes))}")
-    if args.timeout <= 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout:g}")
+    if args.timeout_s <= 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout_s:g}")
     if args.frontier and args.spec_files:
         raise UserError("pass either --frontier DIR or --spec FILE, not both")
-    if args.engine:
-        from . import runtime
-        engines = getattr(runtime, "ENGINES", ("crypten",))
-        if args.engine not in engines:
-            raise UserError(f"unknown --engine {args.engine!r}: choose one of {', '.join(engines)}")
+    if args.engine and args.engine not in ENGINES:
+        raise UserError(f"unknown --engine {args.engine!r}: choose one of {', '.join(ENGINES)}")
     for path in (args.json_out, args.plot):
         _check_writable(path)
-    full = not args.no_full
+    full = args.full
     if args.frontier:
         models = frontier_models(args.frontier, quick=args.quick, full=full)
     elif args.spec_files:
@@ -441,8 +456,8 @@ def bench_command(args, argv: list[str] | None = None, log=print) -> dict:
         f"after {warmup} warm-up: "
         + ", ".join(f"{m.name} ({m.relu_count:,} ReLUs)" for m in models))
     machine = machine_info()
-    doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout, engine=args.engine,
-                    progress=not args.no_progress, log=log, warmup=warmup)
+    doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout_s, engine=args.engine,
+                    progress=args.progress, log=log, warmup=warmup)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     command = "deepreduce " + (shlex.join(argv) if argv is not None else "bench")
     doc = {"format_version": doc.pop("format_version"), "kind": doc.pop("kind"), "command": command,

@@ -1,4 +1,4 @@
-"""Imported once by the party fork server (`secure.session`): torch, the secure runtime and CrypTen,
+"""Imported once by the party fork server (`secure.control.workers`): torch, the secure runtime and CrypTen,
 so that each session's party process is a fork that starts in milliseconds instead of a fresh
 interpreter that spends seconds importing them. A failure is recorded, not raised: the party
 process reports it when its job arrives."""
@@ -8,8 +8,8 @@ try:
     import torch
 
     torch.set_num_threads(1)  # CrypTen parties hang with several intra-op threads (CrypTen #88)
-    import secure.runtime  # noqa: F401
-    from secure.crypten_compat import crypten_module
+    import secure.core.runtime  # noqa: F401
+    from secure.reference.crypten_compat import crypten_module
 
     crypten_module()
 except Exception as exc:  # noqa: BLE001 - reported by the party process

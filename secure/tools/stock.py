@@ -6,7 +6,7 @@ is converted with ``crypten.nn.from_pytorch`` (made to run on torch 2.13 by
 else), the server encrypts it with ``model.encrypt(src=0)``, the client builds the same architecture
 with placeholder weights (CrypTen needs a module of the same structure to receive its shares: it
 never sees the weights) and encrypts its input with ``src=1``; the logits are revealed to the client
-only. The dealer is CrypTen's TTP, as in `secure.runtime`, whose session helpers (rendezvous,
+only. The dealer is CrypTen's TTP, as in `secure.core.runtime`, whose session helpers (rendezvous,
 timeouts, teardown, dealer) this module reuses, so both runtimes run in the same security setting.
 
 Per session: ``offline_s`` = rendezvous + model encryption (+ a barrier, so the online phase of the
@@ -14,7 +14,7 @@ two parties starts together), measured at the server; the ONNX conversion (plain
 is ``convert_s`` and not part of it. Per query: the client's ``online_s`` runs from the encryption of
 its input to the revealed logits; each party's profile holds bytes (`TrafficCounter`), rounds
 (CrypTen's communicator statistics) and per-module times, with the same keys as
-`secure.profiling.Profile`. A session answers several queries on the once-encrypted model.
+`secure.core.profiling.Profile`. A session answers several queries on the once-encrypted model.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepreduce.checkpoint import Checkpoint, load_checkpoint
+from deepreduce.checkpoint import Checkpoint, load_checkpoint, random_checkpoint
 from deepreduce.spec import ModelSpec
-
-from .crypten_compat import patch_from_pytorch
-from .profiling import LayerRecorder, TrafficCounter, random_checkpoint
-from .runtime import (ROLES, Rendezvous, _check_agreement, _crypten_session, _reveal_to_client, _serve_dealer,
-                      free_port, run_processes)
+from secure.control.protocol import free_port
+from secure.core.party import ROLES, Rendezvous
+from secure.reference.crypten_compat import patch_from_pytorch
+from secure.reference.engine import (LayerRecorder, TrafficCounter, check_agreement, crypten_session,
+                                     reveal_to_client, serve_dealer)
+from secure.tools.local import run_processes
 
 PLACEHOLDER_SEED = 20_240_601  # the client's placeholder weights (any values do)
 
@@ -127,10 +128,10 @@ def _run_stock_party(role: str, ckpt: Checkpoint | None, spec: ModelSpec, batche
     cmodel, convert_s = _convert(crypten, model, spec, batch_size)
     shape = (batch_size, spec.in_channels, spec.input_size, spec.input_size)
     start = time.perf_counter()
-    with _crypten_session(role, rdv, insecure_tfp=False) as crypten:
+    with crypten_session(role, rdv, insecure_tfp=False) as crypten:
         communicator = crypten.communicator.get()
         counter = TrafficCounter(communicator)
-        _check_agreement(communicator, stock_session_hash(crypten, cmodel, queries), batch_size, shape[1:])
+        check_agreement(communicator, stock_session_hash(crypten, cmodel, queries), batch_size, shape[1:])
         cmodel.encrypt(src=ROLES["server"])
         communicator.barrier()  # the online phase starts at both parties together
         offline_s = time.perf_counter() - start
@@ -145,7 +146,7 @@ def _run_stock_party(role: str, ckpt: Checkpoint | None, spec: ModelSpec, batche
                                                            src=ROLES["client"]))
             with crypten.no_grad():
                 out = cmodel(x)
-                logits = recorder.record("output", "reveal", 0, lambda: _reveal_to_client(out))
+                logits = recorder.record("output", "reveal", 0, lambda: reveal_to_client(out))
             profile = _profile(recorder.layers, time.perf_counter() - t0, batch_size)
             if role == "client":
                 profile["logits"] = logits.tolist()
@@ -185,7 +186,7 @@ def run_stock_local(ckpt: Checkpoint, batches: list[torch.Tensor], timeout_s: fl
 def _local_stock_party(role, ckpt_path, spec_json, pixels_path, rdv, results) -> None:
     try:
         if role == "dealer":
-            traffic = _serve_dealer(rdv)
+            traffic = serve_dealer(rdv)
             results.put((role, "ok", {"pid": os.getpid(), **traffic}))
             return
         spec = ModelSpec.from_dict(json.loads(spec_json))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ring import Prg, from_plane, packed_size, ring_linear
+from secure.core.ring import Prg, from_plane, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
 
@@ -73,7 +73,7 @@ class Layout:
 
     def server_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
         """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order;
-        bits are packed planes (`secure.ring.to_planes`), shape [planes, bytes]."""
+        bits are packed planes (`secure.core.ring.to_planes`), shape [planes, bytes]."""
         spec = []
         for op in self.ops:
             i = op["id"]

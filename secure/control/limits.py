@@ -38,7 +38,7 @@ def label_only_plan(plan, epsilon: float = LABEL_EPSILON, scale: float = LABEL_S
     """A new SecurePlan whose output is the label-only head above (its own plan hash)."""
     import torch
 
-    from .plan import SecurePlan
+    from secure.core.plan import SecurePlan
     ops = [dict(op) for op in plan.ops]
     tensors = dict(plan.tensors)
     logits = len(ops) - 1

@@ -5,7 +5,7 @@ Frame: a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding on
 refused without reading the body; a whole frame must arrive within one read timeout, so a peer
 that sends one byte at a time is cut off.
 
-Every connection starts with the handshake of `secure.auth` (``hello``, ``challenge``, ``auth``,
+Every connection starts with the handshake of `secure.control.auth` (``hello``, ``challenge``, ``auth``,
 ``ready``): a mutual HMAC challenge-response on a shared token that never crosses the wire. It
 derives a session key; every later message carries ``"seq"`` (0, 1, 2, ... per direction) and
 ``"mac"`` (HMAC-SHA256 under the session key of the direction label and the message's canonical
@@ -328,6 +328,20 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def free_port() -> int:
+    """A TCP port free on every interface now, IPv6 included where the host has it (as c10d's store
+    binds); the one helper for tests and local runs that need a port."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", 0)
+    except OSError:
+        s, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("", 0)
+    with s:
+        s.bind(address)
+        return s.getsockname()[1]
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
     if host == "localhost":
@@ -352,14 +366,3 @@ def connect(host: str, port: int, timeout: float, what: str = "peer", retry_dela
                 raise Unreachable(f"cannot reach the {what} at {format_address(host, port)} "
                                    f"({exc.strerror or exc}) after {timeout:g} s: is it running?") from None
             time.sleep(retry_delay)
-
-
-def request(host: str, port: int, msg: dict, connect_timeout: float, read_timeout: float, what: str,
-            *reply_types: str, security=None, role: str = "client") -> dict:
-    """One request, one reply, on a fresh authenticated connection to a pi-`what`. `security` (a
-    secure.auth.Security) defaults to the token in $DEEPREDUCE_TOKEN (no authentication if unset)."""
-    from . import auth
-    security = security or auth.Security.from_env(role)
-    with auth.open_channel(host, port, security, connect_timeout, read_timeout, what, role) as ch:
-        ch.send(msg["type"], **{k: v for k, v in msg.items() if k != "type"})
-        return expect(ch.recv(read_timeout), *reply_types)

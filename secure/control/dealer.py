@@ -1,0 +1,136 @@
+"""pi-dealer: the CrypTen trusted third party (rank 2) that hands out correlated randomness.
+
+It listens on a control port; only a peer that passes the token handshake (secure.control.auth) gets
+further. A server sends {"type": "join", "session_id", "host", "port", "timeout_s", "nonce"} per
+session and keeps that connection open for the session's lifetime. The dealer runs its party in
+a fresh worker process, answers {"type": "joined", "session_id", "dealer_id", "attestation"} (the
+attestation, made with the dealer token that clients hold and the server does not, lets a client
+check that this dealer serves its session), and {"type": "done"} or {"type": "error"} when the
+party ends. A closed connection cancels the session. The dealer never sees images, weights or
+results; its main process never imports torch.
+
+    DEEPREDUCE_TOKEN=... pi-dealer --host 127.0.0.1 --port 7001 [--id dealer-a --dealer-token-file FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+from secure.control import auth
+
+from secure.control import protocol
+from secure.control.service import Service, add_limit_arguments, limits_from_args, run_main
+from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
+from secure.core.party import Rendezvous
+
+
+class Dealer:
+    def __init__(self, service: Service, read_timeout: float, session_timeout: float, max_sessions: int,
+                 attest_key: bytes | None):
+        self.service = service
+        self.read_timeout = read_timeout
+        self.session_timeout = session_timeout
+        self.slots = threading.BoundedSemaphore(max_sessions)
+        self.attest_key = attest_key
+        self.dealer_id = service.security.creds.identity
+
+    def handle(self, ch) -> None:
+        msg = ch.recv(self.read_timeout)
+        if msg["type"] == "ping":
+            ch.send("pong", role="dealer", dealer_id=self.dealer_id, attests=self.attest_key is not None)
+        elif msg["type"] == "join":
+            if ch.peer_role != "server":
+                raise protocol.ControlError(f"only a pi-server may ask the dealer to join a session, not a {ch.peer_role}")
+            self.join(ch, msg)
+        else:
+            raise protocol.ProtocolError(f"the dealer does not answer {msg['type'][:40]!r} messages "
+                                         "(a pi-client must talk to pi-server, not pi-dealer)")
+
+    def join(self, ch, msg: dict) -> None:
+        sid = protocol.field(msg, "session_id", str, lambda s: 0 < len(s) <= 64, "a session id")
+        rdv = Rendezvous(protocol.field(msg, "host", str, lambda s: 0 < len(s) <= 255, "a host name"),
+                         protocol.field(msg, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
+                         float(protocol.field(msg, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
+                                              "seconds in (0, 3600]")))
+        nonce = msg.get("nonce")
+        if nonce is not None:
+            protocol.field(msg, "nonce", str, lambda n: protocol.is_hex(n, 64), "64 lowercase hex digits or null")
+        if not self.slots.acquire(blocking=False):
+            protocol.send_busy(ch, "the dealer is busy (all its session slots are taken): try again later", 5.0)
+            return
+        worker = None
+        try:
+            worker = Worker(f"pi-dealer-{sid}")
+            self.service.track(worker)
+            worker.start_job(PartyJob("dealer", rdv))
+            attestation = (None if self.attest_key is None or nonce is None
+                           else auth.attest(self.attest_key, self.dealer_id, sid, rdv.port, nonce))
+            ch.send("joined", session_id=sid, dealer_id=self.dealer_id, attestation=attestation)
+            self.service.log(f"session {sid}: joined rendezvous {protocol.format_address(rdv.host, rdv.port)}")
+            self.finish(ch, sid, worker)
+        finally:
+            if worker is not None:
+                self.service.untrack(worker)
+            self.slots.release()
+
+    def finish(self, ch, sid: str, worker: Worker) -> None:
+        outcome = supervise(worker, {"server": ch}, time.monotonic() + self.session_timeout,
+                            self.service.stop, self.read_timeout)
+        if outcome.kind == "ok":
+            ch.send("done", session_id=sid)
+            self.service.log(f"session {sid}: done")
+        else:
+            self.service.log(f"session {sid}: ended ({outcome.kind}): {outcome.message}")
+            protocol.send_error(ch, f"dealer: {outcome.message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pi-dealer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # `--token` must not pass for --token-file
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7001, help="control port (0 picks a free one; default 7001)")
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default 4)")
+    p.add_argument("--session-timeout", type=float, default=900.0,
+                   help="seconds a session may run before it is stopped (default 900)")
+    p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
+                   help="seconds to wait for a control message (default 30)")
+    p.add_argument("--dealer-token-file", metavar="FILE",
+                   help=f"the dealer token shared with the clients that trust this dealer (default "
+                        f"${auth.DEALER_TOKEN_ENV}); with it, each join is attested for the client")
+    auth.add_arguments(p, listener=True, connector=False, default_id="dealer")
+    add_limit_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_sessions < 1 or args.session_timeout <= 0 or args.read_timeout <= 0:
+        raise protocol.ControlError("--max-sessions, --session-timeout and --read-timeout must be positive")
+    security = auth.security_from_args(args, listen_host=args.host)
+    limits = limits_from_args(args)
+    attest_key = auth.dealer_key(args.dealer_token_file)
+    private_tempdir("pi-dealer")
+    service = Service("pi-dealer", args.host, args.port, security, limits)
+    service.install_signal_handlers()
+    service.announce()
+    start_fork_server()
+    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key)
+    service.log(f"dealer {dealer.dealer_id!r}: "
+                + ("authentication off (--no-auth)" if security.creds.no_auth else "token authentication")
+                + (", TLS" if security.server_tls else "")
+                + (", attests joins with the dealer token" if attest_key else ", no dealer token (no attestations)"))
+    service.serve(dealer.handle)
+    service.log("stopped")
+    return 0
+
+
+def cli() -> int:
+    return run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

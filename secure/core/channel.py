@@ -1,0 +1,185 @@
+"""Point-to-point tensor messages between the fast engine's parties, with byte and round counts.
+
+`Channel` is the interface the engine talks to and does the counting; a transport subclass moves the
+bytes. `GlooChannel` runs over torch.distributed's gloo backend (the server hosts the c10d store,
+`GLOO_SOCKET_IFNAME` pins the interface); `InProcessHub` connects parties that run as threads of
+one process, for the engine's unit tests. Every message's size follows from the public plan, so a
+receiver always knows what to expect; the tensors of one message travel as one byte buffer. Each
+send and receive waits at most `timeout_s` (callers pass a longer bound where the peer is known to be
+busy with offline work).
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    received: int = 0
+    rounds: int = 0
+
+
+@dataclass
+class Channel:
+    """One party's end: `send`, `recv` and `exchange` tensors with the peer of rank `dst`/`src`/`peer`.
+    Bytes and rounds are counted per `phase` (the engine sets it: setup, offline, online)."""
+    rank: int
+    timeout_s: float
+    phases: dict[str, Traffic] = field(default_factory=dict)
+    phase: str = "setup"
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.phases.setdefault(self.phase, Traffic())
+
+    def send(self, dst: int, tensors: list[torch.Tensor], rounds: int = 1, timeout_s: float | None = None) -> None:
+        """Returns once the peer has taken the message (a busy peer may take up to `timeout_s`)."""
+        buf = _to_bytes(tensors)
+        if buf.numel():
+            self._send(dst, buf, timeout_s or self.timeout_s)
+        self.traffic.sent += buf.numel()
+        self.traffic.rounds += rounds
+
+    def recv(self, src: int, specs: list[tuple[torch.dtype, int]], rounds: int = 1,
+             timeout_s: float | None = None) -> list[torch.Tensor]:
+        n = _nbytes(specs)
+        buf = self._recv(src, n, timeout_s or self.timeout_s) if n else torch.zeros(0, dtype=torch.uint8)
+        self.traffic.received += buf.numel()
+        self.traffic.rounds += rounds
+        return _from_bytes(buf, specs)
+
+    def exchange(self, peer: int, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, int]],
+                 timeout_s: float | None = None) -> list[torch.Tensor]:
+        """Send ours and receive theirs at the same time: one round."""
+        out, n = _to_bytes(tensors), _nbytes(specs)
+        buf = self._exchange(peer, out, n, timeout_s or self.timeout_s)
+        self.traffic.sent += out.numel()
+        self.traffic.received += buf.numel()
+        self.traffic.rounds += 1
+        return _from_bytes(buf, specs)
+
+    def close(self) -> None:
+        """Leave the session (idempotent)."""
+
+    # -- the transport: subclasses move whole byte buffers -----------------------------------------
+    def _send(self, dst: int, buf: torch.Tensor, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    def _recv(self, src: int, nbytes: int, timeout_s: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _exchange(self, peer: int, out: torch.Tensor, nbytes: int, timeout_s: float) -> torch.Tensor:
+        if out.numel():
+            self._send(peer, out, timeout_s)
+        return self._recv(peer, nbytes, timeout_s) if nbytes else torch.zeros(0, dtype=torch.uint8)
+
+
+# -- gloo (torch.distributed) ------------------------------------------------------------------------
+
+class GlooChannel(Channel):
+    def _send(self, dst, buf, timeout_s):
+        dist.isend(buf, dst).wait(timedelta(seconds=timeout_s))
+
+    def _recv(self, src, nbytes, timeout_s):
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        dist.irecv(buf, src).wait(timedelta(seconds=timeout_s))
+        return buf
+
+    def _exchange(self, peer, out, nbytes, timeout_s):
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        wait = timedelta(seconds=timeout_s)
+        pending = dist.isend(out, peer) if out.numel() else None
+        if nbytes:
+            dist.irecv(buf, peer).wait(wait)
+        if pending is not None:
+            pending.wait(wait)
+        return buf
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def gloo_channel(rank: int, host: str, port: int, timeout_s: float, world: int) -> GlooChannel:
+    """Join the session's process group (rank 0 hosts the c10d store). The server binds the store's
+    socket to the session's address only: torch's own store would listen on every interface."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family, backlog=16)
+        store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                              master_listen_fd=listener.detach(), use_libuv=False)
+    else:  # retries until the server's store is up or the timeout passes
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout, use_libuv=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    return GlooChannel(rank, timeout_s)
+
+
+# -- in one process (engine unit tests) ---------------------------------------------------------------
+
+class InProcessHub:
+    """Queues between parties that run as threads of one process: `hub.channel(rank)` per party.
+    A receive that waits past its timeout, or finds a message of another size than the plan says,
+    raises RuntimeError, as a gloo timeout does."""
+
+    def __init__(self, ranks=(0, 1, 2)):
+        self._queues = {(a, b): queue.Queue() for a in ranks for b in ranks if a != b}
+
+    def channel(self, rank: int, timeout_s: float = 30.0) -> "InProcessChannel":
+        return InProcessChannel(rank, timeout_s, hub=self)
+
+    def pending(self) -> int:
+        """Messages sent and not yet received (0 after a clean session)."""
+        return sum(q.qsize() for q in self._queues.values())
+
+
+@dataclass
+class InProcessChannel(Channel):
+    hub: InProcessHub | None = None
+
+    def _send(self, dst, buf, timeout_s):
+        self.hub._queues[(self.rank, dst)].put(buf.clone())
+
+    def _recv(self, src, nbytes, timeout_s):
+        try:
+            buf = self.hub._queues[(src, self.rank)].get(timeout=timeout_s)
+        except queue.Empty:
+            raise RuntimeError(f"rank {self.rank}: no message from rank {src} within {timeout_s:g} s") from None
+        if buf.numel() != nbytes:
+            raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {buf.numel()}")
+        return buf
+
+
+def like(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
+    """The receive spec of a message shaped like `tensors` (both parties send alike)."""
+    return [(t.dtype, t.numel()) for t in tensors]
+
+
+def _to_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _nbytes(specs) -> int:
+    return sum(_itemsize(dtype) * n for dtype, n in specs)
+
+
+def _from_bytes(buf: torch.Tensor, specs) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for dtype, n in specs:
+        size = _itemsize(dtype) * n
+        out.append(buf[offset: offset + size].clone().view(dtype))
+        offset += size
+    return out

@@ -1,0 +1,80 @@
+"""What every engine shares: the role table, the rendezvous, a party's result, the session error.
+
+Torch-free on purpose: the control plane imports the role table before any party process loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+from deepreduce.errors import ProjectError
+
+if TYPE_CHECKING:
+    import torch
+
+    from secure.core.plan import PublicPlan, SecurePlan
+    from secure.core.profiling import Profile
+
+
+class Role(IntEnum):
+    """The three roles and their fixed ranks: the server holds the weights, the client the images,
+    the dealer hands out correlated randomness and never sees an opened value."""
+    SERVER = 0
+    CLIENT = 1
+    DEALER = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+ROLES = {role.label: int(role) for role in Role}  # "server" -> 0, ...
+ROLE_NAMES = tuple(ROLES)
+
+
+@dataclass
+class Rendezvous:
+    host: str  # where rank 0 (the server party) hosts the session's meeting point
+    port: int
+    timeout_s: float = 60.0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+@dataclass
+class PartyResult:
+    role: str
+    logits: "torch.Tensor | None"  # client only: float64, N x classes
+    profile: "Profile | None"
+    insecure_tfp: bool
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "insecure_tfp": self.insecure_tfp,
+                "logits": None if self.logits is None else self.logits.double().tolist(),
+                "profile": None if self.profile is None else self.profile.to_dict()}
+
+
+class SecureSessionError(ProjectError, RuntimeError):
+    """The two parties disagree (plan, batch) or a peer failed, vanished or timed out."""
+
+
+class Engine(Protocol):
+    """A two-party inference protocol: each method runs one role of one session in this process.
+
+    `batch_sizes` lists the queries (batches) of the session in order; an engine that runs one
+    query per session refuses more with a ValueError."""
+
+    name: str
+
+    def run_server(self, plan: "SecurePlan", rdv: Rendezvous, batch_sizes: list[int],
+                   insecure_tfp: bool) -> "Profile": ...
+
+    def run_client(self, public: "PublicPlan", batches: "list[torch.Tensor]", rdv: Rendezvous,
+                   insecure_tfp: bool) -> "tuple[torch.Tensor, Profile]": ...
+
+    def run_dealer(self, rdv: Rendezvous) -> dict: ...

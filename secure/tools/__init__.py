@@ -1,0 +1,1 @@
+"""Evaluation tools: the local three-party harness, secure-vs-plaintext agreement, cost measurement, the stock-CrypTen benchmark, network testbeds and models."""

@@ -1,0 +1,156 @@
+"""All three parties on this machine, each in a fresh process on 127.0.0.1: the harness behind the
+tests, `secure.measure`, `secure.agreement` and `deepreduce bench`."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from secure.control.protocol import free_port
+from secure.core.party import PartyResult, Rendezvous, SecureSessionError
+from secure.core.plan import SecurePlan
+from secure.core.profiling import Profile
+from secure.core.runtime import DEFAULT_ENGINE, get_engine, run_client, run_dealer, run_server
+
+__all__ = ["LocalRun", "run_local", "run_local_parties", "run_processes"]
+
+
+def run_local(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False, port: int | None = None,
+              timeout_s: float = 60, engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> PartyResult:
+    """Run server, client and dealer (no dealer with TFP) as fresh processes on 127.0.0.1 and
+    return the client's result."""
+    return run_local_parties(plan, images, insecure_tfp, port, timeout_s, engine=engine, batch_size=batch_size).client
+
+
+@dataclass
+class LocalRun:
+    server: PartyResult
+    client: PartyResult
+    dealer: dict | None  # {"bytes_sent", "bytes_received"}; None with TFP
+    pids: dict  # role -> process id: every party ran in its own process
+
+
+def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False,
+                      port: int | None = None, timeout_s: float = 60, client_public: dict | None = None,
+                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> LocalRun:
+    """Like run_local, but returns every party's outcome. `client_public` gives the client another
+    public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
+    `images` into several queries of one session (fast engine); by default they are one batch."""
+    get_engine(engine)  # an unknown name fails here, before any process starts
+    rdv = Rendezvous("127.0.0.1", port or free_port(), timeout_s)
+    roles = ["server", "client"] + ([] if insecure_tfp else ["dealer"])
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="secure-local-") as tmp:
+        plan_path = os.path.join(tmp, "model.plan")
+        plan.save(plan_path)  # each party loads it, as the images below: arguments stay small (run_processes)
+        public = json.dumps(client_public or plan.public_info())  # only what crosses the network
+        pixels_path = os.path.join(tmp, "images.npy")
+        np.save(pixels_path, images.detach().float().numpy())
+        procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
+                                   args=(role, plan_path, public, pixels_path, rdv, insecure_tfp, results, engine,
+                                         batch_size or len(images)))
+                 for role in roles}
+        outcomes, pids = run_processes(procs, results, timeout_s)
+    return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
+                    dealer=outcomes.get("dealer"), pids=pids)
+
+
+def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
+    """Start every party process, collect each one's ("ok", payload with its "pid") from `results`,
+    stop them all whatever happens; returns (role -> payload without the pid, role -> pid).
+
+    The processes' arguments must stay small (paths, not tensors): spawn writes them into a pipe that
+    the child reads only after importing __main__, so a child that dies there (a script without a
+    `__main__` guard) would leave start() blocked on a full pipe instead of reporting the dead party."""
+    try:
+        for p in procs.values():
+            p.start()
+        outcomes = _collect(procs, results, deadline=time.monotonic() + 10 * timeout_s + 60)
+    finally:
+        _stop(procs.values())
+    return outcomes, {role: outcome.pop("pid") for role, outcome in outcomes.items()}
+
+
+def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, results, engine, batch_size) -> None:
+    try:
+        if role == "dealer":
+            traffic = run_dealer(rdv, engine)
+            results.put((role, "ok", {"pid": os.getpid(), **traffic}))
+            return
+        batches = list(torch.from_numpy(np.load(pixels_path)).split(batch_size))
+        if role == "server":
+            outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine)
+        else:
+            outcome = run_client(json.loads(public_json), batches, rdv, insecure_tfp, engine)
+        results.put((role, "ok", {"pid": os.getpid(), **outcome.to_dict()}))
+    except BaseException as exc:
+        results.put((role, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _collect(procs: dict, results, deadline: float) -> dict:
+    outcomes = {}
+    while len(outcomes) < len(procs):
+        try:
+            role, status, payload = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [r for r, p in procs.items() if r not in outcomes and not p.is_alive()]
+            if dead:
+                # a result put just before exiting may still be in flight
+                try:
+                    role, status, payload = results.get(timeout=2.0)
+                except queue.Empty:
+                    raise SecureSessionError(f"party {dead[0]} exited with code "
+                                             f"{procs[dead[0]].exitcode} without a result") from None
+            elif time.monotonic() > deadline:
+                waiting = sorted(set(procs) - set(outcomes))
+                raise SecureSessionError(f"local secure run timed out; waiting for {waiting}")
+            else:
+                continue
+        if status == "error":
+            raise SecureSessionError(_failures(role, payload, results))
+        outcomes[role] = payload
+    return outcomes
+
+
+def _failures(role: str, payload: str, results) -> str:
+    """The first failure plus any other party's that follows shortly: the root cause may be
+    in the party that reports second (a crash at one end shows as a reset at the other)."""
+    failures = [f"party {role} failed: {payload}"]
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        try:
+            other, status, text = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if status == "error":
+            failures.append(f"party {other} failed: {text}")
+    return "\n".join(failures)
+
+
+def _party_result(d: dict) -> PartyResult:
+    logits = None if d["logits"] is None else torch.tensor(d["logits"], dtype=torch.float64)
+    profile = None if d["profile"] is None else Profile.from_dict(d["profile"])
+    return PartyResult(d["role"], logits, profile, d["insecure_tfp"])
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.join(timeout=5)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
