@@ -19,74 +19,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import signal
 import sys
-import threading
-import time
-import warnings
+from typing import TYPE_CHECKING
 
+from client.inputs import load_inputs
+from client.load import LoadSettings, load_summary, print_load, run_load
+from client.session import ClientSettings, fetch_info, one_session, public_plan, records
 from secure.control import auth, protocol
 from secure.control.service import run_main
-from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
-from secure.core.party import Rendezvous
+from secure.control.workers import private_tempdir, start_fork_server
+
+if TYPE_CHECKING:
+    from secure.core.plan import PublicPlan
 
 INSECURE_NOTE = ("INSECURE: the server runs in --insecure-tfp benchmark mode (no dealer): "
                  "it could learn your images. Do not use it for private data.")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 class Terminated(BaseException):
     """SIGTERM: unwinds like Ctrl-C so that the worker is stopped."""
 
 
-class Transient(protocol.ControlError):
-    """A failure that trying again may fix (the server went away, is restarting or is busy)."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# -- connections, with retries ----------------------------------------------------------------------
-
-def with_retries(args, action):
-    """action(); failures that may pass (busy, server gone or restarting) are retried --retries times,
-    waiting --retry-backoff seconds (doubling each time) or the server's retry-after hint if longer."""
-    delay = args.retry_backoff
-    for attempt in range(args.retries + 1):
-        try:
-            return action()
-        except (protocol.RemoteError, Transient, protocol.PeerClosed, protocol.Unreachable) as exc:
-            hint = getattr(exc, "retry_after", None)
-            retryable = not isinstance(exc, protocol.RemoteError) or hint is not None
-            wait = max(delay, hint or 0.0)
-            if not retryable or attempt == args.retries or wait > args.timeout:
-                raise
-            print(f"note: {protocol.one_line(str(exc), 200)}; retrying in {wait:g} s "
-                  f"({attempt + 1}/{args.retries})", file=sys.stderr, flush=True)
-            time.sleep(wait)
-            delay *= 2
-    raise AssertionError("unreachable")
+def dealer_trust(args) -> tuple[str, bytes] | None:
+    if not args.dealer_id:
+        if args.dealer_token_file:
+            raise protocol.ControlError("--dealer-token-file needs --dealer-id NAME (the dealer you trust)")
+        return None
+    key = auth.dealer_key(args.dealer_token_file)
+    if key is None:
+        raise protocol.ControlError(f"--dealer-id needs the dealer token to verify the dealer: pass --dealer-token-file "
+                                    f"FILE or set ${auth.DEALER_TOKEN_ENV}")
+    return args.dealer_id, key
 
 
-def fetch_info(server: tuple[str, int], args, security) -> dict:
-    def once():
-        with auth.open_channel(*server, security, args.connect_timeout, args.timeout, "server") as ch:
-            ch.send("info")
-            return protocol.expect(ch.recv(args.timeout), "info")
-    info = with_retries(args, once)
-    plan = info.get("plan")
-    if not isinstance(plan, dict) or not {"input_shape", "classes", "mean", "std", "plan_hash", "ops"} <= set(plan):
-        raise protocol.ProtocolError("the server's info reply lacks the public plan")
-    return info
+def settings_from_args(args) -> ClientSettings:
+    """The command line's connection flags as the library's settings (checked by main)."""
+    return ClientSettings(server=protocol.parse_address(args.server, "--server"), security=auth.security_from_args(args),
+                          trust=dealer_trust(args) if hasattr(args, "dealer_id") else None,
+                          connect_timeout=args.connect_timeout, timeout=args.timeout, retries=args.retries,
+                          retry_backoff=args.retry_backoff)
 
 
 def cmd_info(args) -> None:
-    server = protocol.parse_address(args.server, "--server")
-    info = fetch_info(server, args, auth.security_from_args(args))
+    info = fetch_info(settings_from_args(args))
     plan = info["plan"]
     if args.json:
         print(json.dumps({"server": args.server, "insecure_tfp": bool(info.get("insecure_tfp")),
@@ -114,213 +90,21 @@ def cmd_info(args) -> None:
         print(f"queries     {info['queries_left']} images left for this client")
 
 
-# -- inputs --------------------------------------------------------------------------------------------
-
-def load_inputs(paths: list[str], plan: dict, resize: bool, convert: bool = False):
-    """-> (normalised float32 N x C x H x W tensor, one name per image). Image files are decoded like
-    `deepreduce predict`; .npy files hold already-normalised pixels. Every problem is one ControlError."""
-    import torch
-
-    from deepreduce.data import load_image_files, normalize  # imports torch
-    c, h, w = (int(d) for d in plan["input_shape"])
-    if h != w:
-        raise protocol.ControlError(f"the server's plan expects {h}x{w} images; only square inputs are supported")
-    limit = _normalised_bound(plan)
-    parts, names = [], []
-    images: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            raise protocol.ControlError(f"input {path} is a directory, not an image or .npy file")
-        if not os.path.isfile(path):
-            raise protocol.ControlError(f"input {path} does not exist")
-        if path.lower().endswith(".npy"):
-            if images:
-                parts.append(images)
-                images = []
-            arr, single = load_npy(path, (c, h, w), limit)
-            parts.append(arr)
-            names += [path] if single else [f"{path}[{i}]" for i in range(len(arr))]
-        else:
-            check_image(path, c, convert)
-            images.append(path)
-            names.append(path)
-    if images:
-        parts.append(images)
-    batches = []
-    for part in parts:
-        if isinstance(part, list):
-            batches.append(normalize(load_image_files(part, c, h, resize=resize), plan["mean"], plan["std"]))
-        else:
-            batches.append(torch.from_numpy(part))
-    return torch.cat(batches).float(), names
-
-
-def check_image(path: str, channels: int, convert: bool) -> None:
-    """Readable, not absurdly large, and with the channel count the model expects (unless --convert)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                mode, (width, height) = img.mode, img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
-        raise protocol.ControlError(f"{path} is not a readable image ({protocol.one_line(str(exc), 200)})") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise protocol.ControlError(f"image {path} is {width}x{height}, larger than the {MAX_IMAGE_PIXELS:,}-pixel limit")
-    has = 1 if mode in GRAY_MODES else 3
-    if has != channels and not convert:
-        kind = {1: "grayscale (1 channel)", 3: f"color ({mode}, 3 channels)"}
-        raise protocol.ControlError(f"image {path} is {kind[has]} but the model expects "
-                                    f"{'1 channel' if channels == 1 else '3 channels (RGB)'}: pass --convert to convert it")
-
-
-def load_npy(path: str, shape: tuple[int, int, int], limit: float):
-    """-> (float32 N x C x H x W array, whether the file held a single C x H x W image)."""
-    import numpy as np
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise protocol.ControlError(f"{path} is not a readable .npy array ({protocol.one_line(str(exc), 200)})") from None
-    if not isinstance(arr, np.ndarray):
-        raise protocol.ControlError(f"{path} is an .npz archive, not one .npy array: save one array with numpy.save")
-    want = " x ".join(map(str, shape))
-    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
-        raise protocol.ControlError(f"{path} holds {arr.dtype} values; a .npy input holds float32 (or float16/64) "
-                                    f"normalised pixels, N x {want}")
-    single = arr.ndim == 3
-    if single:
-        arr = arr[None]
-    if arr.ndim != 4:
-        raise protocol.ControlError(f"{path} holds an array of shape {tuple(arr.shape)}; the model expects "
-                                    f"N x {want} (or {want})")
-    if arr.shape[0] == 0:
-        raise protocol.ControlError(f"{path} holds no images (shape {tuple(arr.shape)}): an empty batch")
-    if tuple(arr.shape[1:]) != shape:
-        what = (f"{arr.shape[1]} channels, the model expects {shape[0]}" if arr.shape[1] != shape[0]
-                else f"{arr.shape[2]}x{arr.shape[3]} images, the model expects {shape[1]}x{shape[2]}")
-        raise protocol.ControlError(f"{path} holds {what} (array shape {tuple(arr.shape)}, expected N x {want}); "
-                                    ".npy inputs are not resized")
-    data = np.array(arr, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        first = int(np.argwhere(bad)[0][0])
-        raise protocol.ControlError(f"{path} holds {int(bad.sum())} NaN or infinite value(s) (first in image {first}): "
-                                    "inputs must be finite")
-    peak = float(np.abs(data).max())
-    if peak > limit:
-        raise protocol.ControlError(f"{path} holds values up to {peak:g}, beyond the {limit:g} that normalised pixels "
-                                    "of this model reach: apply the plan's mean/std to pixels in [0, 1] "
-                                    "(`pi-client info --json` shows them)")
-    return data, single
-
-
-def _normalised_bound(plan: dict) -> float:
-    """Twice the largest |(p - mean) / std| over pixels p in [0, 1]: far outside it is not a normalised image."""
-    worst = max(max(m, 1 - m) / s for m, s in zip(plan["mean"], plan["std"]) if s > 0)
-    return max(8.0, 2 * worst)
-
-
-# -- one secure computation -----------------------------------------------------------------------------
-
-def dealer_trust(args) -> tuple[str, bytes] | None:
-    if not args.dealer_id:
-        if args.dealer_token_file:
-            raise protocol.ControlError("--dealer-token-file needs --dealer-id NAME (the dealer you trust)")
-        return None
-    key = auth.dealer_key(args.dealer_token_file)
-    if key is None:
-        raise protocol.ControlError(f"--dealer-id needs the dealer token to verify the dealer: pass --dealer-token-file "
-                                    f"FILE or set ${auth.DEALER_TOKEN_ENV}")
-    return args.dealer_id, key
-
-
-def run_batch(worker: Worker, x, plan: dict, server: tuple[str, int], args, security, trust=None,
-              query_size: int | None = None) -> dict:
-    """One secure session: session request, client party, the server's final word. With `query_size`
-    below len(x), the images run as several queries of one session (set-up paid once)."""
-    start = time.monotonic()
-    nonce = secrets.token_hex(32)
-    queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
-    with auth.open_channel(*server, security, args.connect_timeout, args.timeout, "server") as ch:
-        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan["plan_hash"], dealer_nonce=nonce)
-        reply = protocol.expect(ch.recv(args.timeout), "session")
-        sid = protocol.field(reply, "session_id", str)
-        rdv = Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
-                         protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
-                         float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
-                                              "seconds in (0, 3600]")))
-        tfp = protocol.field(reply, "insecure_tfp", bool)
-        verified = _check_dealer(reply, sid, rdv.port, nonce, tfp, trust)
-        worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, public=plan, batches=queries))
-        outcome = supervise(worker, {"server": ch}, start + args.timeout, read_timeout=args.timeout)
-    if outcome.kind != "ok":
-        message = _describe(outcome, args.timeout)
-        if outcome.kind == "peer_closed" or outcome.retry_after is not None:
-            raise Transient(message, outcome.retry_after)
-        raise protocol.ControlError(message)
-    return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port),
-            "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp,
-            "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
-            "dealer_verified": verified, **outcome.result}
-
-
-def _check_dealer(reply: dict, sid: str, port: int, nonce: str, tfp: bool, trust) -> bool:
-    """With --dealer-id: the session's dealer must be that one, attested with the dealer token."""
-    if trust is None:
-        return False
-    name, key = trust
-    if tfp:
-        raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer {name!r} "
-                                    "that --dealer-id asks for")
-    dealer_id = reply.get("dealer_id")
-    if dealer_id != name:
-        raise protocol.ControlError(f"the server's dealer for session {sid} is {str(dealer_id)[:64]!r}, not {name!r} "
-                                    "(--dealer-id): refusing to share the images")
-    if not auth.verify_attestation(key, name, sid, port, nonce, reply.get("attestation")):
-        raise protocol.ControlError(f"the server could not show that dealer {name!r} joined session {sid} (no valid "
-                                    "attestation: another dealer, or the dealer tokens differ): refusing to share the images")
-    return True
-
-
-def _describe(outcome, timeout: float) -> str:
-    if outcome.kind == "failed":
-        return f"the secure computation failed: {outcome.message}"
-    if outcome.kind == "died":
-        return f"the client party process died: {outcome.message}"
-    if outcome.kind == "timeout":
-        return f"the secure computation did not finish within {timeout:g} s (--timeout)"
-    if outcome.kind == "peer_closed":
-        return "the server closed the session connection (did it stop?)"
-    return outcome.message
-
-
-def one_session(x, plan, server, args, security, trust, query_size: int | None = None) -> dict:
-    """run_batch with a fresh party process per attempt (a party runs once), retried as configured."""
-    def attempt():
-        worker = Worker("pi-client")
-        try:
-            return run_batch(worker, x, plan, server, args, security, trust, query_size)
-        finally:
-            worker.stop()
-    return with_retries(args, attempt)
-
-
 def cmd_infer(args) -> None:
-    server = protocol.parse_address(args.server, "--server")
     if args.batch_size is not None and args.batch_size < 1:
         raise protocol.ControlError("--batch-size must be at least 1")
     if args.session_size is not None and args.session_size < 1:
         raise protocol.ControlError("--session-size must be at least 1")
-    security, trust = auth.security_from_args(args), dealer_trust(args)
-    info = fetch_info(server, args, security)
-    plan = info["plan"]
+    settings = settings_from_args(args)
+    info = fetch_info(settings)
+    plan = public_plan(info)
     tfp = bool(info.get("insecure_tfp"))
-    if tfp and trust:
+    if tfp and settings.trust:
         raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer "
-                                    f"{trust[0]!r} that --dealer-id asks for")
+                                    f"{settings.trust[0]!r} that --dealer-id asks for")
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
-    x, names = load_inputs(args.images, plan, args.resize, args.convert)  # bad inputs fail before any process starts
+    x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize,
+                           args.convert)  # bad inputs fail before any process starts
     size = min(size, len(x))
     if tfp:
         print(f"WARNING: {INSECURE_NOTE}", file=sys.stderr, flush=True)
@@ -333,7 +117,7 @@ def cmd_infer(args) -> None:
         raise protocol.ControlError(f"--session-size {args.session_size} exceeds the server's limit of {limit} "
                                     "images per session")
     per_session = max(size, args.session_size or size)
-    runs = [one_session(x[start:start + per_session], plan, server, args, security, trust, size)
+    runs = [one_session(x[start:start + per_session], plan, settings, size)
             for start in range(0, len(x), per_session)]
     report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs))
 
@@ -346,19 +130,6 @@ def _batch_size(wanted: int | None, limit, n: int) -> int:
 
 
 # -- output ---------------------------------------------------------------------------------------
-
-def records(plan: dict, names: list[str], runs: list[dict]) -> list[dict]:
-    import torch
-
-    from secure.control.limits import labels_from_head
-    from secure.core.plan import prediction_records
-    rows = [row for r in runs for row in r["logits"]]
-    if any(r.get("label_only") for r in runs):
-        return [{"image": name, "class_index": lab["class_index"], "class_name": plan["classes"][lab["class_index"]],
-                 "probability": None, "label_only": True, **({"ties": lab["ties"]} if lab["ties"] > 0 else {})}
-                for name, lab in zip(names, labels_from_head(rows))]
-    return prediction_records(torch.tensor(rows, dtype=torch.float64), plan["classes"], names)
-
 
 def latency(runs: list[dict]) -> dict:
     n = sum(r["images"] for r in runs)
@@ -373,13 +144,13 @@ def latency(runs: list[dict]) -> dict:
             "rounds": int(total("rounds")), "sessions": len(runs)}
 
 
-def report(args, plan: dict, names: list[str], runs: list[dict], tfp: bool) -> None:
+def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool) -> None:
     recs = records(plan, names, runs)
     lat = latency(runs)
     label_only = any(r.get("label_only") for r in runs)
     if args.json:
         doc = {"images": recs, "latency": lat, "insecure_tfp": tfp, "label_only": label_only,
-               "plan_hash": plan["plan_hash"], "sessions": [_session_summary(r) for r in runs]}
+               "plan_hash": plan.plan_hash, "sessions": [_session_summary(r) for r in runs]}
         if tfp:
             doc["warning"] = INSECURE_NOTE
         print(json.dumps(doc))
@@ -418,115 +189,23 @@ def print_latency(lat: dict, n: int) -> None:
         print(f"  {name:<11} {value:>12}  {note}".rstrip())
 
 
-# -- load ------------------------------------------------------------------------------------------------
-
-LOAD_MAX_CLIENTS, LOAD_MAX_SESSIONS, LOAD_MAX_DURATION = 64, 10_000, 3600.0
-
-
 def cmd_load(args) -> None:
-    host, port = protocol.parse_address(args.server, "--server")
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        raise protocol.ControlError(f"pi-client load only targets a server on this machine (127.0.0.1), not {host}")
-    if not 1 <= args.clients <= LOAD_MAX_CLIENTS or not 1 <= args.sessions <= LOAD_MAX_SESSIONS \
-            or not 0 < args.duration <= LOAD_MAX_DURATION:
-        raise protocol.ControlError(f"--clients 1..{LOAD_MAX_CLIENTS}, --sessions 1..{LOAD_MAX_SESSIONS} and "
-                                    f"--duration (0, {LOAD_MAX_DURATION:g}] bound a load run")
-    security, trust = auth.security_from_args(args), dealer_trust(args)
-    info = fetch_info((host, port), args, security)
-    plan = info["plan"]
+    settings = settings_from_args(args)
+    load = LoadSettings(clients=args.clients, sessions=args.sessions, duration_s=args.duration)
+    load.check(settings.server[0])  # before anything is sent
+    info = fetch_info(settings)
+    plan = public_plan(info)
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
-    x, names = load_inputs(args.images, plan, args.resize, args.convert)
-    batches = [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)]
+    x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
     private_tempdir("pi-client")
     start_fork_server()
-    started = time.monotonic()
-    deadline = started + args.duration
-    lock, results, counter = threading.Lock(), [], [0]
-
-    def client_loop(index: int) -> None:
-        while True:
-            with lock:
-                if counter[0] >= args.sessions or time.monotonic() >= deadline:
-                    return
-                counter[0] += 1
-                number = counter[0]
-            t0 = time.monotonic()
-            batch = (number - 1) % len(batches)
-            xb, nb = batches[batch]
-            row = {"session": number, "client": index, "batch": batch, "images": nb, "start_s": round(t0 - started, 3)}
-            worker = Worker("pi-client-load")
-            try:
-                run = run_batch(worker, xb, plan, (host, port), args, security, trust)
-                row.update(status="ok", session_id=run["session_id"], rendezvous=run["rendezvous"],
-                           labels=[r["class_index"] for r in records(plan, nb, [run])])
-            except protocol.BusyError as exc:
-                row.update(status="busy", retry_after_s=exc.retry_after, message=str(exc))
-            except (protocol.ControlError, OSError) as exc:
-                row.update(status="failed", message=protocol.one_line(str(exc), 300))
-            finally:
-                worker.stop()
-            row["latency_s"] = round(time.monotonic() - t0, 3)
-            with lock:
-                results.append(row)
-            if row["status"] == "busy":
-                time.sleep(min(float(row.get("retry_after_s") or 1.0), max(0.0, deadline - time.monotonic()), 5.0))
-
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()) + args.timeout + 30)
-    doc = load_summary(args, results, time.monotonic() - started, size)
+    results, wall = run_load(settings, plan, [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
+    doc = load_summary(args.server, load, results, wall, size)
     print_load(doc)
     if args.json_out:
         from deepreduce.fileio import atomic_write_json
         atomic_write_json(args.json_out, doc)
         print(f"wrote {args.json_out}")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
-    return ordered[rank - 1]
-
-
-def load_summary(args, results: list[dict], wall: float, batch_size: int) -> dict:
-    """`consistent`: every session on the same batch of inputs got the same labels."""
-    results = sorted(results, key=lambda r: r["session"])
-    ok = [r for r in results if r["status"] == "ok"]
-    lat = [r["latency_s"] for r in ok]
-    labels: dict[int, set] = {}
-    for r in ok:
-        labels.setdefault(r["batch"], set()).add(tuple(r["labels"]))
-    return {"server": args.server, "clients": args.clients, "sessions_limit": args.sessions,
-            "duration_limit_s": args.duration, "images_per_session": batch_size, "wall_s": round(wall, 3),
-            "sessions": len(results), "ok": len(ok), "busy": sum(r["status"] == "busy" for r in results),
-            "failed": sum(r["status"] == "failed" for r in results),
-            "sessions_per_minute": round(60 * len(ok) / wall, 3) if wall > 0 else None,
-            "latency_s": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                          "max": max(lat) if lat else None,
-                          "mean": round(sum(lat) / len(lat), 3) if lat else None},
-            "consistent": all(len(v) == 1 for v in labels.values()), "results": results}
-
-
-def print_load(doc: dict) -> None:
-    fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
-    lat = doc["latency_s"]
-    print(f"load: {doc['sessions']} session(s) by {doc['clients']} client(s) in {doc['wall_s']:.1f} s "
-          f"(limits: {doc['sessions_limit']} sessions, {doc['duration_limit_s']:g} s; "
-          f"{doc['images_per_session']} image(s) per session)")
-    rows = [("ok", str(doc["ok"])), ("busy", str(doc["busy"])), ("failed", str(doc["failed"])),
-            ("sessions/min", "-" if doc["sessions_per_minute"] is None else f"{doc['sessions_per_minute']:.2f}"),
-            ("latency p50", fmt(lat["p50"])), ("latency p90", fmt(lat["p90"])), ("latency p99", fmt(lat["p99"])),
-            ("latency max", fmt(lat["max"])), ("consistent", "yes" if doc["consistent"] else "NO")]
-    for name, value in rows:
-        print(f"  {name:<13} {value:>10}")
-    for r in doc["results"]:
-        if r["status"] == "failed":
-            print(f"  session {r['session']} failed: {r['message']}")
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def int_list(text: str) -> list[int]:
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model spec (or --spec FILE.json)")
     g.add_argument("--spec", help="a ModelSpec JSON file; the flags below override its fields")
-    g.add_argument("--arch", choices=["resnet18", "wrn22_8"])
+    g.add_argument("--arch", help="a registered architecture (deepreduce.models): resnet18 (default) or wrn22_8")
     g.add_argument("--input-size", type=int)
     g.add_argument("--classes", type=int, dest="num_classes")
     g.add_argument("--in-channels", type=int, choices=[1, 3])
@@ -131,6 +131,17 @@ def cmd_frontier(args) -> None:
             print("\n" + format_jobs_in_progress(rows))
 
 
+# -- data ---------------------------------------------------------------------------------------
+
+def cmd_data_download(args) -> None:
+    from .download import download, get_archive
+    archive = get_archive(args.dataset)
+    result = download(archive, args.dir, url=args.url, progress=not args.no_progress,
+                      echo=lambda msg: print(msg, file=sys.stderr))
+    verb = "downloaded to" if result.downloaded else "is already in"
+    print(f"{archive.name} {verb} {result.path}: train with --data {archive.name}:{args.dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepreduce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=4, help="test images per latency measurement")
     p.add_argument("--data", help="dataset for the latency images (default: the run's)")
     p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser("data", help="datasets: download CIFAR-10/100 for --data cifar10:DIR")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("download", help="download, verify (MD5) and extract a dataset into DIR (resumable)")
+    p.add_argument("dataset", metavar="{cifar10,cifar100}", help="the dataset to download")
+    p.add_argument("dir", help="where to put it; then train with --data DATASET:DIR")
+    p.add_argument("--url", help="download from here instead (a mirror, file:///path or a local path); "
+                   "the checksum still applies")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data_download)
 
     for register in command_plugins():  # e.g. export, predict, bench from the secure layer
         register(sub)

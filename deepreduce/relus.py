@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .models import build_model, relu_site_shapes
+from .models import architecture, build_model, relu_site_shapes
 from .spec import ModelSpec
 
 
@@ -34,7 +34,7 @@ def relu_count(spec: ModelSpec) -> int:
 def relu_count_by_stage(spec: ModelSpec) -> "OrderedDict[str, int]":
     """ReLUs per stage: ``stem`` (ResNet18 only), then ``S1``..``Sn``."""
     table = OrderedDict()
-    if spec.arch == "resnet18":
+    if architecture(spec.arch).lead_sites:
         table["stem"] = 0
     for stage in range(1, spec.num_stages + 1):
         table[f"S{stage}"] = 0

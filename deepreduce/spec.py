@@ -17,9 +17,13 @@ from .fileio import atomic_write_json
 
 SPEC_FORMAT_VERSION = 1
 THIN_MODES = ("none", "bottom", "top")
-# Stages per architecture; ResNet18 has 4, WideResNet-22-8 has 3.
-ARCH_STAGES = {"resnet18": 4, "wrn22_8": 3}
-ARCH_DEFAULT_BLOCKS = {"resnet18": (2, 2, 2, 2), "wrn22_8": (3, 3, 3)}
+
+
+def _architecture(name: str):
+    """The architecture's record (stages, default blocks, sites outside the blocks): its module in
+    deepreduce.models owns these facts. Imported here, not at the top: the models import torch."""
+    from .models import architecture
+    return architecture(name)
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,9 @@ class ModelSpec:
 
     def __post_init__(self):
         # Normalise list-like fields so equality and hashing work after a JSON round-trip.
-        blocks = ARCH_DEFAULT_BLOCKS.get(self.arch) if self.blocks is None else self.blocks
-        object.__setattr__(self, "blocks", tuple(int(b) for b in blocks) if blocks is not None else None)
+        arch = _architecture(self.arch)  # an unknown name fails here, with the known ones listed
+        blocks = arch.default_blocks if self.blocks is None else self.blocks
+        object.__setattr__(self, "blocks", tuple(int(b) for b in blocks))
         object.__setattr__(self, "cull", tuple(sorted(int(s) for s in self.cull)))
         object.__setattr__(self, "remove", tuple(sorted(str(s) for s in self.remove)))
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -49,9 +54,7 @@ class ModelSpec:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.arch not in ARCH_STAGES:
-            raise UserError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCH_STAGES)}")
-        stages = ARCH_STAGES[self.arch]
+        stages = self.num_stages
         _check(isinstance(self.num_classes, int) and self.num_classes >= 2,
                f"num_classes must be an integer >= 2, got {self.num_classes!r}")
         _check(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels!r}")
@@ -79,15 +82,16 @@ class ModelSpec:
 
     @property
     def num_stages(self) -> int:
-        return ARCH_STAGES[self.arch]
+        return _architecture(self.arch).stages
 
     def site_names(self) -> list[str]:
         """Every ReLU site of the architecture, kept or not, in network order."""
-        names = ["stem"] if self.arch == "resnet18" else []
+        arch = _architecture(self.arch)
+        names = list(arch.lead_sites)
         for stage, nblocks in enumerate(self.blocks, start=1):
             for block in range(1, nblocks + 1):
                 names += [f"s{stage}.b{block}.r1", f"s{stage}.b{block}.r2"]
-        return names + (["s3.head"] if self.arch == "wrn22_8" else [])
+        return names + list(arch.tail_sites)
 
     @staticmethod
     def site_stage(site: str) -> int:

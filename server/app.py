@@ -63,7 +63,7 @@ class PiServer:
             from secure.control.limits import label_only_plan
             plan = label_only_plan(plan)
         self.plan = plan  # what the parties run (with the label-only head in that mode)
-        self.public = plan.public_info()
+        self.public = plan.public_info().to_dict()  # what `info` sends
         self.dealer_id = dealer_id
         self.slots = threading.BoundedSemaphore(settings.max_sessions)
         self.ports = PortPicker()

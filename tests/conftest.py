@@ -15,24 +15,17 @@ Dataset cache
 
 from __future__ import annotations
 
-import os
-import pickle
-import sys
-import tarfile
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from secure.control.protocol import free_port  # noqa: F401 - re-exported for the tests
+from support.datasets import write_image_tree
+from support.env import CIFAR10_TAR, PERSISTENT_CACHE
+from support.roles import IMAGES, write_plan
 
-ROOT = Path(__file__).resolve().parent.parent
-CIFAR10_TAR = Path(os.environ.get("DEEPREDUCE_TEST_CIFAR10")
-                   or ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
-PERSISTENT_CACHE = os.environ.get("DEEPREDUCE_CACHE") or os.path.expanduser("~/.cache/deepreduce-test")
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The helpers that used to live here, for modules still written `from conftest import ...` (new code
+# imports them from support.*): drop once none is left.
+from support.datasets import make_tar, random_images, write_cifar_pickle  # noqa: F401
+from support.env import CIFAR10_CLASSES, ROOT, free_port, python_cmd, subprocess_env  # noqa: F401
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ def deepreduce_env(tmp_path, monkeypatch):
 
     The deepreduce test modules use it for every test (``pytestmark``). One thread is fastest for the
     small models here on a 2-core CPU and immune to oversubscription when other processes share the
-    cores; subprocesses get the same through OMP_NUM_THREADS=1 (see subprocess_env).
+    cores; subprocesses get the same through OMP_NUM_THREADS=1 (see support.env.subprocess_env).
     """
     monkeypatch.setenv("DEEPREDUCE_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
@@ -66,54 +59,6 @@ def cifar10(cifar10_arg):
         return load_dataset(cifar10_arg, progress=False)
 
 
-def subprocess_env(**extra) -> dict:
-    """Environment for `python -m deepreduce ...` children: this checkout importable, one thread each."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-# -- small datasets built inside tests ------------------------------------------------------------
-
-def random_images(rng: np.random.Generator, n: int, size: int, channels: int = 3) -> np.ndarray:
-    """n x H x W x C uint8 (C == 1 gives n x H x W)."""
-    shape = (n, size, size) if channels == 1 else (n, size, size, channels)
-    return rng.integers(0, 256, shape, dtype=np.uint8)
-
-
-def write_image_tree(root: Path, splits: dict, size: int = 8, channels: int = 3, seed: int = 0,
-                     suffix: str = ".png") -> dict:
-    """Write ``root/<split>/<class>/NNNN.png`` for splits like {"train": {"cat": 3, "dog": 2}, ...}.
-
-    Returns {split: (images N x H x W x C uint8 in sorted (class, file) order, labels, classes)}.
-    PNG is lossless, so the returned arrays are the exact pixels a loader must produce.
-    """
-    rng = np.random.default_rng(seed)
-    classes = sorted(splits["train"])
-    out = {}
-    for split, counts in splits.items():
-        images, labels = [], []
-        for cls in sorted(counts):
-            cdir = root / split / cls
-            cdir.mkdir(parents=True, exist_ok=True)
-            for i in range(counts[cls]):
-                arr = random_images(rng, 1, size, channels)[0]
-                Image.fromarray(arr, mode="L" if channels == 1 else "RGB").save(cdir / f"{i:04d}{suffix}")
-                images.append(arr if channels == 3 else arr[..., None])
-                labels.append(classes.index(cls) if cls in classes else -1)
-        out[split] = (np.stack(images), np.asarray(labels), classes)
-    return out
-
-
-def make_tar(src: Path, dest: Path, arcname: str | None = None) -> Path:
-    with tarfile.open(dest, "w:gz") as tar:
-        tar.add(src, arcname=arcname if arcname is not None else ".")
-    return dest
-
-
 @pytest.fixture
 def tiny_folder(tmp_path) -> tuple[str, dict]:
     """A 3-class 8x8 RGB PNG folder tree (12 train / 6 test images) -> (--data argument, truth)."""
@@ -122,10 +67,17 @@ def tiny_folder(tmp_path) -> tuple[str, dict]:
     return f"folder:{root}", truth
 
 
-def write_cifar_pickle(path: Path, obj: dict) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
+# -- the secure roles' test plan ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    """A random-weight ResNet18 (alpha 0.25, culled, thinned) exported to a secure plan."""
+    if len(IMAGES) < 4:
+        pytest.skip("demo/images holds fewer than 4 CIFAR-10 images")
+    return write_plan(tmp_path_factory.mktemp("plan"))
 
 
-def python_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepreduce", *args]
+@pytest.fixture(scope="module")
+def plan(plan_file):
+    from secure.core.plan import SecurePlan
+    return SecurePlan.load(str(plan_file))

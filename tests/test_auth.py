@@ -18,8 +18,9 @@ import torch
 
 from secure.control import auth, protocol
 from secure.control.limits import QueryLimiter, QuotaExceeded, label_only_plan, labels_from_head
-from test_processes import (CLIENT_FAST, FAST, IMAGES, ROOT, SERVER_FAST, Proc, assert_one_line_error, client,  # noqa: F401
-                            eventually, plaintext, plan, plan_file, role_env)
+from support.env import ROOT
+from support.roles import (CLIENT_FAST, FAST, IMAGES, SERVER_FAST, Proc, assert_one_line_error, client, eventually,
+                           plaintext, role_env)
 
 SECRET = "s3cret-" + "a1b2c3d4" * 4
 
@@ -238,17 +239,18 @@ def test_dealer_attestation():
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 10, 17])
 def test_label_only_head_reveals_only_the_argmax(classes):
+    from deepreduce.graph import Op
     from secure.core.plan import SecurePlan, run_plaintext
     g = torch.Generator().manual_seed(classes)
     weight, bias = torch.randn(classes, 6, generator=g), torch.randn(classes, generator=g)
     ops = [{"id": 0, "op": "input", "name": "input", "inputs": [], "shape": [6, 1, 1]},
            {"id": 1, "op": "avgpool", "name": "pool", "inputs": [0], "shape": [6]},
            {"id": 2, "op": "linear", "name": "fc", "inputs": [1], "shape": [classes], "weight": "w", "bias": "b"}]
-    base = SecurePlan(ops, {"w": weight, "b": bias}, (6, 1, 1), [str(i) for i in range(classes)], [0.5] * 6,
+    base = SecurePlan([Op.from_dict(op) for op in ops], {"w": weight, "b": bias}, (6, 1, 1), [str(i) for i in range(classes)], [0.5] * 6,
                       [0.25] * 6, {}, 0)
     head = label_only_plan(base)
     assert head.plan_hash != base.plan_hash and head.relu_count == max(0, classes - 1) + classes
-    assert head.ops[-1]["op"] == "linear"  # the fast engine reveals a linear layer's output
+    assert head.ops[-1].kind == "linear"  # the fast engine reveals a linear layer's output
     x = torch.randn(500, 6, 1, 1, generator=g)
     logits, y = run_plaintext(base, x), run_plaintext(head, x)
     assert torch.equal(y.argmax(1), logits.argmax(1))

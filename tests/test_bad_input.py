@@ -1,6 +1,6 @@
 """Bad input: every malformed image, array or control message gets a clear one-line error and the
 server keeps serving. Inputs are checked by the client before anything is shared (unit tests on
-client.app.load_inputs, then the real CLI against a running server); control messages are sent raw
+client.inputs.load_inputs, then the real CLI against a running server); control messages are sent raw
 to a running pi-server with short timeouts (so slow peers are cut within seconds)."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from client import app as client_app
+from client.inputs import load_inputs
 from secure.control import auth, protocol
-from test_processes import (CLIENT_FAST, IMAGES, SERVER_FAST, Proc, assert_one_line_error, client, eventually,
-                            plan, plan_file, security)  # noqa: F401
+from support.roles import (CLIENT_FAST, IMAGES, SERVER_FAST, TOKEN, Proc, assert_one_line_error, client, eventually,
+                           security)
 
 PUBLIC = {"input_shape": [3, 32, 32], "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
 GRAY_PUBLIC = {"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.25]}
@@ -115,25 +116,25 @@ def test_bad_inputs_are_refused_with_one_line_each(tmp_path, capsys):
     cases = bad_inputs(tmp_path)
     for name, paths, public, opts, match in cases:
         with pytest.raises(Exception) as info:
-            client_app.load_inputs(paths, public, opts.get("resize", False), opts.get("convert", False))
+            load_inputs(paths, **public, resize=opts.get("resize", False), convert=opts.get("convert", False))
         text = str(info.value)
         assert protocol.is_user_error(info.value), (name, type(info.value), text)  # a one-line `error: ...`
         assert "\n" not in text and len(text) < 400, (name, text)
         assert re.search(match, text), (name, text)
     # the accepted variants of the same kinds of input
     t = tmp_path
-    x, names = client_app.load_inputs([str(t / "gray.png")], PUBLIC, False, convert=True)
+    x, names = load_inputs([str(t / "gray.png")], **PUBLIC, resize=False, convert=True)
     assert tuple(x.shape) == (1, 3, 32, 32)
-    x, _ = client_app.load_inputs([str(t / "small.png"), str(t / "wide.png")], PUBLIC, resize=True)
+    x, _ = load_inputs([str(t / "small.png"), str(t / "wide.png")], **PUBLIC, resize=True)
     assert tuple(x.shape) == (2, 3, 32, 32)
     single = npy(t / "one.npy", np.full((3, 32, 32), 0.5, np.float16))
-    x, names = client_app.load_inputs([str(t / "color.png"), single, str(t / "full.npy")], PUBLIC, False)
+    x, names = load_inputs([str(t / "color.png"), single, str(t / "full.npy")], **PUBLIC, resize=False)
     assert tuple(x.shape) == (4, 3, 32, 32) and names == [str(t / "color.png"), single, f"{t / 'full.npy'}[0]",
                                                             f"{t / 'full.npy'}[1]"]
     assert float(x[1].max()) == 0.5 and x.dtype.is_floating_point
     rgba = t / "rgba.png"
     rgba.write_bytes(png_bytes(mode="RGBA"))
-    assert tuple(client_app.load_inputs([str(rgba)], PUBLIC, False)[0].shape) == (1, 3, 32, 32)
+    assert tuple(load_inputs([str(rgba)], **PUBLIC, resize=False)[0].shape) == (1, 3, 32, 32)
     print(f"\nbad-input figures: {len(cases)} bad inputs tried, {len(cases)} refused with one line, "
           "0 accepted; 5 good variants accepted")
 
@@ -166,7 +167,6 @@ def ping(address: str) -> None:
 @pytest.mark.slow
 def test_bad_inputs_through_the_cli(tfp_server, tmp_path, capsys, restore_sigterm, monkeypatch):
     server, address = tfp_server
-    from test_processes import TOKEN
     monkeypatch.setenv("DEEPREDUCE_TOKEN", TOKEN)
     cases = bad_inputs(tmp_path)
     for name, paths, public, opts, match in cases:

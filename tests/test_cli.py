@@ -10,10 +10,11 @@ import subprocess
 import pytest
 import torch
 
-from conftest import python_cmd, subprocess_env, write_image_tree
 from deepreduce.checkpoint import load_checkpoint
 from deepreduce.cli import main
 from deepreduce.spec import ModelSpec
+from support.datasets import write_image_tree
+from support.env import python_cmd, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, CIFAR10_TAR, PERSISTENT_CACHE, make_tar, random_images, \
-    write_cifar_pickle, write_image_tree
 from deepreduce import data as data_mod
 from deepreduce.data import Split, augment_batch, cache_dir, load_dataset, load_image_files, normalize, \
     parse_data_arg
 from deepreduce.errors import UserError
+from support.datasets import make_tar, random_images, write_cifar_pickle, write_image_tree
+from support.env import CIFAR10_CLASSES, CIFAR10_TAR, PERSISTENT_CACHE
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from secure.control import auth, protocol
-from test_processes import (CLIENT_FAST, IMAGES, Proc, _cmdline, alive, assert_port_free, client, eventually,  # noqa: F401
-                            listening_ports, plaintext, plan, plan_file, role_env, security, worker_children)
+from support.env import free_port
+from support.roles import (CLIENT_FAST, IMAGES, Proc, alive, assert_port_free, client, cmdline, eventually,
+                           listening_ports, plaintext, role_env, security, worker_children)
 
 BOUND_S = 8.0  # --rendezvous-timeout: how long a survivor may wait on a vanished peer
 MARGIN_S = 7.0
@@ -46,7 +46,7 @@ class SessionDriver:
         from secure.core.party import Rendezvous
         host, port = protocol.parse_address(address)
         self.ch = auth.open_channel(host, port, security(), 10, 30, "server")
-        self.ch.send("session", batch_size=len(x), plan_hash=public["plan_hash"], dealer_nonce=secrets.token_hex(32))
+        self.ch.send("session", batch_size=len(x), plan_hash=public.plan_hash, dealer_nonce=secrets.token_hex(32))
         reply = protocol.expect(self.ch.recv(30), "session")
         self.sid, self.port = reply["session_id"], reply["port"]
         self.worker = Worker("fault-test-client")
@@ -103,7 +103,7 @@ def descendants(pid: int) -> set[int]:
 @pytest.mark.slow
 @pytest.mark.faults
 def test_faults_in_a_row(plan_file, plan, tmp_path):
-    from client.app import load_inputs
+    from client.inputs import load_inputs
     rng = random.Random(int(os.environ.get("DEEPREDUCE_FAULT_SEED", "7")))
     roles_tmp = Path(tempfile.mkdtemp(prefix="pi-faults-", dir="/tmp"))  # short: unix socket paths live in it
     env = role_env(TMPDIR=str(roles_tmp))
@@ -118,7 +118,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
     address = server.address()
     server.wait_line("serving plan", 120)
     public = plan.public_info()
-    x, _ = load_inputs([str(IMAGES[3])], public, False)
+    x, _ = load_inputs([str(IMAGES[3])], public.input_shape, public.mean, public.std, resize=False)
     seen_pids: set[int] = set()
     session_ports: list[int] = []
     counts: dict[str, int] = {}
@@ -204,7 +204,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
     deadline = time.monotonic() + 15  # a fork server exits just after its role
     while any(alive(p) for p in seen_pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = sorted(f"{p} {_cmdline(p)[:80]}" for p in seen_pids if alive(p))
+    left = sorted(f"{p} {cmdline(p)[:80]}" for p in seen_pids if alive(p))
     listening = listening_ports()
     ports_left = [p for p in session_ports + [dealer_port, int(address.rsplit(":", 1)[1])] if p in listening]
     base = roles_tmp / f"deepreduce-pi-{os.getuid()}"
@@ -241,7 +241,7 @@ def test_server_restart_while_clients_wait(plan_file, plan, tmp_path):
         # a session whose client never shows up holds the only slot (its rendezvous waits 30 s)
         host, _ = protocol.parse_address(address)
         holder = auth.open_channel(host, port, security(), 10, 30, "server")
-        holder.send("session", batch_size=1, plan_hash=public["plan_hash"])
+        holder.send("session", batch_size=1, plan_hash=public.plan_hash)
         protocol.expect(holder.recv(30), "session")
         patient = Proc("client", "infer", "--server", address, "--retries", "5", "--retry-backoff", "1",
                        *CLIENT_FAST, str(IMAGES[7]), env=env)

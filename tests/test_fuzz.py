@@ -17,13 +17,16 @@ from collections import Counter, deque
 import pytest
 from concurrent.futures import ThreadPoolExecutor
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from secure.control import auth, protocol
-from test_processes import FAST, SERVER_FAST, Proc, plan_file, security  # noqa: F401
+from support.roles import FAST, SERVER_FAST, Proc, security
 
 TARGET_MESSAGES = int(os.environ.get("DEEPREDUCE_FUZZ_MESSAGES", 10_000))  # the issue asks for at least 10,000
+# Fixed: every run (CI included) sends the same messages, so a failure reproduces; set another seed to
+# explore further.
+SEED = int(os.environ.get("DEEPREDUCE_FUZZ_SEED", "0"))
 REPLY_BOUND_S = 5.0
 TYPES = ["hello", "challenge", "auth", "ready", "ping", "pong", "info", "session", "join", "joined", "done", "error",
          "busy"]
@@ -163,8 +166,8 @@ def test_fuzz_control_protocol(plan_file):
 
         started = time.monotonic()
         try:
-            for _ in range(5):  # hypothesis may stop a run early once it has seen enough distinct examples
-                fuzz()
+            for attempt in range(5):  # hypothesis may stop a run early once it has seen enough distinct examples
+                seed(SEED + attempt)(fuzz)()  # a further run draws from its own fixed seed: new messages
                 settle(0)
                 if stats["messages"] + len(failures) >= TARGET_MESSAGES:
                     break
@@ -182,7 +185,7 @@ def test_fuzz_control_protocol(plan_file):
         for role in (server, dealer):
             assert not any("internal error" in line for line in role.out), role.out[-5:]
         kinds = ", ".join(f"{k[5:]} {v}" for k, v in sorted(stats.items()) if k.startswith("kind "))
-        print(f"\nfuzz figures: {stats['messages']} generated messages in {seconds:.0f} s (server "
+        print(f"\nfuzz figures: {stats['messages']} generated messages (seed {SEED}) in {seconds:.0f} s (server "
               f"{stats['target server']}, dealer {stats['target dealer']}; {kinds}); answered {stats['answered']}, "
               f"hung up {stats['hung up']}; 0 crashes, {stats['hangs']} hangs, slowest answer "
               f"{stats['slowest_ms']} ms; both roles still serving, 0 party processes started")

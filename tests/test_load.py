@@ -11,7 +11,8 @@ import re
 import pytest
 
 from client import app as client_app
-from test_processes import CLIENT_FAST, IMAGES, Proc, client, eventually, plaintext, plan, plan_file  # noqa: F401
+from client.load import percentile
+from support.roles import CLIENT_FAST, IMAGES, Proc, client, eventually, plaintext
 
 MAX_SESSIONS = 4
 CLIENTS = 6
@@ -19,10 +20,10 @@ SESSIONS = 12
 
 
 def test_percentiles_and_load_bounds(capsys, monkeypatch):
-    assert client_app.percentile([], 50) is None
+    assert percentile([], 50) is None
     values = [float(v) for v in range(1, 101)]
-    assert [client_app.percentile(values, q) for q in (50, 90, 99, 100)] == [50.0, 90.0, 99.0, 100.0]
-    assert client_app.percentile([3.0], 99) == 3.0
+    assert [percentile(values, q) for q in (50, 90, 99, 100)] == [50.0, 90.0, 99.0, 100.0]
+    assert percentile([3.0], 99) == 3.0
     monkeypatch.setenv("DEEPREDUCE_TOKEN", "x" * 32)
     for argv, match in ((["load", "--server", "10.1.2.3:7000", "a.png"], "only targets a server on this machine"),
                         (["load", "--server", "127.0.0.1:7000", "--clients", "65", "a.png"], "bound a load run"),

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import python_cmd, subprocess_env, write_image_tree
-from test_optimize import check_frontier_files
-from test_train import _train_cmd
+from support.datasets import write_image_tree
+from support.env import python_cmd, subprocess_env
+from support.frontier import check_frontier_files
+from support.training import train_cmd
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 SEED = int(os.environ.get("DEEPREDUCE_KILL_SEED", "11"))
@@ -85,7 +86,7 @@ def test_train_killed_at_random_points_loses_no_epoch(tmp_path):
     env = subprocess_env(DEEPREDUCE_CACHE=tmp_path / "cache")
     out = tmp_path / "run"
     epochs = 8
-    cmd = _train_cmd(f"folder:{data}", out, "--epochs", str(epochs), "--resume")
+    cmd = train_cmd(f"folder:{data}", out, "--epochs", str(epochs), "--resume")
     done_before: list[dict] = []
     kills = runs = lost = 0
     worst = {"checkpoints": 0, "json": 0, "temp": 0}

@@ -5,7 +5,6 @@ trainer and with real training on tiny data), reports, the CLI, SIGKILL + --resu
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib
 import json
@@ -23,7 +22,6 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PERSISTENT_CACHE, free_port, python_cmd, subprocess_env
 from deepreduce.checkpoint import Checkpoint, load_checkpoint
 from deepreduce.cli import main
 from deepreduce.data import Dataset, Split
@@ -36,10 +34,11 @@ from deepreduce.optimize.pareto import best_within, budget_picks, dominates, par
 from deepreduce.optimize.report import FRONTIER_JSON, frontier_document, load_frontier, write_reports
 from deepreduce.relus import measured_relu_count, relu_count
 from deepreduce.spec import ModelSpec
+from support.env import PERSISTENT_CACHE, free_port, python_cmd, subprocess_env
+from support.frontier import PNG_MAGIC, check_frontier_files
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 train_module = importlib.import_module("deepreduce.train")  # (the package exports the function train)
 R18 = ModelSpec()                      # ResNet18, alpha 1, 32x32, stem ReLU on: the teacher shape
 WRN = ModelSpec(arch="wrn22_8")
@@ -593,25 +592,6 @@ def write_fake_run(out: Path) -> dict:
                    {}).save(str(out / p["checkpoint"]))
     doc = frontier_document(points, [7000, 10], [], meta={"data": "folder:/nowhere"})
     write_reports(str(out), doc)
-    return doc
-
-
-def check_frontier_files(out: Path) -> dict:
-    doc = load_frontier(str(out))
-    assert set(doc) >= {"frontier", "candidates", "budget_picks", "pruned"}
-    for point in doc["frontier"] + doc["candidates"]:
-        assert set(point) >= {"relu_count", "accuracy", "spec", "checkpoint", "train_seconds", "name"}
-        assert (out / point["checkpoint"]).is_file() and not os.path.isabs(point["checkpoint"])
-        assert ModelSpec.from_dict(point["spec"]) and relu_count(ModelSpec.from_dict(point["spec"])) == point["relu_count"]
-        assert 0 <= point["accuracy"] <= 100
-    assert not any(dominates(q, p) for p in doc["frontier"] for q in doc["candidates"])
-    assert {p["name"] for p in pareto_front(doc["candidates"])} == {p["name"] for p in doc["frontier"]}
-    for budget, pick in doc["budget_picks"].items():
-        assert pick == best_within(doc["candidates"], int(budget))
-    rows = list(csv.DictReader((out / "frontier.csv").open()))
-    assert len(rows) == len(doc["candidates"])
-    assert {r["name"] for r in rows if r["on_frontier"] == "1"} == {p["name"] for p in doc["frontier"]}
-    assert (out / "frontier.png").read_bytes()[:8] == PNG_MAGIC
     return doc
 
 

@@ -75,16 +75,16 @@ def test_plan_matches_pytorch_eval_model_on_real_images(tmp_path, test_pixels, n
 def test_plan_ops_have_no_batch_norm_and_no_removed_relus():
     spec = ModelSpec(alpha=0.25, cull=(2,), thin="bottom")
     plan = plan_from_checkpoint(random_checkpoint(spec))
-    kinds = [op["op"] for op in plan.ops]
+    kinds = [op.kind for op in plan.ops]
     assert "scale_shift" not in kinds  # ResNet18: every batch-norm follows a conv and is folded
-    assert [op["site"] for op in plan.ops if op["op"] == "relu"] == list(relu_sites(spec))
+    assert [op.site for op in plan.ops if op.kind == "relu"] == list(relu_sites(spec))
     assert kinds[0] == "input" and kinds[-2:] == ["avgpool", "linear"]
     assert kinds.count("add") == sum(spec.blocks)
     for op in plan.ops:
-        assert op["id"] == plan.ops.index(op) and all(j < op["id"] for j in op["inputs"])
+        assert op.id == plan.ops.index(op) and all(j < op.id for j in op.inputs)
     wrn = plan_from_checkpoint(random_checkpoint(ModelSpec(arch="wrn22_8", widen=1, alpha=0.25)))
     # pre-activation: the block-input batch-norms (one per block) and the head stay affine ops
-    assert [op["op"] for op in wrn.ops].count("scale_shift") == sum(wrn.spec["blocks"]) + 1
+    assert [op.kind for op in wrn.ops].count("scale_shift") == sum(wrn.spec["blocks"]) + 1
 
 
 def test_save_load_round_trip(tmp_path):
@@ -111,7 +111,7 @@ def test_file_is_magic_length_json_header_and_raw_float32(tmp_path):
     assert raw[:8] == MAGIC
     (length,) = struct.unpack("<Q", raw[8:16])
     header = json.loads(raw[16:16 + length])
-    assert header["plan_hash"] == plan.plan_hash and header["ops"] == plan.ops
+    assert header["plan_hash"] == plan.plan_hash and header["ops"] == [op.to_dict() for op in plan.ops]
     data = raw[16 + length:]
     entry = header["tensors"][0]
     first = np.frombuffer(data[entry["offset"]:entry["offset"] + entry["nbytes"]], dtype="<f4")
@@ -187,12 +187,12 @@ def test_corrupt_plans_are_user_errors(plan_file):
 
 def test_public_info_is_json_and_holds_no_weight_values():
     plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, cull=(4,))))
-    public = json.loads(json.dumps(plan.public_info()))
+    public = json.loads(json.dumps(plan.public_info().to_dict()))
     assert public["plan_hash"] == plan.plan_hash and public["relu_count"] == plan.relu_count
     assert public["input_shape"] == [3, 32, 32] and public["classes"] == plan.classes
     assert public["mean"] == plan.mean and public["std"] == plan.std and public["spec"] == plan.spec
     assert public["relu_per_layer"] == plan.relu_per_layer
-    assert public["ops"] == plan.ops
+    assert public["ops"] == [op.to_dict() for op in plan.ops]
     assert public["tensor_shapes"] == {k: list(t.shape) for k, t in plan.tensors.items()}
     # no weight values: the whole description is tiny next to the weights, and holds no float
     # other than the normalisation constants and the spec's alpha/rho
@@ -267,3 +267,20 @@ def test_cli_errors_exit_2(tmp_path, capsys):
         assert capsys.readouterr().err.startswith("error: ")
     assert cli_main(["predict", plan_path, big, "--resize", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["images"]) == 1
+
+
+def test_public_plan_round_trips_and_refuses_malformed_descriptions():
+    """What the server sends (PublicPlan.to_dict as JSON) comes back equal; a description with a missing
+    field, an unknown op kind or an op reading a later op is a ValueError naming the problem."""
+    from secure.core.plan import PublicPlan
+    plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, cull=(4,))))
+    public = plan.public_info()
+    sent = json.loads(json.dumps(public.to_dict()))
+    assert PublicPlan.from_dict(sent) == public
+    broken = [{k: v for k, v in sent.items() if k != "classes"},
+              dict(sent, ops=[sent["ops"][0], dict(sent["ops"][1], op="maxpool")] + sent["ops"][2:]),
+              dict(sent, ops=[sent["ops"][0], dict(sent["ops"][1], inputs=[5])] + sent["ops"][2:]),
+              dict(sent, format_version=99)]
+    for d in broken:
+        with pytest.raises(ValueError):
+            PublicPlan.from_dict(d)

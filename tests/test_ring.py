@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deepreduce.graph import Op
 from secure.core.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
-from secure.core.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear, ring_linear_small,
-                         to_planes, truncate_share)
+from secure.core.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear,
+                              ring_linear_small, to_planes, truncate_share)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -98,10 +99,9 @@ def test_bit_planes_hold_each_bit_of_each_element():
 
 
 def test_dealer_message_round_trips_through_its_layout():
-    ops = [{"id": 0, "op": "input", "inputs": [], "shape": [2, 3, 3]},
-           {"id": 1, "op": "conv", "inputs": [0], "shape": [4, 3, 3], "weight": "w", "bias": None,
-            "stride": [1, 1], "padding": [1, 1]},
-           {"id": 2, "op": "relu", "inputs": [1], "shape": [4, 3, 3], "relu_count": 36}]
+    ops = [Op(0, "input", "input", [], [2, 3, 3]),
+           Op(1, "conv", "conv", [0], [4, 3, 3], weight="w", stride=[1, 1], padding=[1, 1]),
+           Op(2, "relu", "relu", [1], [4, 3, 3], site="relu", relu_count=36)]
     layout = Layout(ops, {"w": [4, 2, 3, 3]}, ReluParams(relu_bits=8))
     spec = layout.server_message_spec(batch=2)
     msg = {k: (uniform(*shape) if kind == "ring" else torch.randint(0, 256, shape, dtype=torch.uint8, generator=GEN))

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from deepreduce.checkpoint import random_checkpoint
 from deepreduce.data import normalize
+from deepreduce.graph import Op
 from deepreduce.spec import ModelSpec
 from secure.core.export import plan_from_checkpoint
 from secure.core.plan import SecurePlan, run_plaintext
-from deepreduce.checkpoint import random_checkpoint
 from secure.core.runtime import ROLES, SecureSessionError
 from secure.tools.local import run_local_parties
 
@@ -115,7 +116,7 @@ def test_profiles_are_consistent(ttp_run):
         assert p.bytes_sent > 0 and p.bytes_received > 0 and p.rounds > 0
         assert p.setup_s > 0 and p.online_s > 0 and p.total_s == pytest.approx(p.setup_s + p.online_s)
         assert p.offline_s >= p.setup_s
-        assert [lp.name for lp in p.layers] == [op["name"] for op in plan.ops[1:]] + ["output"]
+        assert [lp.name for lp in p.layers] == [op.name for op in plan.ops[1:]] + ["output"]
         assert p.relu_s + p.linear_s == pytest.approx(p.online_s)
         assert p.relu_bytes + p.linear_bytes == p.bytes_sent + p.bytes_received
         assert sum(lp.rounds for lp in p.layers) == p.rounds
@@ -157,7 +158,7 @@ from secure.core.runtime import Rendezvous, SecureSessionError, run_client
 plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, blocks=(1, 1, 1, 1))))
 start = time.monotonic()
 try:
-    run_client(plan.public_info(), torch.zeros(1, 3, 32, 32), Rendezvous("127.0.0.1", free_port(), 2.0))
+    run_client(plan.public_info(), [torch.zeros(1, 3, 32, 32)], Rendezvous("127.0.0.1", free_port(), 2.0))
 except SecureSessionError as exc:
     print("raised", round(time.monotonic() - start, 1), exc)
 """
@@ -195,7 +196,7 @@ def relu_probe_plan(channels: int = 16) -> SecurePlan:
            {"id": 4, "op": "linear", "name": "fc", "inputs": [3], "shape": [channels], "weight": "f.w", "bias": "f.b"}]
     tensors = {"c.w": eye.view(channels, channels, 1, 1).contiguous(), "c.b": torch.zeros(channels),
                "f.w": eye.clone(), "f.b": torch.zeros(channels)}
-    return SecurePlan(ops, tensors, (channels, 1, 1), [str(i) for i in range(channels)], [0.0] * channels,
+    return SecurePlan([Op.from_dict(op) for op in ops], tensors, (channels, 1, 1), [str(i) for i in range(channels)], [0.0] * channels,
                       [1.0] * channels, {}, channels)
 
 
@@ -232,7 +233,7 @@ from deepreduce.checkpoint import random_checkpoint
 from secure.core.runtime import Rendezvous, SecureSessionError, run_server
 plan = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=0.25, blocks=(1, 1, 1, 1))))
 try:
-    run_server(plan, Rendezvous("127.0.0.1", int(sys.argv[1]), 6.0), 1)
+    run_server(plan, Rendezvous("127.0.0.1", int(sys.argv[1]), 6.0), [1])
 except SecureSessionError as exc:
     print("raised", exc)
 """

@@ -14,39 +14,22 @@ import time
 import pytest
 import torch
 
-from conftest import CIFAR10_CLASSES, ROOT, free_port, python_cmd, subprocess_env, write_image_tree
 from deepreduce.checkpoint import CHECKPOINT_KIND, Checkpoint, load_checkpoint
-from deepreduce.data import Dataset, Split, normalize
+from deepreduce.data import Split, normalize
 from deepreduce.errors import UserError
 from deepreduce.models import build_model
 from deepreduce.relus import relu_count
 from deepreduce.spec import ModelSpec
 from deepreduce.train import FINAL, LAST, TrainConfig, evaluate_model, one_cycle, train, warm_start
+from support.datasets import write_image_tree
+from support.env import CIFAR10_CLASSES, ROOT, free_port, subprocess_env
+from support.training import TINY, synthetic, train_cmd
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
 
 def quiet(*_args) -> None:
     pass
-
-
-def synthetic(n_train=64, n_test=32, size=8, channels=3, classes=2, seed=0) -> Dataset:
-    """Images whose class is their brightness (class k: pixels around 40 + 170 k / (classes - 1))."""
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        labels = torch.arange(n) % classes
-        level = 40 + 170 * labels.float() / (classes - 1)
-        noise = torch.randint(-30, 31, (n, channels, size, size), generator=g).float()
-        images = (level.view(-1, 1, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
-        return Split(images, labels)
-    train_split, test_split = split(n_train), split(n_test)
-    px = train_split.images.float() / 255
-    return Dataset("synthetic", train_split, test_split, [f"c{i}" for i in range(classes)],
-                   px.mean(dim=(0, 2, 3)).tolist(), px.std(dim=(0, 2, 3)).tolist())
-
-
-TINY = ModelSpec(alpha=0.125, input_size=8, num_classes=2)
 
 
 # -- real CIFAR-10 ----------------------------------------------------------------------------------
@@ -140,11 +123,6 @@ def test_committed_teacher_is_the_trained_resnet18(name, epochs, cifar10):
 
 # -- resume after SIGKILL -----------------------------------------------------------------------------
 
-def _train_cmd(data_arg: str, out, *extra) -> list[str]:
-    return python_cmd("train", "--data", data_arg, "--out", str(out), "--alpha", "0.125", "--epochs", "4",
-                      "--batch-size", "32", "--subset", "96", "--lr", "0.05", "--seed", "3", "--no-progress", *extra)
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     # 128 training images (96 used), 600 test images: evaluation makes each epoch last long enough
@@ -155,11 +133,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     env = subprocess_env(DEEPREDUCE_CACHE=tmp_path / "cache")
 
     straight = tmp_path / "straight"
-    done = subprocess.run(_train_cmd(arg, straight), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(train_cmd(arg, straight), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(arg, killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_cmd(arg, killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while not (killed / LAST).exists():
@@ -176,7 +154,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
     stale = killed / ".tmp-k1ll3d-last.pt"  # what a kill during the checkpoint write leaves
     stale.write_bytes(b"half a checkpoint")
-    resumed = subprocess.run(_train_cmd(arg, killed, "--resume"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(train_cmd(arg, killed, "--resume"), env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not stale.exists() and not list(killed.glob(".tmp-*"))
@@ -221,7 +199,7 @@ DDP_WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     T = importlib.import_module("deepreduce.train")  # the module (deepreduce.train is also the function)
-    from test_train import synthetic, TINY
+    from support.training import synthetic, TINY
     built = []
     def capture(spec, _build=T.build_model):
         built.append(_build(spec))

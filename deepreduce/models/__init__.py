@@ -1,21 +1,38 @@
-"""Architecture registry: each architecture gives a builder and the shape at every ReLU site."""
+"""The architecture registry: one module per architecture, each with its `ARCHITECTURE` record (spec
+facts, builder, ReLU site shapes, graph export; see `deepreduce.models.base`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..spec import ModelSpec
+from ..errors import UserError
 from . import resnet, wideresnet
+from .base import Architecture
 
-_ARCHS = {
-    "resnet18": (resnet.ResNet, resnet.relu_site_shapes),
-    "wrn22_8": (wideresnet.WideResNet, wideresnet.relu_site_shapes),
-}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (resnet.ARCHITECTURE, wideresnet.ARCHITECTURE)}
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    return _ARCHS[spec.arch][0](spec)
+def architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise UserError(f"unknown arch {name!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
 
 
-def relu_site_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
-    return _ARCHS[spec.arch][1](spec)
+def build_model(spec) -> nn.Module:
+    """The network of `spec` (a deepreduce.spec.ModelSpec)."""
+    return architecture(spec.arch).build(spec)
+
+
+def relu_site_shapes(spec) -> dict[str, tuple[int, int, int]]:
+    return architecture(spec.arch).site_shapes(spec)
+
+
+def export_graph(model: nn.Module, spec):
+    """(ops, tensors) of `model` built from `spec`: the graph a secure plan is made of."""
+    import torch
+
+    from ..graph import GraphBuilder
+    g = GraphBuilder((spec.in_channels, spec.input_size, spec.input_size))
+    with torch.no_grad():
+        architecture(spec.arch).to_graph(g, model, spec)
+    return g.ops, g.tensors

@@ -1,24 +1,17 @@
-"""CIFAR-style ResNet18 (3x3 stem, no max-pool) whose ReLUs can be removed site by site.
-
-A removed ReLU is `nn.Identity`, i.e. no operation at all; a kept one is `nn.ReLU`, so the ReLU
-modules present in the network are exactly the ReLUs that a secure runtime must evaluate.
-"""
+"""CIFAR-style ResNet18 (3x3 stem, no max-pool) whose ReLUs can be removed site by site: its spec
+facts, builder, ReLU site shapes and graph export (`ARCHITECTURE`, see `deepreduce.models.base`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..spec import ModelSpec
+from .base import Architecture, relu_or_identity
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
-def relu_or_identity(keep: bool) -> nn.Module:
-    return nn.ReLU() if keep else nn.Identity()
-
-
-def stage_widths(spec: ModelSpec) -> list[int]:
+def stage_widths(spec) -> list[int]:
     return [max(1, round(w * spec.alpha)) for w in STAGE_WIDTHS]
 
 
@@ -44,7 +37,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec):
         super().__init__()
         widths = stage_widths(spec)
         self.conv1 = nn.Conv2d(spec.in_channels, widths[0], 3, spec.stem_stride, 1, bias=False)
@@ -69,7 +62,7 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def relu_site_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
+def relu_site_shapes(spec) -> dict[str, tuple[int, int, int]]:
     """(channels, height, width) of the activation at every ReLU site, kept or not."""
     widths = stage_widths(spec)
     size = (spec.input_size - 1) // spec.stem_stride + 1
@@ -80,3 +73,20 @@ def relu_site_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
         for b in range(1, nblocks + 1):
             shapes[f"s{s}.b{b}.r1"] = shapes[f"s{s}.b{b}.r2"] = (width, size, size)
     return shapes
+
+
+def to_graph(g, model: ResNet, spec) -> None:
+    """The ops of `model` (built from `spec`), batch-norms folded into their convolutions."""
+    x = g.relu(g.conv(0, model.conv1, model.bn1, "stem.conv"), model.relu, "stem", spec)
+    for s, stage in enumerate(model.stages, start=1):
+        for b, blk in enumerate(stage, start=1):
+            p = f"s{s}.b{b}"
+            h = g.relu(g.conv(x, blk.conv1, blk.bn1, f"{p}.conv1"), blk.relu1, f"{p}.r1", spec)
+            h = g.conv(h, blk.conv2, blk.bn2, f"{p}.conv2")
+            short = g.conv(x, blk.shortcut[0], blk.shortcut[1], f"{p}.shortcut") if len(blk.shortcut) else x
+            x = g.relu(g.add(h, short, f"{p}.add"), blk.relu2, f"{p}.r2", spec)
+    g.linear(g.avgpool(x), model.fc)
+
+
+ARCHITECTURE = Architecture(name="resnet18", stages=4, default_blocks=(2, 2, 2, 2), lead_sites=("stem",),
+                            tail_sites=(), build=ResNet, site_shapes=relu_site_shapes, to_graph=to_graph)

@@ -12,17 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import ModelSpec
-from .resnet import relu_or_identity
+from .base import Architecture, relu_or_identity
 
 STEM_WIDTH = 16
 
 
-def stage_widths(spec: ModelSpec) -> list[int]:
+def stage_widths(spec) -> list[int]:
     return [max(1, round(16 * 2**i * spec.widen * spec.alpha)) for i in range(3)]
 
 
-def stem_width(spec: ModelSpec) -> int:
+def stem_width(spec) -> int:
     return max(1, round(STEM_WIDTH * spec.alpha))
 
 
@@ -47,7 +46,7 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec):
         super().__init__()
         widths = stage_widths(spec)
         in_ch = stem_width(spec)
@@ -73,7 +72,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def relu_site_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
+def relu_site_shapes(spec) -> dict[str, tuple[int, int, int]]:
     widths = stage_widths(spec)
     size = (spec.input_size - 1) // spec.stem_stride + 1
     in_shape = (stem_width(spec), size, size)
@@ -86,3 +85,25 @@ def relu_site_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
             shapes[f"s{s}.b{b}.r1"] = in_shape = (width, size, size)
     shapes["s3.head"] = in_shape
     return shapes
+
+
+def to_graph(g, model: WideResNet, spec) -> None:
+    """The ops of `model` (built from `spec`); pre-activation batch-norms stay scale_shift ops."""
+    # Pre-activation: bn1 reads the block input, which the identity shortcut also reads raw, so it
+    # stays a scale_shift; folding it into the following conv would be wrong at the zero padding.
+    x = g.conv(0, model.conv1, None, "stem.conv")
+    for s, stage in enumerate(model.stages, start=1):
+        for b, blk in enumerate(stage, start=1):
+            p = f"s{s}.b{b}"
+            act = g.relu(g.batchnorm(x, blk.bn1, f"{p}.bn1"), blk.relu2, f"{p}.r2", spec)
+            h = g.relu(g.conv(act, blk.conv1, blk.bn2, f"{p}.conv1"), blk.relu1, f"{p}.r1", spec)
+            h = g.conv(h, blk.conv2, None, f"{p}.conv2")
+            short = x if blk.project is None else g.conv(act, blk.project, None, f"{p}.project")
+            x = g.add(h, short, f"{p}.add")
+    x = g.relu(g.batchnorm(x, model.bn, "head.bn"), model.relu, "s3.head", spec)
+    g.linear(g.avgpool(x), model.fc)
+
+
+ARCHITECTURE = Architecture(name="wrn22_8", stages=3, default_blocks=(3, 3, 3), lead_sites=(),
+                            tail_sites=("s3.head",), build=WideResNet, site_shapes=relu_site_shapes,
+                            to_graph=to_graph)

@@ -86,7 +86,8 @@ from importlib import resources
 import yaml
 
 from ..errors import UserError
-from ..spec import ARCH_DEFAULT_BLOCKS, ARCH_STAGES, THIN_MODES
+from ..models import ARCHITECTURES, architecture
+from ..spec import THIN_MODES
 from ..train import TrainConfig
 
 DEFAULT_CONFIG = "resnet18-cifar.yaml"
@@ -104,7 +105,7 @@ class Base:
     widen: int
 
     def check(self) -> None:
-        _require(self.arch in ARCH_STAGES, "base.arch", f"must be one of {', '.join(ARCH_STAGES)}, got {self.arch!r}")
+        _require(self.arch in ARCHITECTURES, "base.arch", f"must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         _require(0 < self.alpha <= 4, "base.alpha", f"must be in (0, 4], got {self.alpha}")
         _require(0 < self.rho <= 1, "base.rho", f"must be in (0, 1], got {self.rho}")
         _require(self.widen >= 1, "base.widen", f"must be >= 1, got {self.widen}")
@@ -113,7 +114,7 @@ class Base:
 
     @property
     def depth(self) -> list[int]:
-        return list(self.blocks or ARCH_DEFAULT_BLOCKS[self.arch])
+        return list(self.blocks or architecture(self.arch).default_blocks)
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,7 @@ def _coerce(value, hint, key: str):
 
 
 def _check_blocks(blocks: list[int], key: str, arch: str, limit: list[int] | None) -> None:
-    stages = ARCH_STAGES[arch]
+    stages = architecture(arch).stages
     _require(len(blocks) == stages and all(b >= 1 for b in blocks), key,
              f"must list {stages} positive block counts for {arch}, got {blocks}")
     if limit is not None:

@@ -38,15 +38,16 @@ def label_only_plan(plan, epsilon: float = LABEL_EPSILON, scale: float = LABEL_S
     """A new SecurePlan whose output is the label-only head above (its own plan hash)."""
     import torch
 
+    from deepreduce.graph import Op
     from secure.core.plan import SecurePlan
-    ops = [dict(op) for op in plan.ops]
+    ops = list(plan.ops)
     tensors = dict(plan.tensors)
     logits = len(ops) - 1
-    k = int(ops[logits]["shape"][0])
+    k = int(ops[logits].shape[0])
     added = 0
 
     def op(kind, inputs, name, shape, **fields):
-        ops.append({"id": len(ops), "op": kind, "name": name, "inputs": inputs, "shape": shape, **fields})
+        ops.append(Op(len(ops), kind, name, inputs, shape, **fields))
         return len(ops) - 1
 
     def linear(x, weight, bias, name):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deepreduce.graph import Op
 from secure.core.ring import Prg, from_plane, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
@@ -51,35 +52,35 @@ class ReluParams:
 @dataclass
 class Layout:
     """Shapes of everything the protocol exchanges, from the public plan alone."""
-    ops: list[dict]
+    ops: list[Op]
     weight_shapes: dict[str, list[int]]
     relu: ReluParams
 
     @classmethod
     def from_public(cls, public: dict, relu: ReluParams) -> "Layout":
-        return cls(ops=public["ops"], weight_shapes=public["tensor_shapes"], relu=relu)
+        return cls(ops=public.ops, weight_shapes=public.tensor_shapes, relu=relu)
 
     def input_shape(self, op: dict) -> list[int]:
-        return self.ops[op["inputs"][0]]["shape"]
+        return self.ops[op.inputs[0]].shape
 
-    def linear_ops(self) -> list[dict]:
-        return [op for op in self.ops if op["op"] in LINEAR_OPS]
+    def linear_ops(self) -> list[Op]:
+        return [op for op in self.ops if op.kind in LINEAR_OPS]
 
-    def relu_ops(self) -> list[dict]:
-        return [op for op in self.ops if op["op"] == "relu"]
+    def relu_ops(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "relu"]
 
     def relu_elements(self, op: dict, batch: int) -> int:
-        return batch * math.prod(op["shape"])
+        return batch * math.prod(op.shape)
 
     def server_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
         """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order;
         bits are packed planes (`secure.core.ring.to_planes`), shape [planes, bytes]."""
         spec = []
         for op in self.ops:
-            i = op["id"]
-            if op["op"] in LINEAR_OPS:
-                spec.append((f"{i}.C0", "ring", [batch, *op["shape"]]))
-            elif op["op"] == "relu":
+            i = op.id
+            if op.kind in LINEAR_OPS:
+                spec.append((f"{i}.C0", "ring", [batch, *op.shape]))
+            elif op.kind == "relu":
                 n = self.relu_elements(op, batch)
                 nb = packed_size(n)
                 spec.append((f"{i}.z0", "bits", [self.relu.relu_bits, nb]))
@@ -92,15 +93,15 @@ class Layout:
 
 
 def weight_name(op: dict) -> str:
-    return op["weight"] if op["op"] != "scale_shift" else op["scale"]
+    return op.weight if op.kind != "scale_shift" else op.scale
 
 
 def bias_name(op: dict) -> str | None:
-    return op.get("bias") if op["op"] != "scale_shift" else op["shift"]
+    return op.bias if op.kind != "scale_shift" else op.shift
 
 
 def weight_masks(prg_s: Prg, layout: Layout) -> dict[int, torch.Tensor]:
-    return {op["id"]: prg_s.ring(f"A.{op['id']}", layout.weight_shapes[weight_name(op)])
+    return {op.id: prg_s.ring(f"A.{op.id}", layout.weight_shapes[weight_name(op)])
             for op in layout.linear_ops()}
 
 
@@ -108,11 +109,11 @@ def party_randomness(prg: Prg, party: int, layout: Layout, query: int, batch: in
     """What one party derives from its own seed for one query (party 0: prg_s, party 1: prg_c)."""
     out, tag = {}, f"q{query}"
     for op in layout.ops:
-        i = op["id"]
-        if op["op"] in LINEAR_OPS and party == 1:
+        i = op.id
+        if op.kind in LINEAR_OPS and party == 1:
             out[f"{i}.B"] = prg.ring(f"{tag}.{i}.B", [batch, *layout.input_shape(op)])
-            out[f"{i}.C1"] = prg.ring(f"{tag}.{i}.C1", [batch, *op["shape"]])
-        elif op["op"] == "relu":
+            out[f"{i}.C1"] = prg.ring(f"{tag}.{i}.C1", [batch, *op.shape])
+        elif op.kind == "relu":
             n, bits = layout.relu_elements(op, batch), layout.relu.relu_bits
             out[f"{i}.mask"] = prg.bits(f"{tag}.{i}.mask", bits, n)  # alpha (party 0) or beta (party 1)
             if party == 1:
@@ -132,11 +133,11 @@ def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: d
     """The dealer's complement for the server, from both parties' randomness `s` and `c`."""
     msg = {}
     for op in layout.ops:
-        i = op["id"]
-        if op["op"] in LINEAR_OPS:
-            params = {"stride": op.get("stride"), "padding": op.get("padding")}
-            msg[f"{i}.C0"] = ring_linear(op["op"], masks[i], c[f"{i}.B"], params) - c[f"{i}.C1"]
-        elif op["op"] == "relu":
+        i = op.id
+        if op.kind in LINEAR_OPS:
+            params = {"stride": op.stride, "padding": op.padding}
+            msg[f"{i}.C0"] = ring_linear(op.kind, masks[i], c[f"{i}.B"], params) - c[f"{i}.C1"]
+        elif op.kind == "relu":
             msg[f"{i}.z0"] = (s[f"{i}.mask"] & c[f"{i}.mask"]) ^ c[f"{i}.z1"]
             for j in range(len(layout.relu.levels)):
                 u = s[f"{i}.l{j}.u"] ^ c[f"{i}.l{j}.u"]

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deepreduce.errors import ProjectError
+from deepreduce.graph import Op, consumers
 from secure.core.channel import Channel, gloo_channel, like
 from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
@@ -76,7 +77,8 @@ def serve_dealer(ch: Channel) -> dict:
     seed_s, seed_c = os.urandom(32), os.urandom(32)
     ch.send(SERVER, [_seed_tensor(seed_s)])
     ch.send(CLIENT, [_seed_tensor(seed_c)])
-    layout = Layout(desc["ops"], desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
+    ops = [Op.from_dict(op) for op in desc["ops"]]
+    layout = Layout(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
     prg_s, prg_c = Prg(seed_s), Prg(seed_c)
     masks = weight_masks(prg_s, layout)
     # Everything first, so that the dealer never computes while the parties are online; the server
@@ -128,12 +130,12 @@ class Party:
         self.j, self.ch, self.public, self.batches = role, ch, public, batches
         self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
         self.layout = Layout.from_public(public, config.relu)
-        self.ops = public["ops"]
-        self.consumers = {op["id"]: [o["id"] for o in self.ops if op["id"] in o["inputs"]] for op in self.ops}
+        self.ops = public.ops
+        self.consumers = consumers(self.ops)
         self.offline_known = _offline_known(self.ops)
-        self.last = self.ops[-1]["id"]
+        self.last = self.ops[-1].id
         self.wait = session_timeout(ch.timeout_s, len(batches))  # offline waits on busy peers
-        if self.ops[-1]["op"] not in LINEAR_OPS:
+        if self.ops[-1].kind not in LINEAR_OPS:
             raise EngineError("the fast engine needs a plan that ends with a linear layer")
 
     # -- session set-up ----------------------------------------------------------------------
@@ -145,8 +147,8 @@ class Party:
             self._client_setup()
 
     def _agree(self) -> None:
-        c, h, w = self.public["input_shape"]
-        mine = torch.tensor([int(self.public["plan_hash"][:15], 16), len(self.batches), c, h, w,
+        c, h, w = self.public.input_shape
+        mine = torch.tensor([int(self.public.plan_hash[:15], 16), len(self.batches), c, h, w,
                              self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp)])
         (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
         if not torch.equal(mine, theirs):
@@ -163,7 +165,7 @@ class Party:
             self.ch.send(CLIENT, [_seed_tensor(seed_c)])
             self.prg_c_insecure = Prg(seed_c)
         else:
-            desc = json.dumps({"ops": self.ops, "tensor_shapes": self.public["tensor_shapes"],
+            desc = json.dumps({"ops": [op.to_dict() for op in self.ops], "tensor_shapes": self.public.tensor_shapes,
                                "batches": self.batches, "relu_bits": self.cfg.relu.relu_bits,
                                "drop_bits": self.cfg.relu.drop_bits}).encode()
             self.ch.send(DEALER, [torch.tensor([len(desc)])])
@@ -181,24 +183,24 @@ class Party:
     def _encode_weights(self):
         tensors, weights, biases, limbs = self.plan.tensors, {}, {}, {}
         for op in self.layout.linear_ops():
-            i, w = op["id"], tensors[weight_name(op)].double()
-            source = self.ops[op["inputs"][0]]
-            if source["op"] == "avgpool":  # fold the average's division into this layer
-                w = w / (self.ops[source["inputs"][0]]["shape"][1] * self.ops[source["inputs"][0]]["shape"][2])
+            i, w = op.id, tensors[weight_name(op)].double()
+            source = self.ops[op.inputs[0]]
+            if source.kind == "avgpool":  # fold the average's division into this layer
+                w = w / (self.ops[source.inputs[0]].shape[1] * self.ops[source.inputs[0]].shape[2])
             weights[i] = encode(w, WEIGHT_BITS)
             b = bias_name(op)
             if b is not None:
                 biases[i] = encode(tensors[b].double(), ACT_BITS + WEIGHT_BITS)
-            limbs[i] = plan_limbs(weights[i], op["op"])
-            if op["op"] == "conv" and prefer_channels_last(source["shape"]):
+            limbs[i] = plan_limbs(weights[i], op.kind)
+            if op.kind == "conv" and prefer_channels_last(source.shape):
                 limbs[i] = dataclasses.replace(limbs[i], channels_last=True)
         return weights, biases, limbs
 
     def _client_setup(self) -> None:
         (seed,) = self.ch.recv(SERVER if self.tfp else DEALER, [(torch.uint8, 32)])
         self.prg_c = Prg(_seed(seed))
-        linear = sorted(op["id"] for op in self.layout.linear_ops())
-        shapes = [self.public["tensor_shapes"][weight_name(self.ops[i])] for i in linear]
+        linear = sorted(op.id for op in self.layout.linear_ops())
+        shapes = [self.public.tensor_shapes[weight_name(self.ops[i])] for i in linear]
         received = self.ch.recv(SERVER, [(torch.int64, math.prod(s)) for s in shapes])
         self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
 
@@ -232,13 +234,13 @@ class Party:
         for op in self.ops:
             before = _snapshot(self.ch)
             t0 = time.perf_counter()
-            values[op["id"]] = self._op(op, [values[i] for i in op["inputs"]], mat, batch, images)
+            values[op.id] = self._op(op, [values[i] for i in op.inputs], mat, batch, images)
             sent, received, rounds = _delta(self.ch, before)
-            if op["op"] != "input":
-                layers.append(LayerProfile(op["name"], op["op"], time.perf_counter() - t0, sent, received, rounds,
-                                           op.get("relu_count", 0) * batch))
-            for i in op["inputs"]:
-                if max(self.consumers[i]) == op["id"]:
+            if op.kind != "input":
+                layers.append(LayerProfile(op.name, op.kind, time.perf_counter() - t0, sent, received, rounds,
+                                           op.relu_count * batch))
+            for i in op.inputs:
+                if max(self.consumers[i]) == op.id:
                     values.pop(i, None)
         before, t0 = _snapshot(self.ch), time.perf_counter()
         logits = self._reveal(values[self.last])
@@ -251,7 +253,7 @@ class Party:
         if self.j == SERVER:
             mat = {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
                    "dealer": self._dealer_message(q)}
-            ids = [op["id"] for op in self.layout.linear_ops() if self.offline_known[op["inputs"][0]]]
+            ids = [op.id for op in self.layout.linear_ops() if self.offline_known[op.inputs[0]]]
             shapes = [[batch, *self.layout.input_shape(self.ops[i])] for i in ids]
             got = self.ch.recv(CLIENT, [(torch.int64, math.prod(s)) for s in shapes], timeout_s=self.wait)
             mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
@@ -260,27 +262,27 @@ class Party:
         mat = {"own": own, "outputs": {}, "early": {}}
         known = {}
         for op in self.ops:  # the client's shares that do not depend on the input
-            i = op["id"]
-            if op["op"] in LINEAR_OPS:
-                params = {"stride": op.get("stride"), "padding": op.get("padding")}
-                y = ring_linear(op["op"], self.masked_weights[i], own[f"{i}.B"], params) + own[f"{i}.C1"]
+            i = op.id
+            if op.kind in LINEAR_OPS:
+                params = {"stride": op.stride, "padding": op.padding}
+                y = ring_linear(op.kind, self.masked_weights[i], own[f"{i}.B"], params) + own[f"{i}.C1"]
                 known[i] = y if i == self.last else truncate_share(y, WEIGHT_BITS, CLIENT)
                 mat["outputs"][i] = known[i]
-                if self.offline_known[op["inputs"][0]]:
-                    mat["early"][i] = known[op["inputs"][0]] - own[f"{i}.B"]
-            elif op["op"] == "add" and self.offline_known[i]:
-                known[i] = known[op["inputs"][0]] + known[op["inputs"][1]]
-            elif op["op"] == "avgpool" and self.offline_known[i]:
-                known[i] = known[op["inputs"][0]].sum(dim=(2, 3))
+                if self.offline_known[op.inputs[0]]:
+                    mat["early"][i] = known[op.inputs[0]] - own[f"{i}.B"]
+            elif op.kind == "add" and self.offline_known[i]:
+                known[i] = known[op.inputs[0]] + known[op.inputs[1]]
+            elif op.kind == "avgpool" and self.offline_known[i]:
+                known[i] = known[op.inputs[0]].sum(dim=(2, 3))
         self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])], timeout_s=self.wait)
         return mat
 
     def _op(self, op, inputs, mat, batch, images):
-        kind = op["op"]
+        kind = op.kind
         if kind == "input":
             if self.j == CLIENT:
                 return encode(images, ACT_BITS)
-            return torch.zeros(batch, *op["shape"], dtype=torch.long)
+            return torch.zeros(batch, *op.shape, dtype=torch.long)
         if kind in LINEAR_OPS:
             return self._linear(op, inputs[0], mat)
         if kind == "relu":
@@ -292,7 +294,7 @@ class Party:
         raise EngineError(f"the fast engine cannot run op {kind!r}")
 
     def _linear(self, op, x, mat):
-        i = op["id"]
+        i = op.id
         if self.j == CLIENT:
             if i not in mat["early"]:
                 self.ch.send(SERVER, [x - mat["own"][f"{i}.B"]])
@@ -302,10 +304,10 @@ class Party:
         else:
             (got,) = self.ch.recv(CLIENT, [(torch.int64, x.numel())])
             masked = x + got.view_as(x)
-        params = {"stride": op.get("stride"), "padding": op.get("padding")}
+        params = {"stride": op.stride, "padding": op.padding}
         torch.set_num_threads(self.cfg.server_threads)  # only here: the ReLU's small ops run best on one
         try:
-            y = ring_linear_small(op["op"], self.weights_f64[i], masked, params, self.limbs[i])
+            y = ring_linear_small(op.kind, self.weights_f64[i], masked, params, self.limbs[i])
         finally:
             torch.set_num_threads(1)
         y = y + mat["dealer"][f"{i}.C0"]
@@ -316,7 +318,7 @@ class Party:
 
     def _relu(self, op, x, mat):
         """x * [x >= 0]: the sign from a carry tree over packed bit planes, then one multiplexer round."""
-        i, j, p = op["id"], self.j, self.cfg.relu
+        i, j, p = op.id, self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
         dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
         shape, flat = x.shape, x.reshape(-1)
@@ -371,17 +373,17 @@ class Party:
         return (y + theirs.view_as(y)).double() / (1 << (ACT_BITS + WEIGHT_BITS))
 
 
-def _offline_known(ops: list[dict]) -> dict[int, bool]:
+def _offline_known(ops: list[Op]) -> dict[int, bool]:
     """Whether the client's share of each value is independent of the input (known before it)."""
     known = {}
     for op in ops:
-        kind = op["op"]
+        kind = op.kind
         if kind in LINEAR_OPS:
-            known[op["id"]] = True  # E * B + C1: no input needed
+            known[op.id] = True  # E * B + C1: no input needed
         elif kind in ("add", "avgpool"):
-            known[op["id"]] = all(known[i] for i in op["inputs"])
+            known[op.id] = all(known[i] for i in op.inputs)
         else:  # the input itself, and ReLU outputs
-            known[op["id"]] = False
+            known[op.id] = False
     return known
 
 

@@ -10,16 +10,8 @@ The header holds the op list, the metadata, a tensor index (name, dtype, shape, 
 into the data section, little-endian float32) and ``plan_hash``, the sha256 of the canonical
 content (`_content_hash`), checked on load.
 
-Ops (``id`` = position; ``inputs`` = ids of earlier ops; ``shape`` = per-image output shape)::
-
-    input        the normalised image, N x C x H x W
-    conv         conv2d(x, weight, stride, padding) [+ bias]   (batch-norm folded into it)
-    scale_shift  x * scale[c] + shift[c]   (a batch-norm that no convolution can absorb)
-    relu         a kept ReLU site, with its ``site`` name and ``relu_count`` per image
-    add          residual sum of two inputs
-    avgpool      global average pool, N x C x H x W -> N x C
-    linear       x @ weight.T + bias
-The last op's output is the logits.
+The ops are `deepreduce.graph.Op` records (their table is in deepreduce/graph.py); the public part
+(`PublicPlan`) is what the client receives.
 """
 
 from __future__ import annotations
@@ -36,18 +28,65 @@ import torch.nn.functional as F
 
 from deepreduce.errors import UserError
 from deepreduce.fileio import atomic_write_bytes
+from deepreduce.graph import Op, walk
 
 MAGIC = b"DRPLAN\x00\x01"
 PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "deepreduce-secure-plan"
-OP_KINDS = ("input", "conv", "scale_shift", "relu", "add", "avgpool", "linear")
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few hundred KB at most; refuse absurd lengths early
 
 
 @dataclass
+class PublicPlan:
+    """Everything the client party may learn: the architecture without weight values. Its JSON form
+    (`to_dict`) is what the server sends; `from_dict` checks a received one."""
+    plan_hash: str
+    input_shape: tuple[int, int, int]
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    spec: dict
+    relu_count: int
+    ops: list[Op]
+    tensor_shapes: dict[str, list[int]]
+
+    @property
+    def relu_per_layer(self) -> dict[str, int]:
+        """ReLUs per image at every kept site, in network order."""
+        return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
+
+    def to_dict(self) -> dict:
+        return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public", "plan_hash": self.plan_hash,
+                "input_shape": list(self.input_shape), "classes": list(self.classes),
+                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
+                "spec": self.spec, "relu_count": int(self.relu_count), "relu_per_layer": self.relu_per_layer,
+                "ops": [op.to_dict() for op in self.ops],
+                "tensor_shapes": {name: list(shape) for name, shape in self.tensor_shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PublicPlan":
+        """Raises ValueError naming what is wrong with a received description."""
+        try:
+            if d.get("format_version") != PLAN_FORMAT_VERSION or d.get("kind") != PLAN_KIND + "-public":
+                raise ValueError(f"plan format {d.get('format_version')!r}, this version reads {PLAN_FORMAT_VERSION}")
+            public = cls(plan_hash=str(d["plan_hash"]), input_shape=tuple(int(x) for x in d["input_shape"]),
+                         classes=[str(c) for c in d["classes"]], mean=[float(m) for m in d["mean"]],
+                         std=[float(s) for s in d["std"]], spec=dict(d["spec"]), relu_count=int(d["relu_count"]),
+                         ops=[Op.from_dict(op) for op in d["ops"]],
+                         tensor_shapes={str(k): [int(x) for x in v] for k, v in d["tensor_shapes"].items()})
+            channels = public.input_shape[0] if len(public.input_shape) == 3 else -1
+            if channels < 1 or len(public.mean) != channels or len(public.std) != channels:
+                raise ValueError("input shape and normalisation do not match")
+            _validate_ops(public.ops, public.tensor_shapes)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed public plan ({type(exc).__name__}: {exc})") from None
+        return public
+
+
+@dataclass
 class SecurePlan:
-    ops: list[dict]
+    ops: list[Op]
     tensors: dict[str, torch.Tensor]  # float32, contiguous
     input_shape: tuple[int, int, int]
     classes: list[str]
@@ -65,20 +104,18 @@ class SecurePlan:
     @property
     def relu_per_layer(self) -> dict[str, int]:
         """ReLUs per image at every kept site, in network order."""
-        return {op["site"]: op["relu_count"] for op in self.ops if op["op"] == "relu"}
+        return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
 
     def _meta(self) -> dict:
         return {"input_shape": list(self.input_shape), "classes": list(self.classes),
                 "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
                 "spec": self.spec, "relu_count": int(self.relu_count)}
 
-    def public_info(self) -> dict:
+    def public_info(self) -> PublicPlan:
         """Everything the client party may learn: the architecture without weight values."""
-        return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public",
-                "plan_hash": self.plan_hash, **self._meta(),
-                "relu_per_layer": self.relu_per_layer,
-                "ops": [dict(op) for op in self.ops],
-                "tensor_shapes": {name: list(t.shape) for name, t in self.tensors.items()}}
+        return PublicPlan(plan_hash=self.plan_hash, input_shape=self.input_shape, classes=list(self.classes),
+                          mean=list(self.mean), std=list(self.std), spec=self.spec, relu_count=self.relu_count,
+                          ops=self.ops, tensor_shapes={name: list(t.shape) for name, t in self.tensors.items()})
 
     # -- file format ------------------------------------------------------------------------
     def save(self, path: str) -> None:
@@ -89,7 +126,7 @@ class SecurePlan:
                           "offset": offset, "nbytes": nbytes})
             offset += nbytes
         header = {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND, "plan_hash": self.plan_hash,
-                  "meta": self._meta(), "ops": self.ops, "tensors": index}
+                  "meta": self._meta(), "ops": [op.to_dict() for op in self.ops], "tensors": index}
         blob = json.dumps(header, sort_keys=True).encode()
         atomic_write_bytes(path, [MAGIC, _LENGTH.pack(len(blob)), blob]
                       + [_tensor_bytes(t) for t in self.tensors.values()])
@@ -104,7 +141,7 @@ class SecurePlan:
         try:
             tensors = _read_tensors(header["tensors"], data)
             meta = header["meta"]
-            plan = cls(ops=header["ops"], tensors=tensors, input_shape=tuple(meta["input_shape"]),
+            plan = cls(ops=[Op.from_dict(op) for op in header["ops"]], tensors=tensors, input_shape=tuple(meta["input_shape"]),
                        classes=list(meta["classes"]), mean=list(meta["mean"]), std=list(meta["std"]),
                        spec=meta["spec"], relu_count=int(meta["relu_count"]))
             _validate_ops(plan.ops, plan.tensors)
@@ -125,9 +162,9 @@ def is_plan_file(path: str) -> bool:
         return False
 
 
-def _content_hash(meta: dict, ops: list[dict], tensors: dict[str, torch.Tensor]) -> str:
+def _content_hash(meta: dict, ops: list[Op], tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"format_version": PLAN_FORMAT_VERSION, "meta": meta, "ops": ops,
+    h.update(json.dumps({"format_version": PLAN_FORMAT_VERSION, "meta": meta, "ops": [op.to_dict() for op in ops],
                          "tensors": [[n, list(t.shape)] for n, t in tensors.items()]},
                         sort_keys=True).encode())
     for t in tensors.values():
@@ -176,48 +213,34 @@ def _read_tensors(index: list[dict], data: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _validate_ops(ops: list[dict], tensors: dict[str, torch.Tensor]) -> None:
-    """Structural checks so that a hand-edited header fails here, not inside the protocol."""
-    if not ops or ops[0]["op"] != "input":
+def _validate_ops(ops: list[Op], tensors: dict) -> None:
+    """Structural checks so that a hand-edited header fails here, not inside the protocol. `tensors`:
+    name -> tensor or shape."""
+    if not ops or ops[0].kind != "input":
         raise ValueError("the op list must start with the input")
     for i, op in enumerate(ops):
-        if op["id"] != i or op["op"] not in OP_KINDS:
+        if op.id != i:
             raise ValueError(f"op {i} is malformed")
-        if any(not 0 <= j < i for j in op["inputs"]):
+        if any(not 0 <= j < i for j in op.inputs):
             raise ValueError(f"op {i} reads an op that does not precede it")
-        for key in ("weight", "bias", "scale", "shift"):
-            if op.get(key) is not None and op[key] not in tensors:
-                raise ValueError(f"op {i} names a missing tensor {op[key]!r}")
+        for name in op.tensor_names():
+            if name not in tensors:
+                raise ValueError(f"op {i} names a missing tensor {name!r}")
 
 
 # -- evaluation -------------------------------------------------------------------------------
-
-def walk(ops: list[dict], x, apply):
-    """Evaluate the op graph: apply(op, input_values) -> value; frees values after their last use."""
-    last_use = {}
-    for op in ops:
-        for j in op["inputs"]:
-            last_use[j] = op["id"]
-    values = {0: x}
-    for op in ops[1:]:
-        values[op["id"]] = apply(op, [values[j] for j in op["inputs"]])
-        for j in op["inputs"]:
-            if last_use[j] == op["id"]:
-                del values[j]
-    return values[ops[-1]["id"]]
-
 
 def run_plaintext(plan: SecurePlan, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Logits for a normalised N x C x H x W batch, with plain torch ops (float64 by default)."""
     check_input(x, plan.input_shape)
     tensors = {name: t.to(dtype) for name, t in plan.tensors.items()}
 
-    def apply(op, inputs):
-        kind, w = op["op"], tensors.get(op.get("weight"))
+    def apply(op: Op, inputs):
+        kind, w = op.kind, tensors.get(op.weight)
         if kind == "conv":
-            return F.conv2d(inputs[0], w, tensors.get(op["bias"]), stride=op["stride"], padding=op["padding"])
+            return F.conv2d(inputs[0], w, tensors.get(op.bias), stride=op.stride, padding=op.padding)
         if kind == "scale_shift":
-            return inputs[0] * tensors[op["scale"]].view(1, -1, 1, 1) + tensors[op["shift"]].view(1, -1, 1, 1)
+            return inputs[0] * tensors[op.scale].view(1, -1, 1, 1) + tensors[op.shift].view(1, -1, 1, 1)
         if kind == "relu":
             return F.relu(inputs[0])
         if kind == "add":
@@ -225,7 +248,7 @@ def run_plaintext(plan: SecurePlan, x: torch.Tensor, dtype: torch.dtype = torch.
         if kind == "avgpool":
             return inputs[0].mean(dim=(2, 3))
         if kind == "linear":
-            return F.linear(inputs[0], w, tensors[op["bias"]])
+            return F.linear(inputs[0], w, tensors[op.bias])
         raise ValueError(f"unknown op {kind!r}")
 
     with torch.no_grad():

@@ -55,7 +55,7 @@ def run_client(public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insec
                engine: str = DEFAULT_ENGINE) -> PartyResult:
     """`batches`: the session's queries, each an already-normalised float N x C x H x W batch."""
     for batch in batches:
-        check_input(batch, public["input_shape"])
+        check_input(batch, public.input_shape)
     logits, profile = get_engine(engine).run_client(public, list(batches), rdv, insecure_tfp)
     return PartyResult("client", logits, profile, insecure_tfp)
 

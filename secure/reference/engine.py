@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from deepreduce.graph import walk
 from secure.core.party import ROLES, Rendezvous, SecureSessionError
-from secure.core.plan import walk
 from secure.core.profiling import LayerProfile, Profile
 from secure.reference.crypten_compat import crypten_module
 
@@ -49,7 +49,7 @@ class CryptenEngine:
     def run_client(self, public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
         _single([len(b) for b in batches])
         batch = batches[0]
-        shapes = {name: public["tensor_shapes"][name] for name in sorted(public["tensor_shapes"])}
+        shapes = {name: public.tensor_shapes[name] for name in sorted(public.tensor_shapes)}
         return _run_party("client", public, shapes, batch.float(), len(batch), rdv, insecure_tfp)
 
     def run_dealer(self, rdv: Rendezvous) -> dict:
@@ -113,12 +113,12 @@ def _run_party(role: str, public: dict, tensors: dict, images: torch.Tensor | No
                rdv: Rendezvous, insecure_tfp: bool):
     """The server passes real tensors and no images; the client tensor shapes and its images."""
     rank = ROLES[role]
-    c, h, w = public["input_shape"]
+    c, h, w = public.input_shape
     with crypten_session(role, rdv, insecure_tfp) as crypten:
         start = time.perf_counter()
         communicator = crypten.communicator.get()
         counter = TrafficCounter(communicator)
-        check_agreement(communicator, public["plan_hash"], batch_size, (c, h, w))
+        check_agreement(communicator, public.plan_hash, batch_size, (c, h, w))
         # Sharing with src=k sends nothing; the other party passes a tensor of the same shape.
         enc = {name: crypten.cryptensor(t if rank == 0 else torch.zeros(t), src=ROLES["server"])
                for name, t in tensors.items()}
@@ -127,7 +127,7 @@ def _run_party(role: str, public: dict, tensors: dict, images: torch.Tensor | No
 
         recorder = LayerRecorder(communicator, counter)
         with crypten.no_grad():
-            out = walk(public["ops"], x, _mpc_layer(enc, recorder, batch_size))
+            out = walk(public.ops, x, _mpc_layer(enc, recorder, batch_size))
             logits = recorder.record("output", "reveal", 0, lambda: reveal_to_client(out))
         profile = Profile.from_layers(recorder.layers, setup_s, batch_size, insecure_tfp)
     return (logits, profile) if role == "client" else profile
@@ -149,12 +149,12 @@ def _mpc_layer(enc: dict, recorder: LayerRecorder, batch_size: int):
         return enc[name].view(1, -1, 1, 1)
 
     def compute(op, inputs):
-        kind = op["op"]
+        kind = op.kind
         if kind == "conv":
-            y = inputs[0].conv2d(enc[op["weight"]], stride=op["stride"], padding=op["padding"])
-            return y if op["bias"] is None else y + channel(op["bias"])
+            y = inputs[0].conv2d(enc[op.weight], stride=op.stride, padding=op.padding)
+            return y if op.bias is None else y + channel(op.bias)
         if kind == "scale_shift":
-            return inputs[0] * channel(op["scale"]) + channel(op["shift"])
+            return inputs[0] * channel(op.scale) + channel(op.shift)
         if kind == "relu":
             return inputs[0].relu()
         if kind == "add":
@@ -162,12 +162,12 @@ def _mpc_layer(enc: dict, recorder: LayerRecorder, batch_size: int):
         if kind == "avgpool":
             return inputs[0].mean(dim=(2, 3))  # sum, then division by a public integer (local truncation)
         if kind == "linear":
-            return inputs[0].matmul(enc[op["weight"]].t()) + enc[op["bias"]]
+            return inputs[0].matmul(enc[op.weight].t()) + enc[op.bias]
         raise ValueError(f"unknown op {kind!r}")
 
     def apply(op, inputs):
-        relus = op.get("relu_count", 0) * batch_size
-        return recorder.record(op["name"], op["op"], relus, lambda: compute(op, inputs))
+        relus = op.relu_count * batch_size
+        return recorder.record(op.name, op.kind, relus, lambda: compute(op, inputs))
     return apply
 
 

@@ -17,7 +17,7 @@ import torch
 
 from secure.control.protocol import free_port
 from secure.core.party import PartyResult, Rendezvous, SecureSessionError
-from secure.core.plan import SecurePlan
+from secure.core.plan import PublicPlan, SecurePlan
 from secure.core.profiling import Profile
 from secure.core.runtime import DEFAULT_ENGINE, get_engine, run_client, run_dealer, run_server
 
@@ -40,7 +40,7 @@ class LocalRun:
 
 
 def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False,
-                      port: int | None = None, timeout_s: float = 60, client_public: dict | None = None,
+                      port: int | None = None, timeout_s: float = 60, client_public: PublicPlan | None = None,
                       engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> LocalRun:
     """Like run_local, but returns every party's outcome. `client_public` gives the client another
     public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
@@ -53,7 +53,7 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
     with tempfile.TemporaryDirectory(prefix="secure-local-") as tmp:
         plan_path = os.path.join(tmp, "model.plan")
         plan.save(plan_path)  # each party loads it, as the images below: arguments stay small (run_processes)
-        public = json.dumps(client_public or plan.public_info())  # only what crosses the network
+        public = json.dumps((client_public or plan.public_info()).to_dict())  # only what crosses the network
         pixels_path = os.path.join(tmp, "images.npy")
         np.save(pixels_path, images.detach().float().numpy())
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
@@ -91,7 +91,7 @@ def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, r
         if role == "server":
             outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine)
         else:
-            outcome = run_client(json.loads(public_json), batches, rdv, insecure_tfp, engine)
+            outcome = run_client(PublicPlan.from_dict(json.loads(public_json)), batches, rdv, insecure_tfp, engine)
         results.put((role, "ok", {"pid": os.getpid(), **outcome.to_dict()}))
     except BaseException as exc:
         results.put((role, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

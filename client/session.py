@@ -1,0 +1,163 @@
+"""One secure session from the client's side: the session request, the client party in a worker process,
+the dealer check, and retries. Library code: it takes a `ClientSettings`, not the command line."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from secure.control import auth, protocol
+from secure.control.workers import PartyJob, Worker, supervise
+from secure.core.party import Rendezvous
+
+if TYPE_CHECKING:
+    from secure.core.plan import PublicPlan
+
+
+@dataclass
+class ClientSettings:
+    """How the client talks to a server (`pi-client` builds it from its flags)."""
+    server: tuple[str, int]
+    security: auth.Security
+    trust: tuple[str, bytes] | None = None  # (dealer id, dealer token): run only with that dealer
+    connect_timeout: float = 30.0
+    timeout: float = 900.0  # a reply or a whole secure computation
+    retries: int = 0
+    retry_backoff: float = 2.0
+
+
+class Transient(protocol.ControlError):
+    """A failure that trying again may fix (the server went away, is restarting or is busy)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def with_retries(settings: ClientSettings, action):
+    """action(); failures that may pass (busy, server gone or restarting) are retried --retries times,
+    waiting --retry-backoff seconds (doubling each time) or the server's retry-after hint if longer."""
+    delay = settings.retry_backoff
+    for attempt in range(settings.retries + 1):
+        try:
+            return action()
+        except (protocol.RemoteError, Transient, protocol.PeerClosed, protocol.Unreachable) as exc:
+            hint = getattr(exc, "retry_after", None)
+            retryable = not isinstance(exc, protocol.RemoteError) or hint is not None
+            wait = max(delay, hint or 0.0)
+            if not retryable or attempt == settings.retries or wait > settings.timeout:
+                raise
+            print(f"note: {protocol.one_line(str(exc), 200)}; retrying in {wait:g} s "
+                  f"({attempt + 1}/{settings.retries})", file=sys.stderr, flush=True)
+            time.sleep(wait)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def fetch_info(settings: ClientSettings) -> dict:
+    def once():
+        with auth.open_channel(*settings.server, settings.security, settings.connect_timeout, settings.timeout,
+                               "server") as ch:
+            ch.send("info")
+            return protocol.expect(ch.recv(settings.timeout), "info")
+    info = with_retries(settings, once)
+    plan = info.get("plan")
+    if not isinstance(plan, dict) or not {"input_shape", "classes", "mean", "std", "plan_hash", "ops"} <= set(plan):
+        raise protocol.ProtocolError("the server's info reply lacks the public plan")
+    return info
+
+
+def public_plan(info: dict):
+    """The server's public plan as a checked `PublicPlan` (loads torch: for the commands that compute)."""
+    from secure.core.plan import PublicPlan
+    try:
+        return PublicPlan.from_dict(info["plan"])
+    except ValueError as exc:
+        raise protocol.ProtocolError(f"the server's public plan is malformed: {exc}") from None
+
+
+def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, query_size: int | None = None) -> dict:
+    """One secure session: session request, client party, the server's final word. With `query_size`
+    below len(x), the images run as several queries of one session (set-up paid once)."""
+    start = time.monotonic()
+    nonce = secrets.token_hex(32)
+    queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
+    with auth.open_channel(*settings.server, settings.security, settings.connect_timeout, settings.timeout,
+                           "server") as ch:
+        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, dealer_nonce=nonce)
+        reply = protocol.expect(ch.recv(settings.timeout), "session")
+        sid = protocol.field(reply, "session_id", str)
+        rdv = Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
+                         protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
+                         float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
+                                              "seconds in (0, 3600]")))
+        tfp = protocol.field(reply, "insecure_tfp", bool)
+        verified = _check_dealer(reply, sid, rdv.port, nonce, tfp, settings.trust)
+        worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, public=plan, batches=queries))
+        outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
+    if outcome.kind != "ok":
+        message = _describe(outcome, settings.timeout)
+        if outcome.kind == "peer_closed" or outcome.retry_after is not None:
+            raise Transient(message, outcome.retry_after)
+        raise protocol.ControlError(message)
+    return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port),
+            "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp,
+            "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
+            "dealer_verified": verified, **outcome.result}
+
+
+def _check_dealer(reply: dict, sid: str, port: int, nonce: str, tfp: bool, trust) -> bool:
+    """With --dealer-id: the session's dealer must be that one, attested with the dealer token."""
+    if trust is None:
+        return False
+    name, key = trust
+    if tfp:
+        raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer {name!r} "
+                                    "that --dealer-id asks for")
+    dealer_id = reply.get("dealer_id")
+    if dealer_id != name:
+        raise protocol.ControlError(f"the server's dealer for session {sid} is {str(dealer_id)[:64]!r}, not {name!r} "
+                                    "(--dealer-id): refusing to share the images")
+    if not auth.verify_attestation(key, name, sid, port, nonce, reply.get("attestation")):
+        raise protocol.ControlError(f"the server could not show that dealer {name!r} joined session {sid} (no valid "
+                                    "attestation: another dealer, or the dealer tokens differ): refusing to share the images")
+    return True
+
+
+def _describe(outcome, timeout: float) -> str:
+    if outcome.kind == "failed":
+        return f"the secure computation failed: {outcome.message}"
+    if outcome.kind == "died":
+        return f"the client party process died: {outcome.message}"
+    if outcome.kind == "timeout":
+        return f"the secure computation did not finish within {timeout:g} s (--timeout)"
+    if outcome.kind == "peer_closed":
+        return "the server closed the session connection (did it stop?)"
+    return outcome.message
+
+
+def one_session(x, plan: PublicPlan, settings: ClientSettings, query_size: int | None = None) -> dict:
+    """run_batch with a fresh party process per attempt (a party runs once), retried as configured."""
+    def attempt():
+        worker = Worker("pi-client")
+        try:
+            return run_batch(worker, x, plan, settings, query_size)
+        finally:
+            worker.stop()
+    return with_retries(settings, attempt)
+
+
+def records(plan: PublicPlan, names: list[str], runs: list[dict]) -> list[dict]:
+    import torch
+
+    from secure.control.limits import labels_from_head
+    from secure.core.plan import prediction_records
+    rows = [row for r in runs for row in r["logits"]]
+    if any(r.get("label_only") for r in runs):
+        return [{"image": name, "class_index": lab["class_index"], "class_name": plan.classes[lab["class_index"]],
+                 "probability": None, "label_only": True, **({"ties": lab["ties"]} if lab["ties"] > 0 else {})}
+                for name, lab in zip(names, labels_from_head(rows))]
+    return prediction_records(torch.tensor(rows, dtype=torch.float64), plan.classes, names)
