@@ -154,7 +154,7 @@ def records(plan: PublicPlan, names: list[str], runs: list[dict]) -> list[dict]:
     import torch
 
     from secure.control.limits import labels_from_head
-    from secure.core.plan import prediction_records
+    from secure.core.plaintext import prediction_records
     rows = [row for r in runs for row in r["logits"]]
     if any(r.get("label_only") for r in runs):
         return [{"image": name, "class_index": lab["class_index"], "class_name": plan.classes[lab["class_index"]],

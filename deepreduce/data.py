@@ -74,7 +74,7 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
     kind, sep, path = arg.partition(":")
     if not sep or kind not in DATA_KINDS or not path:
         raise UserError(f"--data {arg!r} is not KIND:PATH with KIND one of {', '.join(DATA_KINDS)} "
-                        "(e.g. folder:../shared/data/cifar10-jpeg.tar.gz)")
+                        "(e.g. cifar10:data/ after `deepreduce data download cifar10 data/`)")
     if not os.path.exists(path):
         raise UserError(f"--data path {path} does not exist")
     return kind, path

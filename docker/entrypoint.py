@@ -99,7 +99,8 @@ def client(extra: list[str]) -> None:
     secure = pi_client(["infer", "--server", address, "--json", "--batch-size", str(batch), *extra, *paths])
     plain = None
     if check_plan:
-        from secure.core.plan import SecurePlan, predict_files  # imports torch
+        from secure.core.plaintext import predict_files
+        from secure.core.plan import SecurePlan  # imports torch
         plain = predict_files(SecurePlan.load(check_plan), paths)
     print(summary(paths, folder, info["classes"], secure, plain), flush=True)
 

@@ -65,7 +65,8 @@ def find_images(folder: str) -> list[str]:
 
 
 def plaintext_predictions(plan_path: str, paths: list[str], resize: bool) -> tuple[list[str], list[dict]]:
-    from secure.core.plan import SecurePlan, predict_files
+    from secure.core.plaintext import predict_files
+    from secure.core.plan import SecurePlan
     plan = SecurePlan.load(plan_path)
     return plan.classes, predict_files(plan, paths, resize=resize)
 

@@ -23,7 +23,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
-    "SecurePlan": "secure.core.plan", "run_plaintext": "secure.core.plan", "predict_files": "secure.core.plan",
+    "SecurePlan": "secure.core.plan", "PublicPlan": "secure.core.plan",
+    "run_plaintext": "secure.core.plaintext", "predict_files": "secure.core.plaintext",
     "export_plan": "secure.core.export", "plan_from_checkpoint": "secure.core.export",
     "load_plan_or_checkpoint": "secure.core.export",
     "Role": "secure.core.party", "ROLES": "secure.core.party", "Rendezvous": "secure.core.party",

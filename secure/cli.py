@@ -53,7 +53,7 @@ def cmd_export(args) -> None:
 
 def cmd_predict(args) -> None:
     from secure.core.export import load_plan_or_checkpoint
-    from secure.core.plan import predict_files
+    from secure.core.plaintext import predict_files
     records = predict_files(load_plan_or_checkpoint(args.model), args.images, resize=args.resize)
     if args.json:
         print(json.dumps({"images": records}))

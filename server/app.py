@@ -32,7 +32,7 @@ from secure.control.service import PortPicker, Service, add_limit_arguments, lim
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise, wait_done
 from secure.core.party import Rendezvous
 
-INSECURE_WARNING = ("INSECURE: --insecure-tfp runs CrypTen's trusted-first-party mode without a dealer; "
+INSECURE_WARNING = ("INSECURE: --insecure-tfp runs without a dealer (trusted-first-party mode); "
                     "the server party generates all correlated randomness and could learn the client's "
                     "inputs. For benchmarking only.")
 

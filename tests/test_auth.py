@@ -240,7 +240,8 @@ def test_dealer_attestation():
 @pytest.mark.parametrize("classes", [1, 2, 3, 10, 17])
 def test_label_only_head_reveals_only_the_argmax(classes):
     from deepreduce.graph import Op
-    from secure.core.plan import SecurePlan, run_plaintext
+    from secure.core.plaintext import run_plaintext
+    from secure.core.plan import SecurePlan
     g = torch.Generator().manual_seed(classes)
     weight, bias = torch.randn(classes, 6, generator=g), torch.randn(classes, generator=g)
     ops = [{"id": 0, "op": "input", "name": "input", "inputs": [], "shape": [6, 1, 1]},

@@ -14,7 +14,8 @@ from deepreduce.spec import ModelSpec
 from secure.core.engine import EngineError
 from secure.core.export import plan_from_checkpoint
 from secure.core.party import Role
-from secure.core.plan import SecurePlan, run_plaintext
+from secure.core.plaintext import run_plaintext
+from secure.core.plan import SecurePlan
 from secure.core.ring import ACT_BITS
 from support.parties import run_session
 

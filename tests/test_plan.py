@@ -17,7 +17,8 @@ from deepreduce.errors import UserError
 from deepreduce.relus import relu_count, relu_sites
 from deepreduce.spec import ModelSpec
 from secure.core.export import export_plan, plan_from_checkpoint
-from secure.core.plan import MAGIC, SecurePlan, prediction_records, run_plaintext
+from secure.core.plaintext import prediction_records, run_plaintext
+from secure.core.plan import MAGIC, SecurePlan
 from deepreduce.checkpoint import random_checkpoint
 
 N_IMAGES = 64

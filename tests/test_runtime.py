@@ -22,7 +22,8 @@ from deepreduce.data import normalize
 from deepreduce.graph import Op
 from deepreduce.spec import ModelSpec
 from secure.core.export import plan_from_checkpoint
-from secure.core.plan import SecurePlan, run_plaintext
+from secure.core.plaintext import run_plaintext
+from secure.core.plan import SecurePlan
 from secure.core.runtime import ROLES, SecureSessionError
 from secure.tools.local import run_local_parties
 

@@ -6,7 +6,7 @@ A row compares the run's own setting (``ours``) with the alternative (``other``)
 the same epochs::
 
     {"question": "kd" | "order" | "thinning", "ours": side, "other": side, "accuracy_gain": ours - other}
-    side = {"name", "setting", "relu_count", "accuracy"}
+    side = {"name", "setting", "relu_count", "accuracy", "train_seconds"}
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _row(question: str, ours: dict, other: dict) -> dict:
 
 def _side(record: dict, setting: str) -> dict:
     return {"name": record["name"], "setting": setting, "relu_count": record["relu_count"],
-            "accuracy": record["accuracy"]}
+            "accuracy": record["accuracy"], "train_seconds": record.get("train_seconds")}
 
 
 def _stages(stages) -> str:

@@ -8,7 +8,8 @@ frontier.json::
      "budget_picks": {"100000": point | null, ...},
      "pruned":     [{"name", "parent", "relu_count", "spec", "reason"}, ...],
      "ablations":  [row, ...],             # see ablations.py: KD, criticality order, thinning
-     "teacher": point, "criticality": [row, ...], "stage_order": [3, 2, ...],
+     "teacher": point, "criticality": [row, ...],   # row: stage, accuracy, gain, ..., train_seconds
+     "stage_order": [3, 2, ...],
      "meta": {..., "complete": bool}}      # false while the run is still training (rewritten per job)
 
 after --measure-latency also "latency_frontier" (names of the points non-dominated in (latency_s,
@@ -17,6 +18,8 @@ where fewer ReLUs were more than 20% slower, so the ReLU count misleads as a cos
 
     point = {"name", "kind", "parent", "relu_count", "accuracy" (percent), "spec" (ModelSpec.to_dict()),
              "checkpoint" (relative to DIR), "train_seconds", "test_images",
+             "started_at", "finished_at" (UNIX seconds: the run of the job that finished it),
+             "worker" ({"host", "gpu": index or null} of that run),
              after `deepreduce frontier DIR --measure-latency`: "latency_s", "mb", "rounds"}
 """
 
@@ -183,8 +186,19 @@ def format_jobs_in_progress(rows: list[dict]) -> str:
             left = (r["epochs"] - r["epochs_done"]) * r["seconds_per_epoch"]
             state = (f"epoch {r['epochs_done']}/{r['epochs']}, test acc {_num(r['test_acc'], '.2f')}% after it, "
                      f"{r['seconds_per_epoch'] / 60:.1f} min per epoch, about {left / 3600:.1f} h to go")
-        lines.append(f"  {r['name']}: {state}")
+        lines.append(f"  {r['name']}{_where(r)}: {state}")
     return "\n".join(lines)
+
+
+def _where(row: dict) -> str:
+    """Where the job's latest run started and whether a process trains it now, e.g. ' [node-2 GPU 1, running]'."""
+    w = row.get("worker")
+    if not w:
+        return ""
+    parts = [w["host"] + ("" if w.get("gpu") is None else f" GPU {w['gpu']}")]
+    if row.get("running") is not None:
+        parts.append("running" if row["running"] else "not running")
+    return f" [{', '.join(parts)}]"
 
 
 def dominated_in_latency(doc: dict) -> list[dict]:

@@ -1,4 +1,5 @@
-"""pi-dealer: the CrypTen trusted third party (rank 2) that hands out correlated randomness.
+"""pi-dealer: the dealer (rank 2) that hands out correlated randomness: the seeds and correlations of this
+project's dealer-assisted engine (`secure.core.engine`; the roles run only that engine today).
 
 It listens on a control port; only a peer that passes the token handshake (secure.control.auth) gets
 further. A server sends {"type": "join", "session_id", "host", "port", "timeout_s", "nonce"} per

@@ -7,7 +7,7 @@ correlation (`server_message`). The client receives nothing from the dealer but 
 
 Per session, for every linear op l (conv, scale_shift, linear): a weight mask A_l = prg_s("A.l"),
 uniform in Z_2^64 and never used with another weight (the server opens E_l = W_l - A_l once per
-session to the client; `../shared/notes/online-linear-layers.md` has the argument).
+session to the client; docs/PROTOCOL.md gives the argument).
 
 Per query q (a batch of N images):
   linear l: B = prg_c (input-shaped, the client's input mask), C1 = prg_c, C0 = A_l * B - C1.

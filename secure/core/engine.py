@@ -40,6 +40,7 @@ from secure.core.channel import Channel, gloo_channel, like
 from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
 from secure.core.party import Rendezvous, Role, SecureSessionError
+from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
 from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, prefer_channels_last, ring_linear,
                    ring_linear_small, to_planes, truncate_share)
@@ -83,7 +84,7 @@ def serve_dealer(ch: Channel) -> dict:
     masks = weight_masks(prg_s, layout)
     # Everything first, so that the dealer never computes while the parties are online; the server
     # takes query q's message just before query q.
-    messages = [_dealer_query(layout, masks, prg_s, prg_c, q, batch) for q, batch in enumerate(desc["batches"])]
+    messages = [_dealer_query(layout, masks, prg_s, prg_c, q, batch) for q, batch in enumerate(desc["batch_sizes"])]
     wait = session_timeout(ch.timeout_s, len(messages))
     for message in messages:
         ch.send(SERVER, list(message), timeout_s=wait)
@@ -125,16 +126,16 @@ class QueryResult:
 class Party:
     """One computing party of one session. Server: `plan` set; client: `images` per query."""
 
-    def __init__(self, role: int, ch: Channel, public: dict, batches: list[int], config: EngineConfig,
+    def __init__(self, role: int, ch: Channel, public: PublicPlan, batch_sizes: list[int], config: EngineConfig,
                  insecure_tfp: bool, plan=None):
-        self.j, self.ch, self.public, self.batches = role, ch, public, batches
+        self.j, self.ch, self.public, self.batch_sizes = role, ch, public, batch_sizes
         self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
         self.layout = Layout.from_public(public, config.relu)
         self.ops = public.ops
         self.consumers = consumers(self.ops)
         self.offline_known = _offline_known(self.ops)
         self.last = self.ops[-1].id
-        self.wait = session_timeout(ch.timeout_s, len(batches))  # offline waits on busy peers
+        self.wait = session_timeout(ch.timeout_s, len(batch_sizes))  # offline waits on busy peers
         if self.ops[-1].kind not in LINEAR_OPS:
             raise EngineError("the fast engine needs a plan that ends with a linear layer")
 
@@ -148,13 +149,13 @@ class Party:
 
     def _agree(self) -> None:
         c, h, w = self.public.input_shape
-        mine = torch.tensor([int(self.public.plan_hash[:15], 16), len(self.batches), c, h, w,
+        mine = torch.tensor([int(self.public.plan_hash[:15], 16), len(self.batch_sizes), c, h, w,
                              self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp)])
         (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
         if not torch.equal(mine, theirs):
             raise EngineError(f"server and client disagree on the session (plan hash, query count, input shape, "
                               f"ReLU parameters, engine version, dealer mode): {mine.tolist()} vs {theirs.tolist()}")
-        sizes = torch.tensor(self.batches)
+        sizes = torch.tensor(self.batch_sizes)
         (theirs,) = self.ch.exchange(1 - self.j, [sizes], like([sizes]))
         if not torch.equal(sizes, theirs):
             raise EngineError(f"server and client disagree on batch sizes: {sizes.tolist()} vs {theirs.tolist()}")
@@ -166,7 +167,7 @@ class Party:
             self.prg_c_insecure = Prg(seed_c)
         else:
             desc = json.dumps({"ops": [op.to_dict() for op in self.ops], "tensor_shapes": self.public.tensor_shapes,
-                               "batches": self.batches, "relu_bits": self.cfg.relu.relu_bits,
+                               "batch_sizes": self.batch_sizes, "relu_bits": self.cfg.relu.relu_bits,
                                "drop_bits": self.cfg.relu.drop_bits}).encode()
             self.ch.send(DEALER, [torch.tensor([len(desc)])])
             self.ch.send(DEALER, [torch.frombuffer(bytearray(desc), dtype=torch.uint8)])
@@ -206,7 +207,7 @@ class Party:
 
     def _dealer_message(self, q: int) -> dict:
         """Server: query q's correlations from the dealer (made here in TFP mode)."""
-        batch = self.batches[q]
+        batch = self.batch_sizes[q]
         spec = self.layout.server_message_spec(batch)
         if self.tfp:
             rings, bits = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
@@ -230,7 +231,7 @@ class Party:
         self.ch.phase = "online"
         start = time.perf_counter()
         layers, values = [], {}
-        batch = self.batches[q]
+        batch = self.batch_sizes[q]
         for op in self.ops:
             before = _snapshot(self.ch)
             t0 = time.perf_counter()
@@ -249,7 +250,7 @@ class Party:
         return QueryResult(logits, layers, time.perf_counter() - start, offline_s)
 
     def _prepare(self, q: int) -> dict:
-        batch = self.batches[q]
+        batch = self.batch_sizes[q]
         if self.j == SERVER:
             mat = {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
                    "dealer": self._dealer_message(q)}
@@ -399,17 +400,17 @@ def _delta(ch: Channel, before):
 
 # -- a whole session ------------------------------------------------------------------------------
 
-def run_party(role: int, ch: Channel, public: dict, batches: list[int], config: EngineConfig, insecure_tfp: bool,
+def run_party(role: int, ch: Channel, public: PublicPlan, batch_sizes: list[int], config: EngineConfig, insecure_tfp: bool,
               plan=None, images: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor] | None, Profile]:
     """Set up the session, run every query; returns the client's logits per query and a profile that
     sums the queries (online and offline split)."""
     start = time.perf_counter()
-    party = Party(role, ch, public, batches, config, insecure_tfp, plan)
+    party = Party(role, ch, public, batch_sizes, config, insecure_tfp, plan)
     party.setup()
     setup_s = time.perf_counter() - start
-    results = [party.query(q, None if images is None else images[q]) for q in range(len(batches))]
+    results = [party.query(q, None if images is None else images[q]) for q in range(len(batch_sizes))]
     party.goodbye()
-    profile = _combine(results, ch, setup_s, sum(batches), insecure_tfp)
+    profile = _combine(results, ch, setup_s, sum(batch_sizes), insecure_tfp)
     logits = None if role == SERVER else [r.logits for r in results]
     return logits, profile
 
@@ -438,7 +439,7 @@ class FastEngine:
         _, profile = _run("server", rdv, plan.public_info(), batch_sizes, insecure_tfp, plan=plan)
         return profile
 
-    def run_client(self, public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
+    def run_client(self, public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
         logits, profile = _run("client", rdv, public, [len(b) for b in batches], insecure_tfp,
                                images=[b.float() for b in batches])
         return torch.cat(logits), profile
@@ -447,7 +448,7 @@ class FastEngine:
         return _run("dealer", rdv, None, None, False)
 
 
-def _run(role: str, rdv: Rendezvous, public: dict | None, batch_sizes: list[int] | None, insecure_tfp: bool,
+def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: list[int] | None, insecure_tfp: bool,
          plan=None, images: list[torch.Tensor] | None = None):
     torch.set_num_threads(1)  # the server raises its own count for the online convolutions
     rank = Role[role.upper()]

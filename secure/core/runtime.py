@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 
 from secure.core.party import ROLES, Engine, PartyResult, Rendezvous, SecureSessionError
-from secure.core.plan import SecurePlan, check_input
+from secure.core.plaintext import check_input
+from secure.core.plan import PublicPlan, SecurePlan
 
 
 def _fast() -> Engine:
@@ -51,7 +52,7 @@ def run_server(plan: SecurePlan, rdv: Rendezvous, batch_sizes: list[int], insecu
     return PartyResult("server", None, profile, insecure_tfp)
 
 
-def run_client(public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool = False,
+def run_client(public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool = False,
                engine: str = DEFAULT_ENGINE) -> PartyResult:
     """`batches`: the session's queries, each an already-normalised float N x C x H x W batch."""
     for batch in batches:

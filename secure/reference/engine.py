@@ -31,6 +31,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from deepreduce.graph import walk
 from secure.core.party import ROLES, Rendezvous, SecureSessionError
+from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
 from secure.reference.crypten_compat import crypten_module
 
@@ -46,7 +47,7 @@ class CryptenEngine:
         tensors = {name: plan.tensors[name] for name in sorted(plan.tensors)}
         return _run_party("server", plan.public_info(), tensors, None, _single(batch_sizes), rdv, insecure_tfp)
 
-    def run_client(self, public: dict, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
+    def run_client(self, public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
         _single([len(b) for b in batches])
         batch = batches[0]
         shapes = {name: public.tensor_shapes[name] for name in sorted(public.tensor_shapes)}
@@ -109,7 +110,7 @@ def _teardown(crypten) -> None:
         log.debug("destroy_process_group failed: %s", exc)
 
 
-def _run_party(role: str, public: dict, tensors: dict, images: torch.Tensor | None, batch_size: int,
+def _run_party(role: str, public: PublicPlan, tensors: dict, images: torch.Tensor | None, batch_size: int,
                rdv: Rendezvous, insecure_tfp: bool):
     """The server passes real tensors and no images; the client tensor shapes and its images."""
     rank = ROLES[role]

@@ -23,7 +23,8 @@ from deepreduce.errors import UserError, exit_status
 from deepreduce.fileio import atomic_write_json
 
 from secure.core.export import export_plan
-from secure.core.plan import SecurePlan, run_plaintext
+from secure.core.plaintext import run_plaintext
+from secure.core.plan import SecurePlan
 from secure.core.runtime import DEFAULT_ENGINE, ENGINES
 from secure.tools.local import run_local_parties
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--plan", help="a plan written by `deepreduce export`")
     source.add_argument("--checkpoint", help="a checkpoint (exported on the fly)")
-    parser.add_argument("--data", required=True, help="e.g. folder:/work/shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", required=True, help="the test images, e.g. cifar10:data/ (`deepreduce data download cifar10 data/`)")
     parser.add_argument("--n", type=int, default=500, help="number of test images")
     parser.add_argument("--batch-size", type=int, default=10, help="images per query")
     parser.add_argument("--session-size", type=int, default=100,

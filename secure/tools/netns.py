@@ -306,7 +306,8 @@ def measure(plan_path: str, images: list[str], rates: list[str | None], batch_si
             profile: dict | None = None, log=print) -> dict:
     """Run the client on `images` once per rate (in this order; a rate may repeat) across a Testbed;
     compare with plaintext and with `secure.tools.netmodel.predict_latency` (see `_predict`)."""
-    from secure.core.plan import SecurePlan, predict_files
+    from secure.core.plaintext import predict_files
+    from secure.core.plan import SecurePlan
 
     plan = SecurePlan.load(plan_path)
     plain = [r["class_index"] for r in predict_files(plan, images)]

@@ -188,7 +188,7 @@ def start_server(plan_file, *args: str) -> tuple[Proc, str]:
 
 
 def plaintext(plan, paths):
-    from secure.core.plan import predict_files
+    from secure.core.plaintext import predict_files
     return predict_files(plan, [str(p) for p in paths])
 
 
