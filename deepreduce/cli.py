@@ -110,10 +110,13 @@ def cmd_train_bench(args) -> None:
 # -- optimize / frontier (the DeepReDuce pipeline, deepreduce/optimize/) ---------------------------
 
 def cmd_optimize(args) -> None:
-    from .optimize import load_config, optimize
+    from .optimize import ExecutorSettings, load_config, optimize
+    executor = ExecutorSettings(args.executor, workers=args.workers, address=args.ray_address,
+                                cpus_per_job=args.cpus_per_job)
+    executor.check()  # before the data is loaded
     config = load_config(args.config, quick=args.quick)
     optimize(args.data, args.out, config, resume=args.resume, teacher=args.teacher, quick=args.quick,
-             progress=not args.no_progress)
+             progress=not args.no_progress, executor=executor)
 
 
 def cmd_frontier(args) -> None:
@@ -196,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="apply the config's `quick` overrides (a smoke run in minutes)")
     p.add_argument("--teacher", help="use this checkpoint as the KD teacher instead of training one")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("where the jobs run (docs/RAY.md)")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one job after another in this process (default); ray: independent jobs side by "
+                        "side as Ray tasks, one GPU each where the cluster has GPUs (pip install -e '.[ray]')")
+    g.add_argument("--workers", type=int, help="ray: job slots of the local Ray instance started for the run "
+                   "(default: its GPUs, else CPUs / --cpus-per-job); with --ray-address, the most jobs in flight")
+    g.add_argument("--ray-address", help="ray: connect to this cluster (auto, HOST:6379) instead of starting a "
+                   "local instance; --out must be on a filesystem every node mounts at the same path")
+    g.add_argument("--cpus-per-job", type=int, default=1,
+                   help="ray: CPUs each job asks for and uses as torch threads (default 1)")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("frontier", help="print the frontier of an optimize run (optionally measure secure latency)")

@@ -29,14 +29,16 @@ import statistics
 import subprocess
 import sys
 
+from deepreduce.errors import ProjectError
+
 BAKED_PLAN = "/opt/deepreduce/model.plan"
 MOUNTED_PLAN = "/plan/model.plan"
 HEALTH_FILE = "/tmp/pi-role.json"
 COMMANDS = ("pi-dealer", "pi-server", "pi-client", "deepreduce")
 
 
-class EntryError(Exception):
-    pass
+class EntryError(ProjectError):
+    """The container was started with a command or plan it cannot run."""
 
 
 def env(name: str, default: str) -> str:

@@ -22,13 +22,14 @@ import tempfile
 from pathlib import Path
 
 from client.images import image_files, true_label
+from deepreduce.errors import ProjectError
 from secure.tools.roleproc import RoleProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class DemoError(Exception):
-    pass
+class DemoError(ProjectError):
+    """The demo could not run end to end (a role did not start, a result disagrees)."""
 
 
 def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: float) -> tuple[RoleProcess, str]:

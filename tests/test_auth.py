@@ -71,7 +71,7 @@ def handshake(i_creds, r_creds, i_role="client", r_role="server"):
 
 def test_handshake_authenticates_both_sides_and_the_token_never_crosses_the_wire():
     ci, cr, (a, b) = handshake(creds(), creds("server"))
-    assert isinstance(ci, protocol.Channel) and isinstance(cr, protocol.Channel), (ci, cr)
+    assert isinstance(ci, protocol.ControlChannel) and isinstance(cr, protocol.ControlChannel), (ci, cr)
     assert ci.key == cr.key and len(ci.key) == 32 and ci.peer_role == "server" and cr.peer_id == "client"
     ci.send("info", n=1)
     assert cr.recv(2.0)["n"] == 1
@@ -149,9 +149,9 @@ def test_authentication_mismatches_are_clear():
     assert isinstance(cr, protocol.AuthError) and "requires authentication" in str(cr)
     assert isinstance(ci, protocol.AuthError) and "requires authentication" in str(ci)
     ci, cr, _ = handshake(creds(no_auth=True), creds("server", no_auth=True))
-    assert isinstance(ci, protocol.Channel) and ci.key is None and cr.limit_key == "ip:127.0.0.1"
+    assert isinstance(ci, protocol.ControlChannel) and ci.key is None and cr.limit_key == "ip:127.0.0.1"
     ci, cr, _ = handshake(creds(), creds("dealer"), r_role="dealer")
-    assert isinstance(ci, protocol.Channel)
+    assert isinstance(ci, protocol.ControlChannel)
     a, b = socket.socketpair()
     t = threading.Thread(target=lambda: _catch(auth.respond, b, creds("dealer"), "dealer", 5.0, "127.0.0.1:1"))
     t.start()
@@ -164,7 +164,7 @@ def test_authentication_mismatches_are_clear():
 def test_named_tokens_identify_clients():
     keyring = {"alice": b"alice-token-0123456789", "bob": b"bob-token-0123456789ab"}
     ci, cr, _ = handshake(creds("alice", keyring={auth.SHARED: keyring["alice"]}), creds("server", keyring=keyring))
-    assert isinstance(cr, protocol.Channel) and cr.limit_key == "id:alice" and cr.peer_id == "alice"
+    assert isinstance(cr, protocol.ControlChannel) and cr.limit_key == "id:alice" and cr.peer_id == "alice"
     ci, cr, _ = handshake(creds("alice", keyring={auth.SHARED: keyring["bob"]}), creds("server", keyring=keyring))
     assert isinstance(ci, protocol.AuthError)  # bob's token does not make you alice
     ci, cr, _ = handshake(creds("carol", keyring={auth.SHARED: keyring["bob"]}), creds("server", keyring=keyring))

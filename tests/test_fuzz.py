@@ -1,7 +1,8 @@
 """Fuzzing the control protocol: at least 10,000 generated messages (hypothesis) against a running
 pi-server and pi-dealer, before and after a real authenticated handshake. Each message goes on a
 fresh connection whose sending side is then closed; the role must answer (an error) or hang up
-within a few seconds. At the end both roles are still serving, printed no traceback and started
+sooner than its read timeout would end a wait (`REPLY_BOUND_S`). The messages are the same in every
+run (a fixed seed, `DEEPREDUCE_FUZZ_SEED`). At the end both roles are still serving, printed no traceback and started
 no party process."""
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ TARGET_MESSAGES = int(os.environ.get("DEEPREDUCE_FUZZ_MESSAGES", 10_000))  # the
 # Fixed: every run (CI included) sends the same messages, so a failure reproduces; set another seed to
 # explore further.
 SEED = int(os.environ.get("DEEPREDUCE_FUZZ_SEED", "0"))
-REPLY_BOUND_S = 5.0
+HANDSHAKE_TIMEOUT_S = 2  # both roles' --handshake-timeout: how long they wait on a half-sent first message
+READ_TIMEOUT_S = float(FAST[FAST.index("--read-timeout") + 1])  # their wait for a whole later message
+# Every message's sending side is closed at once, so a role that waits on it waits for nothing. Between
+# the two waits: a role may use its handshake timeout before hanging up, never its read timeout.
+REPLY_BOUND_S = (HANDSHAKE_TIMEOUT_S + READ_TIMEOUT_S) / 2
 TYPES = ["hello", "challenge", "auth", "ready", "ping", "pong", "info", "session", "join", "joined", "done", "error",
          "busy"]
 FIELDS = ["v", "type", "role", "id", "nonce", "auth", "proof", "batch_size", "plan_hash", "dealer_nonce", "session_id",
@@ -136,12 +141,13 @@ def _send_one(address: tuple[str, int, str], case, stats: Counter, lock: threadi
 @pytest.mark.slow
 @pytest.mark.fuzz
 def test_fuzz_control_protocol(plan_file):
-    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--handshake-timeout", "2", *FAST)
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0",
+                  "--handshake-timeout", str(HANDSHAKE_TIMEOUT_S), *FAST)
     server = None
     try:
         dealer_addr = dealer.address()
         server = Proc("server", "--plan", str(plan_file), "--host", "127.0.0.1", "--port", "0", "--dealer", dealer_addr,
-                      "--handshake-timeout", "2", *SERVER_FAST)
+                      "--handshake-timeout", str(HANDSHAKE_TIMEOUT_S), *SERVER_FAST)
         server_addr = server.address()
         server.wait_line("serving plan", 120)
         targets = {"server": protocol.parse_address(server_addr), "dealer": protocol.parse_address(dealer_addr)}

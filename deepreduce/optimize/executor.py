@@ -24,6 +24,7 @@ executor starts.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -64,6 +65,8 @@ class ExecutorSettings:
             raise UserError(f"--cpus-per-job must be >= 1, got {self.cpus_per_job}")
         if self.max_retries < 0:
             raise UserError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.kind == "ray" and importlib.util.find_spec("ray") is None:
+            raise UserError(f"--executor ray needs Ray, an optional dependency: {RAY_INSTALL_HINT}")
 
 
 def make_executor(settings: ExecutorSettings, run_here: Callable[[Any], dict], run_remote: Callable[[Any], dict],

@@ -48,14 +48,14 @@ import sys
 from dataclasses import dataclass, field
 
 from secure.control import protocol
-from secure.control.protocol import AuthError, Channel, ControlError, ProtocolError
+from secure.control.protocol import AuthError, ControlChannel, ControlError, ProtocolError
+from secure.core.party import ROLES
 
 TOKEN_ENV = "DEEPREDUCE_TOKEN"
 DEALER_TOKEN_ENV = "DEEPREDUCE_DEALER_TOKEN"
 SCHEME = "hmac-sha256"
 LABEL = "deepreduce-pi/2"
 MIN_TOKEN_CHARS = 16
-ROLES = ("client", "server", "dealer")
 _ID = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 SHARED = "*"
 
@@ -219,7 +219,7 @@ def _now() -> float:
     return time.monotonic()
 
 
-def initiate(sock, creds: Credentials, role: str, expect_role: str, timeout: float, peer: str) -> Channel:
+def initiate(sock, creds: Credentials, role: str, expect_role: str, timeout: float, peer: str) -> ControlChannel:
     """The connecting side's handshake; returns the authenticated channel."""
     deadline = _now() + timeout
     nonce = secrets.token_hex(32)
@@ -240,7 +240,7 @@ def initiate(sock, creds: Credentials, role: str, expect_role: str, timeout: flo
         raise ControlError(f"the {peer} is a pi-{r_role}, not a pi-{expect_role}")
     if creds.no_auth:
         protocol.send(sock, "auth", proof=None)
-        ch = Channel(sock, None, True, r_id, r_role)
+        ch = ControlChannel(sock, None, True, r_id, r_role)
     else:
         if r_auth == "none":
             raise AuthError(f"the {peer} runs without authentication (--no-auth): this party holds a token and "
@@ -253,7 +253,7 @@ def initiate(sock, creds: Credentials, role: str, expect_role: str, timeout: flo
             raise AuthError(f"the {peer} could not prove it holds this party's token: the tokens differ "
                             f"(check --token-file / ${TOKEN_ENV} on both sides)")
         protocol.send(sock, "auth", proof=_hmac(token, "initiator", t))
-        ch = Channel(sock, bytes.fromhex(_hmac(token, "session", t)), True, r_id, r_role)
+        ch = ControlChannel(sock, bytes.fromhex(_hmac(token, "session", t)), True, r_id, r_role)
     try:
         protocol.expect(ch.recv(max(0.01, deadline - _now())), "ready")
     except protocol.RemoteError as exc:
@@ -261,7 +261,7 @@ def initiate(sock, creds: Credentials, role: str, expect_role: str, timeout: flo
     return ch
 
 
-def respond(sock, creds: Credentials, role: str, timeout: float, peer_addr: str) -> Channel:
+def respond(sock, creds: Credentials, role: str, timeout: float, peer_addr: str) -> ControlChannel:
     """The listening side's handshake; AuthError/ProtocolError before any session state exists."""
     deadline = _now() + timeout
     hello = _raw_recv(sock, deadline)
@@ -277,7 +277,7 @@ def respond(sock, creds: Credentials, role: str, timeout: float, peer_addr: str)
     if creds.no_auth:
         protocol.send(sock, "challenge", role=role, id=creds.identity, nonce=nonce, auth="none", proof=None)
         protocol.expect(_raw_recv(sock, deadline), "auth")
-        ch = Channel(sock, None, False, i_id, i_role, peer_addr, limit_key=f"ip:{ip}")
+        ch = ControlChannel(sock, None, False, i_id, i_role, peer_addr, limit_key=f"ip:{ip}")
         ch.send("ready")
         return ch
     if i_auth == "none":
@@ -294,7 +294,7 @@ def respond(sock, creds: Credentials, role: str, timeout: float, peer_addr: str)
     if not known or not isinstance(proof, str) or not hmac.compare_digest(
             proof.encode("ascii", "replace"), _hmac(token, "initiator", t).encode()):
         raise AuthError(f"authentication failed for {i_role} {i_id!r}: wrong token")
-    ch = Channel(sock, bytes.fromhex(_hmac(token, "session", t)), False, i_id, i_role, peer_addr,
+    ch = ControlChannel(sock, bytes.fromhex(_hmac(token, "session", t)), False, i_id, i_role, peer_addr,
                  limit_key=f"id:{i_id}" if named else f"ip:{ip}")
     ch.send("ready")
     return ch
@@ -303,7 +303,7 @@ def respond(sock, creds: Credentials, role: str, timeout: float, peer_addr: str)
 # -- connections -------------------------------------------------------------------------------------
 
 def open_channel(host: str, port: int, security: Security, connect_timeout: float, read_timeout: float,
-                 what: str, role: str = "client") -> Channel:
+                 what: str, role: str = "client") -> ControlChannel:
     """Connect (retrying for `connect_timeout`), TLS if configured, then the handshake. `what` is
     the role expected at the other end ('server' or 'dealer')."""
     sock = protocol.connect(host, port, connect_timeout, what)
@@ -333,7 +333,7 @@ def _tls_connect(sock, security: Security, host: str, what: str, address: str):
                            f"({getattr(exc, 'reason', None) or exc}): does it run with --tls-cert?") from None
 
 
-def accept(sock: socket.socket, security: Security, role: str, peer_addr: str) -> Channel:
+def accept(sock: socket.socket, security: Security, role: str, peer_addr: str) -> ControlChannel:
     """TLS (if configured) and the responder's handshake on an accepted socket."""
     if security.server_tls is not None:
         try:

@@ -30,6 +30,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from deepreduce.errors import ProjectError
+
 LABEL_SCALE = 64.0
 LABEL_EPSILON = 2.0 ** -6
 
@@ -96,7 +98,7 @@ def labels_from_head(values, epsilon: float = LABEL_EPSILON) -> list[dict]:
 
 # -- query quotas -------------------------------------------------------------------------------------
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(ProjectError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after

@@ -41,8 +41,9 @@ import json
 import socket
 import ssl
 import struct
-import sys
 import time
+
+from deepreduce.errors import UserError
 
 PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
@@ -51,15 +52,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _LENGTH = struct.Struct(">I")
 
 
-class ControlError(Exception):
-    """A user-facing error of the control plane: one line, exit code 2 (like deepreduce's UserError,
-    which is not imported here because `deepreduce` imports torch, too slow before `listening on`)."""
+class ControlError(UserError):
+    """A user-facing error of the control plane: one line, exit code 2."""
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """ControlError, or deepreduce's UserError once that module is loaded."""
-    errors = sys.modules.get("deepreduce.errors")
-    return isinstance(exc, ControlError) or (errors is not None and isinstance(exc, errors.UserError))
+    """An error to print as one `error: ...` line (the project's UserError, ControlError included)."""
+    return isinstance(exc, UserError)
 
 
 class ProtocolError(ControlError):
@@ -160,7 +159,7 @@ def _recv_exact(sock, n: int, deadline: float, timeout: float, allow_eof: bool) 
 
 # -- channels: a socket plus, once authenticated, the session key and sequence numbers -------------
 
-class Channel:
+class ControlChannel:
     """A control connection. Before the handshake (or with --no-auth) messages travel as they are;
     with a session key every message is sequenced and MACed (see the module docstring)."""
 
@@ -238,8 +237,8 @@ class Channel:
 
 
 def send(conn, type_: str, **fields) -> None:
-    """Send on a Channel, or unauthenticated on a raw socket."""
-    if isinstance(conn, Channel):
+    """Send on a ControlChannel, or unauthenticated on a raw socket."""
+    if isinstance(conn, ControlChannel):
         conn.send(type_, **fields)
     else:
         write_frame(conn, encode({"type": type_, **fields}), repr(type_))
@@ -247,7 +246,7 @@ def send(conn, type_: str, **fields) -> None:
 
 def recv(conn, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
     """One message; ProtocolError on timeout, a bad frame, a bad MAC or a bad version; PeerClosed on EOF."""
-    if isinstance(conn, Channel):
+    if isinstance(conn, ControlChannel):
         return conn.recv(timeout, max_bytes)
     return decode(read_frame(conn, timeout, max_bytes))
 

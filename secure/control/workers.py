@@ -286,7 +286,7 @@ def supervise(worker: Worker, peers: dict, deadline: float, stop: threading.Even
               read_timeout: float = protocol.DEFAULT_READ_TIMEOUT) -> Outcome:
     """Wait until the worker reports, a peer reports an error or hangs up, `stop` is set or time is up.
 
-    `peers` maps a name to its Channel. A peer's {"type": "done"} is remembered and that peer is no
+    `peers` maps a name to its ControlChannel. A peer's {"type": "done"} is remembered and that peer is no
     longer watched."""
     watching, done = dict(peers), set()
     while True:

@@ -46,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from deepreduce.errors import ProjectError
 from secure.tools.roleproc import RoleProcess
 
 PREFIX = "drpi"
@@ -54,7 +55,7 @@ DEFAULT_SUBNET = "10.213.0.0/24"
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
 
 
-class NetnsError(Exception):
+class NetnsError(ProjectError):
     """The testbed cannot be set up here (not root, no `ip netns`) or a command in it failed."""
 
 
