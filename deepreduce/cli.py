@@ -1,4 +1,4 @@
-"""The `deepreduce` command: a thin layer over the library (see README for the Python API)."""
+"""The `deepreduce` command: a thin layer over the library (docs/TRAINING.md has the Python API)."""
 
 from __future__ import annotations
 

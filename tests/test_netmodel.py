@@ -26,7 +26,7 @@ def test_formula_terms():
 
 def test_accepts_profile_objects_and_measure_dicts():
     layer = LayerProfile("conv", "conv", 2.0, 30_000_000, 50_000_000, 200, 0)
-    profile = Profile.from_layers([layer], setup_s=0.1, batch_size=1, insecure_tfp=False)
+    profile = Profile.from_layers([layer], setup_s=0.1, batch_size=1, insecure_tfp=False, engine="fast")
     assert predict_latency(profile, 1e9, 2e-4) == pytest.approx(predict_latency(PROFILE, 1e9, 2e-4))
     assert predict_latency(profile.to_dict(), 1e9, 2e-4) == pytest.approx(predict_latency(PROFILE, 1e9, 2e-4))
     measured = {"online_s_per_image": 1.0, "mb_sent_per_image": 15.0, "mb_received_per_image": 25.0,

@@ -94,7 +94,7 @@ def test_three_namespaces_match_plaintext_at_real_addresses(across_namespaces):
 def test_network_model_projects_the_tbf_runs(across_namespaces):
     """secure.tools.netmodel projects each limited run: traffic and rounds from the loopback profile, compute
     time from the unlimited runs just before and after, and a slower link costs more. How close the
-    projection comes is a measurement (`python -m secure.tools.netns --json-out`, README table), not asserted
+    projection comes is a measurement (`python -m secure.tools.netns --json-out`, docs/RESULTS.md), not asserted
     here: for this small plan the network term is the size of the compute's run-to-run noise."""
     rows = across_namespaces[1]["runs"]
     base = [r["online_s_per_image"] for r in rows if r["rate"] == "none"]

@@ -74,7 +74,7 @@ def test_criticality_order_from_accuracies():
 
 
 def test_per_relu_order_on_the_cifar10_run():
-    # The CIFAR-10 run of README (alpha 0.5, warm-started criticality): S2 gains most, S1 second, but
+    # The CIFAR-10 run of docs/RESULTS.md (alpha 0.5, warm-started criticality): S2 gains most, S1 second, but
     # S1 costs 131,072 ReLUs. Per 1K ReLUs: S4 12.07/16.384 = 0.737, S2 31.15/65.536 = 0.475,
     # S3 13.19/32.768 = 0.403, S1 23.41/131.072 = 0.179.
     relus = cand.stage_relus(ModelSpec(alpha=0.5))

@@ -106,7 +106,7 @@ def test_final_checkpoint_format(cifar_run, cifar10):
 @pytest.mark.parametrize("name, epochs", [("teacher-r18-a05-cifar10.pt", 24),
                                           ("teacher-r18-a05-cifar10-40ep.pt", 40)])
 def test_committed_teacher_is_the_trained_resnet18(name, epochs, cifar10):
-    """The committed teachers (README "Teacher") load as plain data, are ResNet18 at alpha 0.5 with every ReLU,
+    """The committed teachers (docs/RESULTS.md) load as plain data, are ResNet18 at alpha 0.5 with every ReLU,
     and classify real test images as well as their recorded full-test-split accuracy says."""
     ckpt = load_checkpoint(str(ROOT / "checkpoints" / name))
     assert ckpt.spec == ModelSpec(arch="resnet18", alpha=0.5) and ckpt.classes == CIFAR10_CLASSES

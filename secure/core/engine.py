@@ -422,11 +422,11 @@ def _combine(results: list[QueryResult], ch: Channel, setup_s: float, images: in
         layers.append(LayerProfile(layer.name, layer.op, sum(x.seconds for x in same),
                                    sum(x.bytes_sent for x in same), sum(x.bytes_received for x in same),
                                    sum(x.rounds for x in same), sum(x.relu_count for x in same)))
-    profile = Profile.from_layers(layers, setup_s, images, insecure_tfp)
+    profile = Profile.from_layers(layers, setup_s, images, insecure_tfp, engine="fast")
     offline = [ch.phases.get(name) for name in ("setup", "offline") if ch.phases.get(name)]
     return dataclasses.replace(profile, offline_s=setup_s + sum(r.offline_s for r in results),
                                offline_bytes=sum(t.sent + t.received for t in offline),
-                               queries=len(results), engine="fast")
+                               queries=len(results))
 
 
 # -- the engine behind the party entry points (`secure.core.runtime`) ----------------------------

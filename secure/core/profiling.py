@@ -39,7 +39,7 @@ class Profile:
     offline_s: float = 0.0  # everything before the input is used: set-up, dealer correlations, precomputation
     offline_bytes: int = 0  # sent + received by this party before the input is used
     queries: int = 1  # batches in the session; the other figures sum over them
-    engine: str = "crypten"
+    engine: str = ""  # the engine that ran: "fast" or "crypten"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +50,7 @@ class Profile:
 
     @classmethod
     def from_layers(cls, layers: list[LayerProfile], setup_s: float, batch_size: int,
-                    insecure_tfp: bool) -> "Profile":
+                    insecure_tfp: bool, engine: str) -> "Profile":
         relu = [lp for lp in layers if lp.op == "relu"]
         other = [lp for lp in layers if lp.op != "relu"]
         online_s = sum(lp.seconds for lp in layers)
@@ -61,10 +61,10 @@ class Profile:
                    relu_s=sum(lp.seconds for lp in relu), linear_s=sum(lp.seconds for lp in other),
                    relu_bytes=_traffic(relu), linear_bytes=_traffic(other),
                    batch_size=batch_size, insecure_tfp=insecure_tfp,
-                   relu_count=sum(lp.relu_count for lp in layers), offline_s=setup_s)
+                   relu_count=sum(lp.relu_count for lp in layers), offline_s=setup_s, engine=engine)
 
     def summary(self) -> str:
-        mode = "INSECURE TFP (no dealer)" if self.insecure_tfp else "TTP dealer"
+        mode = "INSECURE TFP (no dealer)" if self.insecure_tfp else "with dealer"
         return (f"batch {self.batch_size}, {mode}: setup {self.setup_s:.2f} s, online {self.online_s:.2f} s "
                 f"(ReLU {self.relu_s:.2f} s / linear {self.linear_s:.2f} s), "
                 f"sent {self.bytes_sent / 1e6:.1f} MB, received {self.bytes_received / 1e6:.1f} MB, "

@@ -130,7 +130,7 @@ def _run_party(role: str, public: PublicPlan, tensors: dict, images: torch.Tenso
         with crypten.no_grad():
             out = walk(public.ops, x, _mpc_layer(enc, recorder, batch_size))
             logits = recorder.record("output", "reveal", 0, lambda: reveal_to_client(out))
-        profile = Profile.from_layers(recorder.layers, setup_s, batch_size, insecure_tfp)
+        profile = Profile.from_layers(recorder.layers, setup_s, batch_size, insecure_tfp, engine="crypten")
     return (logits, profile) if role == "client" else profile
 
 

@@ -187,7 +187,7 @@ def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: fl
         offline.append(getattr(p, "offline_s", p.setup_s))
         servers.append({k: getattr(p, k) for k in ("online_s", "bytes_sent", "bytes_received", "rounds",
                                                     "relu_s", "linear_s")})
-        engines.add(getattr(p, "engine", "crypten"))
+        engines.add(p.engine)
     return _figures(online, servers, statistics.median(offline), batch_size, error,
                     extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1, "warmup": warmup,
                            "online_measured_at": "server"})

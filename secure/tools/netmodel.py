@@ -15,7 +15,7 @@
   the full ResNet18). TCP/IP and Ethernet headers add ``WIRE_OVERHEAD`` (1514-byte frames carrying
   1448 payload bytes).
 
-Checked against rate-limited runs across network namespaces (``python -m secure.tools.netns``, README
+Checked against rate-limited runs across network namespaces (``python -m secure.netns``, docs/RESULTS.md
 "Deploying on real machines"); the round-trip term could not be checked there (no delay emulation).
 
 API::
@@ -47,7 +47,7 @@ __all__ = ["Link", "Cost", "PROJECTIONS", "WIRE_OVERHEAD", "OVERLAP_SHARE", "cos
 # (20 IP + 20 TCP + 12 timestamp option bytes): 1514 / 1448.
 WIRE_OVERHEAD = 1514 / 1448
 # Share of the smaller traffic direction that adds to the larger one on a full-duplex link: 0 would be
-# perfect overlap, 1 none. Fitted to tbf-limited runs across network namespaces (README).
+# perfect overlap, 1 none. Fitted to tbf-limited runs across network namespaces (docs/RESULTS.md).
 OVERLAP_SHARE = 0.5
 
 

@@ -22,7 +22,7 @@ uses the address the host name resolves to, which does not exist inside a namesp
 
 `Deployment` runs pi-dealer and pi-server in their namespaces and pi-client in the client's, with the
 CLIs only; `python -m secure.tools.netns` uses it to measure latency per image at several rates and to check
-`secure.tools.netmodel`'s projections (see README, "Deploying on real machines"):
+`secure.tools.netmodel`'s projections (see docs/DEPLOY.md):
 
     python -m secure.tools.netns --plan demo/model.plan      # rates none,1gbit,none,100mbit,none; 2 images each
     python -m secure.tools.netns --alpha 1                   # the same for a random-weight full ResNet18

@@ -6,8 +6,8 @@ is converted with ``crypten.nn.from_pytorch`` (made to run on torch 2.13 by
 else), the server encrypts it with ``model.encrypt(src=0)``, the client builds the same architecture
 with placeholder weights (CrypTen needs a module of the same structure to receive its shares: it
 never sees the weights) and encrypts its input with ``src=1``; the logits are revealed to the client
-only. The dealer is CrypTen's TTP, as in `secure.core.runtime`, whose session helpers (rendezvous,
-timeouts, teardown, dealer) this module reuses, so both runtimes run in the same security setting.
+only. The dealer is CrypTen's TTP, as in the reference engine (`secure.reference.engine`), whose session
+helpers (rendezvous, timeouts, teardown, dealer) this module reuses, so both runtimes run in the same security setting.
 
 Per session: ``offline_s`` = rendezvous + model encryption (+ a barrier, so the online phase of the
 two parties starts together), measured at the server; the ONNX conversion (plaintext, once per model)
