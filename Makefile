@@ -6,11 +6,19 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
+RAY_STAMP = $(VENV)/.installed-ray
 PYTEST_ARGS ?=
+# Ray, the optional extra of `deepreduce optimize --executor ray` (docs/RAY.md): `make install-ray` adds it.
+# `make test` installs it too, so that CI (.ci/run) runs the Ray tests; `make test WITH_RAY=0` tests the
+# base install alone (the Ray tests are then skipped, with the reason).
+WITH_RAY ?= 1
+TEST_INSTALL = $(if $(filter 1,$(WITH_RAY)),install-ray,install)
 
-.PHONY: install test test-fast clean-venv
+.PHONY: install install-ray test test-fast clean-venv
 
 install: $(STAMP)
+
+install-ray: $(RAY_STAMP)
 
 # Re-runs only when the dependency list changes; every step is idempotent.
 $(STAMP): pyproject.toml Makefile
@@ -21,10 +29,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+$(RAY_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,ray]'
+	touch $(RAY_STAMP)
+
+test: $(TEST_INSTALL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: $(TEST_INSTALL)
 	$(PY) -m pytest -m "not slow and not faults and not fuzz" $(PYTEST_ARGS)
 
 clean-venv:

@@ -122,7 +122,7 @@ class RayExecutor:
     def __enter__(self) -> "RayExecutor":
         if self.settings.address:
             ray = import_ray()
-            ray.init(address=self.settings.address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=self.settings.address, log_to_driver=False, logging_level=logging.ERROR)
             total = ray.cluster_resources()
             gpus = 1 if total.get("GPU", 0) >= 1 else 0
         else:
@@ -131,7 +131,7 @@ class RayExecutor:
             ray = import_ray()
             ray.init(address="local", num_cpus=workers * self.settings.cpus_per_job, num_gpus=local_gpu_count(),
                      include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.ERROR)
             total = ray.cluster_resources()
         self.request = {"num_cpus": self.settings.cpus_per_job}
         if gpus:

@@ -344,7 +344,9 @@ class Optimizer:
         while (finished := self.jobs.next_result(timeout=PROGRESS_INTERVAL_S)) is None:
             self._show_running()
         job, record = finished
-        return job, self._finished(job, record)
+        self._finished(job, record)
+        self._show_running()
+        return job, record
 
     def _finished(self, job: Job, record: dict) -> dict:
         self.bar.done(name=job.name)
