@@ -19,7 +19,7 @@ import torch
 
 from support.datasets import write_image_tree
 from support.env import python_cmd, subprocess_env
-from support.frontier import check_frontier_files
+from support.optimize import check_frontier_files
 from support.training import train_cmd
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -18,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepreduce.checkpoint import Checkpoint, load_checkpoint
 from deepreduce.cli import main
-from deepreduce.data import Dataset, Split
+from deepreduce.data import Dataset
 from deepreduce.errors import UserError
 from deepreduce.models import build_model
 from deepreduce.optimize import candidates as cand
@@ -35,18 +33,14 @@ from deepreduce.optimize.report import FRONTIER_JSON, frontier_document, load_fr
 from deepreduce.relus import measured_relu_count, relu_count
 from deepreduce.spec import ModelSpec
 from support.env import PERSISTENT_CACHE, free_port, python_cmd, subprocess_env
-from support.frontier import PNG_MAGIC, check_frontier_files
+from support.optimize import (PNG_MAGIC, TINY_TRAINING, by_relus, check_frontier_files, default_raw, run_fake,
+                              tiny_config, tiny_data, wait_for)
 
 pytestmark = pytest.mark.usefixtures("deepreduce_env")
 
 train_module = importlib.import_module("deepreduce.train")  # (the package exports the function train)
 R18 = ModelSpec()                      # ResNet18, alpha 1, 32x32, stem ReLU on: the teacher shape
 WRN = ModelSpec(arch="wrn22_8")
-
-
-def default_raw() -> dict:
-    with open(builtin_config_path()) as f:
-        return yaml.safe_load(f)
 
 
 def config_with(**sections) -> "object":
@@ -322,53 +316,6 @@ def test_quick_overrides_apply_only_with_quick(tmp_path):
 
 
 # -- the pipeline with a fake trainer (fast, deterministic) -----------------------------------------------
-
-def tiny_data(size=8, n=12) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    split = lambda: Split(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),  # noqa: E731
-                          torch.arange(n) % 3)
-    return Dataset("tiny", split(), split(), ["a", "b", "c"], [0.5] * 3, [0.25] * 3)
-
-
-TINY_TRAINING = {"epochs": 1, "batch_size": 4, "lr": 0.05, "subset": None}
-
-
-def tiny_config(**sections):
-    raw = deep_merge(default_raw(), {"base": {"alpha": 0.125},  # 0.0625 (4-channel convs) crashes torch CPU training
-                                     "train": {k: TINY_TRAINING for k in ("teacher", "criticality", "candidates")},
-                                     "reshape": {"alphas": [0.5], "rhos": [0.5]}})
-    return config_from_dict(deep_merge(raw, sections))
-
-
-class FakeTrainer:
-    """Stands in for deepreduce.train.train: writes a real final.pt whose accuracy comes from a table."""
-
-    def __init__(self, accuracy):
-        self.accuracy, self.calls = accuracy, []
-
-    def __call__(self, spec, data, out_dir, config, teacher=None, resume=False, progress=True, log=print, init=None):
-        name = os.path.basename(out_dir)
-        self.calls.append({"name": name, "teacher": teacher, "resume": resume, "config": config, "init": init})
-        metrics = {"test_acc": self.accuracy(name, spec), "train_seconds": 1.5, "epochs": config.epochs,
-                   "teacher": teacher, "init": init}
-        Checkpoint(spec, build_model(spec).state_dict(), data.mean, data.std, data.classes, metrics).save(
-            os.path.join(out_dir, "final.pt"))
-
-
-def by_relus(name, spec):
-    """More ReLUs, more accuracy; stage 3 is the most critical, stage 1 the least."""
-    crit = {"crit-none": 20.0, "crit-s1": 21.0, "crit-s2": 30.0, "crit-s3": 40.0, "crit-s4": 25.0}
-    return crit.get(name, 30.0 + 10 * math.log10(1 + relu_count(spec)))
-
-
-def run_fake(tmp_path, monkeypatch, accuracy=by_relus, config=None, **kwargs):
-    fake = FakeTrainer(accuracy)
-    monkeypatch.setattr(pipeline, "train", fake)
-    out = kwargs.pop("out", tmp_path / "run")
-    doc = pipeline.Optimizer(str(out), tiny_data(), "folder:/tmp/tiny", config or tiny_config(), progress=False,
-                             out=lambda *_: None, **kwargs).run()
-    return doc, fake, out
-
 
 def test_pipeline_orders_jobs_by_criticality_and_distils(tmp_path, monkeypatch):
     doc, fake, out = run_fake(tmp_path, monkeypatch)
@@ -722,14 +669,6 @@ def cifar_env(cifar10_arg) -> dict:
     """Children load the real CIFAR-10 from the persistent cache (decoded once, ~20 s); cifar10_arg
     skips the test when the archive is missing."""
     return subprocess_env(DEEPREDUCE_CACHE=PERSISTENT_CACHE)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"optimize exited early ({proc.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.05)
 
 
 TINY_QUICK = """
