@@ -5,6 +5,8 @@ and a mismatched client refused on both sides. The multi-process runs are in tes
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from secure.core.party import Role
 from secure.core.plaintext import run_plaintext
 from secure.core.plan import SecurePlan
 from secure.core.ring import ACT_BITS
-from support.parties import run_session
+from support.parties import run_session, tls_channels
 
 TOLERANCE = 1e-2  # logits against float64 plaintext: the bound of tests/test_runtime.py
 BATCHES = [2, 1, 3]  # three queries of one session
@@ -172,6 +174,34 @@ def test_online_rounds_equal_the_hand_count(relu_plan):
         assert all(lp.rounds == 0 for lp in profile.layers if lp.op in ("add", "avgpool"))
     server, client = (session.channels[r].phases["online"] for r in (Role.SERVER, Role.CLIENT))
     assert (server.sent, server.received) == (client.received, client.sent)  # online: only the two talk
+
+
+def test_the_engine_over_tls_links_counts_the_same_and_matches_plaintext(relu_plan):
+    """The three parties over real TLS 1.3 links on 127.0.0.1 (secure.transport, as the roles will
+    connect them): logits that match plaintext, the same counted bytes and rounds in every phase as
+    over the in-process hub, and each link's payload counters equal what the engine counted; the wire carries the
+    payload plus TLS framing."""
+    x = images(relu_plan, seed=7)
+    reference = run_session(relu_plan, x)
+    assert_clean(reference)
+    channels = tls_channels()
+    try:
+        session = run_session(relu_plan, x, channels=channels).ok()
+    finally:  # both ends of a link close at about the same time (each waits for the other's close_notify)
+        closers = [threading.Thread(target=ch.close) for ch in channels.values()]
+        for c in closers:
+            c.start()
+        for c in closers:
+            c.join(10)
+    assert_matches_plaintext(relu_plan, torch.cat(x), client_logits(session))  # fresh seeds: the rounding differs
+    for role in Role:
+        ch, ref = session.channels[role], reference.channels[role]
+        assert ch.phases == ref.phases  # bytes and rounds, phase by phase
+        counted_sent = sum(t.sent for t in ch.phases.values())
+        counted_received = sum(t.received for t in ch.phases.values())
+        assert counted_sent == sum(link.payload_sent for link in ch.links.values())
+        assert counted_received == sum(link.payload_received for link in ch.links.values())
+        assert sum(link.wire_sent for link in ch.links.values()) > counted_sent
 
 
 # -- a client that does not match the server --------------------------------------------------------

@@ -2,8 +2,9 @@
 
 `Channel` is the interface the engine talks to and does the counting; a transport subclass moves the
 bytes. `GlooChannel` runs over torch.distributed's gloo backend (the server hosts the c10d store,
-`GLOO_SOCKET_IFNAME` pins the interface); `InProcessHub` connects parties that run as threads of
-one process, for the engine's unit tests. Every message's size follows from the public plan, so a
+`GLOO_SOCKET_IFNAME` pins the interface: what the roles use today); `LinkChannel` over
+authenticated, encrypted TLS links, one per peer (`secure.transport.link`); `InProcessHub` connects
+parties that run as threads of one process, for the engine's unit tests. Every message's size follows from the public plan, so a
 receiver always knows what to expect; the tensors of one message travel as one byte buffer. Each
 send and receive waits at most `timeout_s` (callers pass a longer bound where the peer is known to be
 busy with offline work).
@@ -18,6 +19,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from secure.transport import LinkError
 
 
 @dataclass
@@ -121,6 +124,34 @@ def gloo_channel(rank: int, host: str, port: int, timeout_s: float, world: int) 
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout, use_libuv=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return GlooChannel(rank, timeout_s)
+
+
+# -- TLS links (secure.transport) ------------------------------------------------------------------
+
+@dataclass
+class LinkChannel(Channel):
+    """One established `secure.transport.link.Link` per peer rank. A link error (tampering, truncation,
+    a peer gone, a timeout) surfaces as RuntimeError, like a gloo failure, and ends the session."""
+    links: dict = field(default_factory=dict)  # peer rank -> Link
+
+    def _send(self, dst, buf, timeout_s):
+        try:
+            self.links[dst].send(buf.numpy().tobytes())
+        except LinkError as exc:
+            raise RuntimeError(f"rank {self.rank}: link to rank {dst} failed: {exc}") from exc
+
+    def _recv(self, src, nbytes, timeout_s):
+        try:
+            data = self.links[src].recv(max_bytes=nbytes, timeout=timeout_s)
+        except LinkError as exc:
+            raise RuntimeError(f"rank {self.rank}: link from rank {src} failed: {exc}") from exc
+        if len(data) != nbytes:
+            raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {len(data)}")
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
 
 
 # -- in one process (engine unit tests) ---------------------------------------------------------------

@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
-from secure.core.channel import InProcessChannel, InProcessHub
+from secure.core.channel import InProcessChannel, InProcessHub, LinkChannel
 from secure.core.engine import EngineConfig, run_party, serve_dealer, session_timeout
 from secure.core.party import Role
 from secure.core.plan import PublicPlan
+from secure.transport.credentials import RoleCredential, Trust, client_context, new_secret, server_context
+from secure.transport.link import Link
+from secure.transport.preface import PARTY, Preface, read_preface
 
 # A party waits at most `session_timeout` for any one message; once one party fails, the others give
 # up in turn (server, client, dealer): three such waits at most.
@@ -56,14 +60,15 @@ class Session:
 
 
 def run_session(plan, images: list[torch.Tensor], timeout_s: float = 10.0, client_public: PublicPlan | None = None,
-                client_batches: list[int] | None = None, config: EngineConfig | None = None) -> Session:
+                client_batches: list[int] | None = None, config: EngineConfig | None = None,
+                channels: dict | None = None) -> Session:
     """One session of len(images) queries: server with `plan`, client with `images` (and the public
     plan, or `client_public`, and batch sizes, or `client_batches`), dealer. Every party runs to its
     end or its exception; a party still running after the bound derived from `timeout_s` fails the test."""
     config = config or EngineConfig(server_threads=1)  # torch's thread count is per process, not per thread
     batches = [len(x) for x in images]
     hub = CountingHub()
-    channels = {role: hub.channel(role, timeout_s) for role in Role}
+    channels = channels or {role: hub.channel(role, timeout_s) for role in Role}
     jobs = {
         Role.SERVER: lambda ch: run_party(Role.SERVER, ch, plan.public_info(), batches, config, False, plan=plan),
         Role.CLIENT: lambda ch: run_party(Role.CLIENT, ch, client_public or plan.public_info(),
@@ -92,3 +97,37 @@ def run_session(plan, images: list[torch.Tensor], timeout_s: float = 10.0, clien
     hung = [role.label for role, t in workers.items() if t.is_alive()]
     assert not hung, f"parties {hung} still running {bound:g} s after the start"
     return Session(hub, channels, results, errors)
+
+
+def tls_channels(timeout_s: float = 10.0) -> dict[Role, LinkChannel]:
+    """The three parties' channels over real TLS 1.3 links on 127.0.0.1, as the roles will connect them:
+    the client connects to the server's and the dealer's listening sockets, the server to the dealer's
+    (single-operator credentials derived from a fresh secret; each end checks the other's role)."""
+    secret = new_secret()
+    trust = Trust.single_operator(secret)
+    own = {role: RoleCredential.derive(secret, role.label) for role in Role}
+    listeners = {Role.SERVER: socket.create_server(("127.0.0.1", 0)), Role.DEALER: socket.create_server(("127.0.0.1", 0))}
+    pairs = [(Role.CLIENT, Role.SERVER), (Role.CLIENT, Role.DEALER), (Role.SERVER, Role.DEALER)]  # connector, listener
+    links: dict[Role, dict[int, Link]] = {role: {} for role in Role}
+    session = bytes(range(16))
+
+    def accept(listener: Role, connector: Role) -> None:
+        conn, _ = listeners[listener].accept()
+        got = read_preface(conn, timeout_s)
+        peers = trust.only(connector.label)
+        links[listener][int(connector)] = Link.accept(conn, server_context(own[listener], peers), peers,
+                                                      (connector.label,), timeout_s, preface=got)
+
+    for connector, listener in pairs:  # one at a time: each accept meets its own connect
+        thread = threading.Thread(target=accept, args=(listener, connector), daemon=True)
+        thread.start()
+        peers = trust.only(listener.label)
+        sock = socket.create_connection(listeners[listener].getsockname(), timeout=timeout_s)
+        links[connector][int(listener)] = Link.connect(sock, client_context(own[connector], peers), peers,
+                                                       (listener.label,), timeout_s,
+                                                       preface=Preface(PARTY, connector.label, session))
+        thread.join(timeout_s)
+        assert int(connector) in links[listener], f"{listener.label} did not accept the {connector.label}"
+    for sock in listeners.values():
+        sock.close()
+    return {role: LinkChannel(int(role), timeout_s, links=links[role]) for role in Role}
