@@ -9,8 +9,8 @@ STAMP   = $(VENV)/.installed
 RAY_STAMP = $(VENV)/.installed-ray
 PYTEST_ARGS ?=
 # Ray, the optional extra of `deepreduce optimize --executor ray` (docs/RAY.md): `make install-ray` adds it.
-# `make test` installs it too, so that CI (.ci/run) runs the Ray tests; `make test WITH_RAY=0` tests the
-# base install alone (the Ray tests are then skipped, with the reason).
+# `make test` installs it too, so that CI (.ci/run) runs the Ray tests; `make test WITH_RAY=0` leaves it out
+# (the base install; where Ray is not installed the Ray tests are skipped, with the reason).
 WITH_RAY ?= 1
 TEST_INSTALL = $(if $(filter 1,$(WITH_RAY)),install-ray,install)
 

@@ -50,7 +50,7 @@ class ExecutorSettings:
     kind: str = "local"            # local | ray
     workers: int | None = None     # ray: slots of the local instance (default: its GPUs, else CPUs // cpus_per_job);
                                    #   with `address`, the most jobs in flight at once (default: no cap)
-    address: str | None = None     # ray: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001"); None = start one
+    address: str | None = None     # ray: an existing cluster ("auto", "HOST:6379"); None = start a local instance
     cpus_per_job: int = 1          # ray: CPUs a job asks for (and its torch threads)
     max_retries: int = 3           # ray: runs of a job again after its worker died (each resumes from last.pt)
 

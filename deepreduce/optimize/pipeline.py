@@ -113,14 +113,14 @@ class Optimizer:
                          "teacher": os.path.abspath(teacher) if teacher else None}
         self.teacher_path = self.identity["teacher"]
         self.out = out or _print_above_bars
-        self.executor = executor or ExecutorSettings()
+        self.executor_settings = executor or ExecutorSettings()
         self.session = uuid.uuid4().hex
         self.rank, self.world = _rank_and_world()
         self.base = ModelSpec(arch=config.base.arch, alpha=config.base.alpha, rho=config.base.rho,
                               blocks=config.base.blocks and tuple(config.base.blocks), widen=config.base.widen,
                               in_channels=data.in_channels, input_size=data.input_size,
                               num_classes=len(data.classes))
-        self.bar = self.jobs = None    # the progress bar and the executor, while run() runs
+        self.bar = self.executor = None  # the progress bar and the executor, while run() runs
         self.context: dict = {}        # teacher, criticality: what every frontier document carries
         self.points: dict[str, dict] = {}  # trained candidates (and finals) by name
         self.pruned: list[dict] = []
@@ -132,7 +132,7 @@ class Optimizer:
 
     # -- the pipeline -------------------------------------------------------------------------
     def run(self) -> dict:
-        self.executor.check()
+        self.executor_settings.check()
         self._claim_directory()
         # Generating every candidate up front also checks their specs before any training starts.
         total = (1 + len(criticality_specs(self.base)) + len(all_candidates(self.config, self.base, all_stages(self.base)))
@@ -140,7 +140,8 @@ class Optimizer:
         # A Ray worker resumes whatever last.pt it finds: its job may be a re-run after a worker died.
         remote = RemoteJob(self._job_context(resume=True))
         with JobProgress(total, enabled=self.progress and self.is_main) as self.bar, \
-                make_executor(self.executor, self._train_here, remote, on_start=self._starting) as self.jobs:
+                make_executor(self.executor_settings, self._train_here, remote,
+                              on_start=self._starting) as self.executor:
             teacher, results = self._teacher_and_criticality()
             self.context["teacher"] = teacher
             table, no_relu, order = self._criticality(results)
@@ -271,7 +272,7 @@ class Optimizer:
         for job in finals + [self._ablation_job(aj, pick) for aj, pick in ablations.values()]:
             if (result := self._start(job)) is not None:
                 record(job, result)
-        while self.jobs.in_flight():
+        while self.executor.in_flight():
             record(*self._next())
 
     def _final_jobs(self) -> list[Job]:
@@ -336,12 +337,12 @@ class Optimizer:
         """Submit `job`; or, when a previous session finished it, count it and return its record."""
         if self._is_done(job.name):
             return self._finished(job, _read_json(os.path.join(self._job_dir(job.name), RESULT_JSON)))
-        self.jobs.submit(job)
+        self.executor.submit(job)
         return None
 
     def _next(self) -> tuple[Job, dict]:
         """The next job to finish and its record, refreshing the bar's running jobs meanwhile."""
-        while (finished := self.jobs.next_result(timeout=PROGRESS_INTERVAL_S)) is None:
+        while (finished := self.executor.next_result(timeout=PROGRESS_INTERVAL_S)) is None:
             self._show_running()
         job, record = finished
         self._finished(job, record)
@@ -361,7 +362,7 @@ class Optimizer:
     def _show_running(self) -> None:
         """The jobs in flight that a worker of this session started, with their epochs so far."""
         running = {}
-        for job in self.jobs.in_flight():
+        for job in self.executor.in_flight():
             directory = self._job_dir(job.name)
             if (_read_json_if_any(os.path.join(directory, WORKER_JSON)) or {}).get("session") == self.session:
                 running[job.name] = f"{epochs_logged(directory)}/{job.training.epochs}"
@@ -417,9 +418,9 @@ class Optimizer:
         elif self.is_main:
             atomic_write_json(path, {**self.identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if self.is_main:
-            atomic_write_json(os.path.join(self.out_dir, DRIVER_JSON),
-                              {"session": self.session, "executor": self.executor.kind, "host": socket.gethostname(),
-                               "pid": os.getpid(), "started_at": round(time.time(), 3)})
+            driver = {"session": self.session, "executor": self.executor_settings.kind, "host": socket.gethostname(),
+                      "pid": os.getpid(), "started_at": round(time.time(), 3)}
+            atomic_write_json(os.path.join(self.out_dir, DRIVER_JSON), driver)
         _barrier(self.world)
 
     def _meta(self, complete: bool) -> dict:

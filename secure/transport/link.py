@@ -55,6 +55,9 @@ class Link:
     def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  max_frame: int, send_timeout: float | None):
         sock.setblocking(False)
+        # Protocol messages are often small and each one ends a round: Nagle's algorithm would hold
+        # them back waiting for the peer's ACK (delayed up to tens of ms), so send every write at once.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self._tls, self._in, self._out = sock, tls, incoming, outgoing
         self.max_frame, self.send_timeout = max_frame, send_timeout
         self.peer: Peer | None = None
