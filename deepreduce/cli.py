@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import exit_status
+from .errors import UserError, exit_status
 from .plugins import command_plugins
 from .spec import THIN_MODES, ModelSpec
 
@@ -52,6 +52,10 @@ def spec_from_args(args, **defaults) -> ModelSpec:
 # -- count ------------------------------------------------------------------------------------
 
 def cmd_count(args) -> None:
+    if args.module:
+        return cmd_count_module(args)
+    if args.input_shape or args.weights:
+        raise UserError("--input-shape and --weights go with --module FILE.py:FACTORY")
     from .relus import measured_relu_count, relu_count, relu_count_by_stage, relu_sites
     spec = spec_from_args(args)
     total, stages = relu_count(spec), relu_count_by_stage(spec)
@@ -67,6 +71,33 @@ def cmd_count(args) -> None:
     print(f"{'total':<6} {total:>12,}")
     if args.measure:
         print(f"measured with forward hooks: {measured_relu_count(spec):,}")
+
+
+def cmd_count_module(args) -> None:
+    """`deepreduce count --module FILE.py:FACTORY --input-shape C,H,W`: ReLUs (kept positions) and
+    max-pooling comparisons of any traceable module, per site."""
+    from .trace import count_module, load_module, parse_input_shape
+    flags = {"num_classes": "classes", "stem_relu": "(no-)stem-relu"}
+    given = [f"--{flags.get(k, k.replace('_', '-'))}" for k in SPEC_FIELDS + ("spec",)
+             if getattr(args, k, None) is not None]
+    if given or args.measure:
+        raise UserError(f"--module counts a module, not a spec: leave out {', '.join(given or ['--measure'])}")
+    if not args.input_shape:
+        raise UserError("--module needs --input-shape C,H,W (e.g. 3,32,32)")
+    shape = parse_input_shape(args.input_shape)
+    counts = count_module(load_module(args.module, args.weights), shape)
+    if args.json:
+        print(json.dumps({"module": args.module, **counts}))
+        return
+    rows = [(site, n, "ReLUs") for site, n in counts["sites"].items()] + \
+           [(name, n, "comparisons") for name, n in counts["comparisons"].items()]
+    width = max([len("site")] + [len(r[0]) for r in rows])
+    print(f"{'site':<{width}} {'count':>12}")
+    for site, n, what in rows:
+        print(f"{site:<{width}} {n:>12,} {what}")
+    print(f"{'total ReLUs':<{width}} {counts['relu_count']:>12,}")
+    if counts["comparison_count"]:
+        print(f"{'max-pooling comparisons':<{width}} {counts['comparison_count']:>12,}")
 
 
 # -- train / evaluate ----------------------------------------------------------------------------
@@ -149,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepreduce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("count", help="ReLU count of a spec, per stage")
+    p = sub.add_parser("count", help="ReLU count of a spec, per stage (or of any PyTorch module: --module)")
     add_spec_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="also measure with forward hooks")
+    g = p.add_argument_group("any PyTorch module instead of a spec")
+    g.add_argument("--module", metavar="FILE.py:FACTORY",
+                   help="count the module FACTORY() returns (traced with torch.fx; MaskedReLU and "
+                        "relu(x) * m + x * (1 - m) count kept positions only)")
+    g.add_argument("--input-shape", metavar="C,H,W", help="the per-image input shape, e.g. 3,32,32")
+    g.add_argument("--weights", metavar="W.pt", help="a state dict to load (torch.load weights_only=True)")
     p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("train", help="train a spec on a dataset (resumable)")

@@ -1,8 +1,9 @@
 """The op graph: a trained network flattened into the few ops that private inference executes.
 
 Batch-norm is folded away, removed ReLUs are gone, every weight is a float32 tensor named by the op
-that uses it. Each architecture writes its graph with a `GraphBuilder` (`deepreduce.models`); the
-secure layer packs ops and tensors into a plan file. Ops (``id`` = position; ``inputs`` = ids of
+that uses it. Each architecture writes its graph with a `GraphBuilder` (`deepreduce.models`), and
+`deepreduce.trace` writes the graph of any PyTorch module; the secure layer packs ops and tensors into
+a plan file. Ops (``id`` = position; ``inputs`` = ids of
 earlier ops; ``shape`` = per-image output shape)::
 
     input        the normalised image, N x C x H x W
@@ -127,6 +128,25 @@ def consumers(ops: list[Op]) -> dict[int, list[int]]:
         for j in op.inputs:
             out[j].append(op.id)
     return out
+
+
+CLASSIC_KINDS = ("input", "conv", "scale_shift", "relu", "add", "avgpool", "linear")
+
+
+def beyond_classic(ops: list[Op]) -> tuple[Op, str] | None:
+    """The first op outside the classic graph, with what it needs: the graph a ModelSpec network
+    exports (unmasked ReLUs, plain 2-D convolutions, per-channel scale_shift on images, global average
+    pooling) is all the secure engines run today; traced modules (deepreduce.trace) can go beyond it."""
+    for op in ops:
+        if op.kind not in CLASSIC_KINDS:
+            return op, op.kind
+        if op.mask is not None:
+            return op, "masked relu"
+        if op.groups not in (None, 1) or op.dilation not in (None, [1, 1]):
+            return op, "conv with groups or dilation"
+        if op.kind == "scale_shift" and len(op.shape) != 3:
+            return op, f"scale_shift on shape {op.shape}"
+    return None
 
 
 def walk(ops: list[Op], x, apply):

@@ -26,7 +26,7 @@ _EXPORTS = {
     "SecurePlan": "secure.core.plan", "PublicPlan": "secure.core.plan",
     "run_plaintext": "secure.core.plaintext", "predict_files": "secure.core.plaintext",
     "export_plan": "secure.core.export", "plan_from_checkpoint": "secure.core.export",
-    "load_plan_or_checkpoint": "secure.core.export",
+    "load_plan_or_checkpoint": "secure.core.export", "export_module": "secure.core.export",
     "Role": "secure.core.party", "ROLES": "secure.core.party", "Rendezvous": "secure.core.party",
     "PartyResult": "secure.core.party", "SecureSessionError": "secure.core.party",
     "ENGINES": "secure.core.runtime", "DEFAULT_ENGINE": "secure.core.runtime",

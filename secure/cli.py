@@ -10,9 +10,24 @@ from deepreduce.cli import int_list
 
 def register(sub) -> None:
     """Add export, predict and bench to the `deepreduce` parser's subcommands."""
-    p = sub.add_parser("export", help="export a checkpoint to a secure plan (batch-norm folded, one file)")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="export a checkpoint, or any PyTorch CNN (--module), to a secure plan "
+                       "(batch-norm folded, one file)")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint written by `deepreduce train` (or use --module)")
     p.add_argument("--out", required=True, help="the plan file to write, e.g. model.plan")
+    g = p.add_argument_group("any PyTorch module instead of a checkpoint")
+    g.add_argument("--module", metavar="FILE.py:FACTORY", help="export the module FACTORY() returns (traced "
+                   "with torch.fx in eval mode: conv, linear, batch-norm, ReLU and masked ReLU, pooling, "
+                   "flatten, add, concat)")
+    g.add_argument("--weights", metavar="W.pt", help="a state dict to load (torch.load weights_only=True)")
+    g.add_argument("--input-shape", metavar="C,H,W", help="the per-image input shape, e.g. 3,32,32")
+    g.add_argument("--classes", metavar="a,b,...", help="class names (default class0, class1, ...)")
+    g.add_argument("--mean", metavar="m1,m2,m3", help="per-channel mean of [0, 1] pixels (default 0)")
+    g.add_argument("--std", metavar="s1,s2,s3", help="per-channel std of [0, 1] pixels (default 1)")
+    g.add_argument("--calibration", metavar="DATA", help="check that activations stay inside the secure "
+                   "engines' exact range on test images of this dataset (cifar10:DIR, folder:PATH, ...) and "
+                   "record the range in the plan")
+    g.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="test images used by --calibration (default 256)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="plaintext prediction on image files with a checkpoint or plan")
@@ -44,11 +59,66 @@ def register(sub) -> None:
 
 
 def cmd_export(args) -> None:
+    from deepreduce.errors import UserError
+    module_flags = [f"--{k.replace('_', '-')}" for k in ("weights", "input_shape", "classes", "mean", "std",
+                                                            "calibration") if getattr(args, k) is not None]
+    if args.module and args.checkpoint:
+        raise UserError(f"export either a checkpoint or --module, not both ({args.checkpoint})")
+    if args.module:
+        return cmd_export_module(args)
+    if not args.checkpoint:
+        raise UserError("export needs a checkpoint (final.pt of `deepreduce train`) or --module FILE.py:FACTORY")
+    if module_flags:
+        raise UserError(f"{', '.join(module_flags)} go with --module FILE.py:FACTORY, not a checkpoint")
     from secure.core.export import export_plan
     plan = export_plan(args.checkpoint)
     plan.save(args.out)
     print(json.dumps({"plan": args.out, "plan_hash": plan.plan_hash, "relu_count": plan.relu_count,
                       "ops": len(plan.ops)}))
+
+
+def _floats(flag: str, text: str | None) -> list[float] | None:
+    from deepreduce.errors import UserError
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def cmd_export_module(args) -> None:
+    import torch
+
+    from deepreduce.errors import UserError
+    from deepreduce.trace import load_module, parse_input_shape
+    from secure.core.export import export_module
+    if not args.input_shape:
+        raise UserError("--module needs --input-shape C,H,W (e.g. 3,32,32)")
+    shape = parse_input_shape(args.input_shape)
+    mean, std = _floats("--mean", args.mean), _floats("--std", args.std)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    model = load_module(args.module, args.weights)
+    calibration = None
+    if args.calibration:
+        from deepreduce.data import load_dataset, normalize
+        if args.calibration_images < 1:
+            raise UserError("--calibration-images must be at least 1")
+        data = load_dataset(args.calibration, input_size=shape[1] if shape[1] == shape[2] else None, progress=False)
+        pixels = data.test.images[:args.calibration_images]
+        if tuple(pixels.shape[1:]) != shape:
+            raise UserError(f"--calibration images have shape {tuple(pixels.shape[1:])}, the module takes {shape}")
+        calibration = normalize(pixels, mean or [0.0] * shape[0], std or [1.0] * shape[0])
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)) if calibration is None \
+        else calibration[:2]
+    factory = args.module.rpartition(":")[2]
+    plan = export_module(model, example, args.out, class_names=classes, mean=mean, std=std,
+                         calibration=calibration, name=factory)
+    out = {"plan": args.out, "plan_hash": plan.plan_hash, "relu_count": plan.relu_count,
+           "comparison_count": plan.comparison_count, "ops": len(plan.ops)}
+    if "value_range" in plan.spec:
+        out["value_range"] = plan.spec["value_range"]
+    print(json.dumps(out))
 
 
 def cmd_predict(args) -> None:

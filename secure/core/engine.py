@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deepreduce.errors import ProjectError
-from deepreduce.graph import Op, consumers
+from deepreduce.graph import Op, beyond_classic, consumers
 from secure.core.channel import Channel, gloo_channel, like
 from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, unpack_message, weight_masks, weight_name)
@@ -128,6 +128,7 @@ class Party:
 
     def __init__(self, role: int, ch: Channel, public: PublicPlan, batch_sizes: list[int], config: EngineConfig,
                  insecure_tfp: bool, plan=None):
+        _check_runs(public.ops)
         self.j, self.ch, self.public, self.batch_sizes = role, ch, public, batch_sizes
         self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
         self.layout = Layout.from_public(public, config.relu)
@@ -372,6 +373,17 @@ class Party:
             return None
         (theirs,) = self.ch.recv(SERVER, [(torch.int64, y.numel())])
         return (y + theirs.view_as(y)).double() / (1 << (ACT_BITS + WEIGHT_BITS))
+
+
+def _check_runs(ops: list[Op]) -> None:
+    """Refuse, at session start, a plan with ops this engine does not run yet (exported modules)."""
+    problem = beyond_classic(ops)
+    readers = consumers(ops)
+    pooled = [op for op in ops if op.kind == "avgpool" and any(ops[r].kind not in LINEAR_OPS for r in readers[op.id])]
+    if problem is None and pooled:  # the engine sums here and leaves the division to the next linear layer
+        problem = pooled[0], "avgpool read by a non-linear op"
+    if problem is not None:
+        raise EngineError(f"the fast engine cannot run op {problem[0].name!r} ({problem[1]}) of this plan yet")
 
 
 def _offline_known(ops: list[Op]) -> dict[int, bool]:

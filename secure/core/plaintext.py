@@ -10,29 +10,53 @@ from deepreduce.graph import Op, walk
 from secure.core.plan import SecurePlan
 
 
-def run_plaintext(plan: SecurePlan, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Logits for a normalised N x C x H x W batch, with plain torch ops (float64 by default)."""
+def run_plaintext(plan: SecurePlan, x: torch.Tensor, dtype: torch.dtype = torch.float64,
+                  observe=None) -> torch.Tensor:
+    """Logits for a normalised N x C x H x W batch, with plain torch ops (float64 by default).
+    `observe(op, value)`, when given, sees every op's output (e.g. to measure the value range)."""
     check_input(x, plan.input_shape)
     tensors = {name: t.to(dtype) for name, t in plan.tensors.items()}
 
     def apply(op: Op, inputs):
-        kind, w = op.kind, tensors.get(op.weight)
-        if kind == "conv":
-            return F.conv2d(inputs[0], w, tensors.get(op.bias), stride=op.stride, padding=op.padding)
-        if kind == "scale_shift":
-            return inputs[0] * tensors[op.scale].view(1, -1, 1, 1) + tensors[op.shift].view(1, -1, 1, 1)
-        if kind == "relu":
-            return F.relu(inputs[0])
-        if kind == "add":
-            return inputs[0] + inputs[1]
-        if kind == "avgpool":
-            return inputs[0].mean(dim=(2, 3))
-        if kind == "linear":
-            return F.linear(inputs[0], w, tensors[op.bias])
-        raise ValueError(f"unknown op {kind!r}")
+        y = evaluate_op(op, inputs, tensors)
+        if observe is not None:
+            observe(op, y)
+        return y
 
     with torch.no_grad():
         return walk(plan.ops, x.to(dtype), apply)
+
+
+def evaluate_op(op: Op, inputs: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One op on N-image values (the table of kinds is in deepreduce/graph.py)."""
+    kind, w, x = op.kind, tensors.get(op.weight), inputs[0]
+    if kind == "conv":
+        return F.conv2d(x, w, tensors.get(op.bias), stride=op.stride, padding=op.padding,
+                        dilation=op.dilation or 1, groups=op.groups or 1)
+    if kind == "scale_shift":  # per channel of N x C x H x W, per feature of N x F
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * tensors[op.scale].view(view) + tensors[op.shift].view(view)
+    if kind == "relu":
+        if op.mask is None:
+            return F.relu(x)
+        return torch.where(tensors[op.mask].unsqueeze(0) != 0, F.relu(x), x)
+    if kind == "add":
+        return x + inputs[1]
+    if kind == "avgpool":
+        return x.mean(dim=(2, 3))
+    if kind == "linear":
+        return F.linear(x, w, tensors.get(op.bias))
+    if kind == "avgpool2d":
+        return F.avg_pool2d(x, op.kernel, op.stride, op.padding)
+    if kind == "maxpool":
+        return F.max_pool2d(x, op.kernel, op.stride, op.padding)
+    if kind == "reshape":
+        return x.reshape(x.shape[0], *op.shape)
+    if kind == "concat":
+        return torch.cat(inputs, dim=1)
+    if kind == "scale":
+        return x * op.factor + op.offset
+    raise ValueError(f"unknown op {kind!r}")
 
 
 def check_input(x: torch.Tensor, input_shape) -> None:

@@ -55,6 +55,11 @@ class PublicPlan:
         """ReLUs per image at every kept site, in network order."""
         return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
 
+    @property
+    def comparison_count(self) -> int:
+        """Comparisons per image in max pooling (not ReLUs; 0 for networks without it)."""
+        return comparison_count(self.ops)
+
     def to_dict(self) -> dict:
         return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public", "plan_hash": self.plan_hash,
                 "input_shape": list(self.input_shape), "classes": list(self.classes),
@@ -105,6 +110,11 @@ class SecurePlan:
         """ReLUs per image at every kept site, in network order."""
         return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
 
+    @property
+    def comparison_count(self) -> int:
+        """Comparisons per image in max pooling (not ReLUs; 0 for networks without it)."""
+        return comparison_count(self.ops)
+
     def _meta(self) -> dict:
         return {"input_shape": list(self.input_shape), "classes": list(self.classes),
                 "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
@@ -151,6 +161,10 @@ class SecurePlan:
             raise UserError(f"{path} is a corrupt secure plan (content hash mismatch): "
                             "export it again with `deepreduce export`")
         return plan
+
+
+def comparison_count(ops: list[Op]) -> int:
+    return sum(op.comparison_count for op in ops if op.kind == "maxpool")
 
 
 def is_plan_file(path: str) -> bool:
@@ -218,10 +232,51 @@ def _validate_ops(ops: list[Op], tensors: dict) -> None:
     if not ops or ops[0].kind != "input":
         raise ValueError("the op list must start with the input")
     for i, op in enumerate(ops):
-        if op.id != i:
+        if op.id != i or (i > 0 and op.kind == "input"):
             raise ValueError(f"op {i} is malformed")
         if any(not 0 <= j < i for j in op.inputs):
             raise ValueError(f"op {i} reads an op that does not precede it")
+        arity = _ARITY.get(op.kind, 1)
+        if (len(op.inputs) < 2) if arity is None else len(op.inputs) != arity:
+            raise ValueError(f"op {i} ({op.kind}) has {len(op.inputs)} inputs")
         for name in op.tensor_names():
             if name not in tensors:
                 raise ValueError(f"op {i} names a missing tensor {name!r}")
+        _validate_fields(op, [ops[j].shape for j in op.inputs], tensors)
+
+
+_ARITY = {"input": 0, "add": 2, "concat": None}  # None: two or more; every other kind reads one op
+
+
+def _validate_fields(op: Op, in_shapes: list[list[int]], tensors: dict) -> None:
+    """The fields of the kinds that exported modules brought (deepreduce.trace): pairs of positive
+    sizes, shapes that agree with the inputs, a 0/1 ReLU mask whose kept count is the op's relu_count."""
+    bad = f"op {op.id} ({op.kind})"
+    pairs = {key: getattr(op, key) for key in ("kernel", "stride", "padding", "dilation")
+             if getattr(op, key) is not None}
+    for key, value in pairs.items():
+        if len(value) != 2 or min(value) < (0 if key == "padding" else 1):
+            raise ValueError(f"{bad} has a bad {key} {value}")
+    if op.groups is not None and op.groups < 1:
+        raise ValueError(f"{bad} has groups {op.groups}")
+    if op.kind == "reshape" and math.prod(op.shape) != math.prod(in_shapes[0]):
+        raise ValueError(f"{bad} changes the number of values")
+    if op.kind == "concat" and (any(s[1:] != op.shape[1:] for s in in_shapes)
+                                or sum(s[0] for s in in_shapes) != op.shape[0]):
+        raise ValueError(f"{bad} does not fit its inputs")
+    if op.kind == "scale" and not (math.isfinite(op.factor) and math.isfinite(op.offset)):
+        raise ValueError(f"{bad} has a non-finite constant")
+    if op.kind == "maxpool" and op.comparison_count != math.prod(op.shape) * (math.prod(op.kernel) - 1):
+        raise ValueError(f"{bad} counts {op.comparison_count} comparisons")
+    if op.kind == "relu" and op.mask is None and op.relu_count != math.prod(op.shape):
+        raise ValueError(f"{bad} counts {op.relu_count} ReLUs for {math.prod(op.shape)} values")
+    if op.kind == "relu" and op.mask is not None:
+        mask = tensors[op.mask]
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else list(mask)
+        if len(shape) != len(op.shape) or any(m not in (1, s) for m, s in zip(shape, op.shape)):
+            raise ValueError(f"{bad} has a mask of shape {shape}")
+        if isinstance(mask, torch.Tensor):
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"{bad} has a mask that is not 0/1")
+            if int(mask.expand(op.shape).sum().item()) != op.relu_count:
+                raise ValueError(f"{bad} counts {op.relu_count} ReLUs, its mask keeps another number")
