@@ -29,10 +29,13 @@ from client.session import ClientSettings, fetch_info, one_session, public_plan,
 from secure.control import auth, protocol
 from secure.control.service import run_main
 from secure.control.workers import private_tempdir, start_fork_server
+from secure.core.party import DEFAULT_ENGINE, ENGINES
 
 if TYPE_CHECKING:
     from secure.core.plan import PublicPlan
 
+CRYPTEN_NOTE = ("--engine crypten: the CrypTen reference engine runs over gloo, whose traffic is neither encrypted "
+                "nor authenticated: use it for comparisons on a trusted network only (SECURITY.md).")
 INSECURE_NOTE = ("INSECURE: the server runs in --insecure-tfp benchmark mode (no dealer): "
                  "it could learn your images. Do not use it for private data.")
 
@@ -58,7 +61,7 @@ def settings_from_args(args) -> ClientSettings:
     return ClientSettings(server=protocol.parse_address(args.server, "--server"), security=auth.security_from_args(args),
                           trust=dealer_trust(args) if hasattr(args, "dealer_id") else None,
                           connect_timeout=args.connect_timeout, timeout=args.timeout, retries=args.retries,
-                          retry_backoff=args.retry_backoff)
+                          retry_backoff=args.retry_backoff, engine=getattr(args, "engine", DEFAULT_ENGINE))
 
 
 def cmd_info(args) -> None:
@@ -70,7 +73,7 @@ def cmd_info(args) -> None:
                           "input_shape": plan["input_shape"], "classes": plan["classes"],
                           "relu_count": plan.get("relu_count"), "label_only": bool(info.get("label_only")),
                           "dealer_id": info.get("dealer_id"), "queries_left": info.get("queries_left"),
-                          "plan": plan}))
+                          "engine": info.get("engine", DEFAULT_ENGINE), "plan": plan}))
         return
     if info.get("insecure_tfp"):
         print(f"WARNING: {INSECURE_NOTE}")
@@ -79,6 +82,9 @@ def cmd_info(args) -> None:
     print(f"server      {args.server}")
     print(f"mode        {'INSECURE TFP (no dealer)' if info.get('insecure_tfp') else 'secure (with dealer)'}"
           + (", label-only" if info.get("label_only") else ""))
+    print(f"engine      {info.get('engine', DEFAULT_ENGINE)}"
+          + (" (CrypTen reference engine: pass --engine crypten to infer; over gloo, unencrypted)"
+             if info.get("engine") == "crypten" else ""))
     if info.get("dealer_id"):
         print(f"dealer      {info['dealer_id']} (as the server names it; infer --dealer-id verifies it)")
     print(f"plan        {plan['plan_hash']}")
@@ -102,12 +108,15 @@ def cmd_infer(args) -> None:
     if tfp and settings.trust:
         raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer "
                                     f"{settings.trust[0]!r} that --dealer-id asks for")
+    check_engine(settings.engine, info, args.session_size)
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize,
                            args.convert)  # bad inputs fail before any process starts
     size = min(size, len(x))
     if tfp:
         print(f"WARNING: {INSECURE_NOTE}", file=sys.stderr, flush=True)
+    if settings.engine == "crypten":
+        print(f"WARNING: {CRYPTEN_NOTE}", file=sys.stderr, flush=True)
     private_tempdir("pi-client")
     start_fork_server()
     # With --session-size S, a session carries S images as queries of --batch-size images: its set-up
@@ -120,6 +129,17 @@ def cmd_infer(args) -> None:
     runs = [one_session(x[start:start + per_session], plan, settings, size)
             for start in range(0, len(x), per_session)]
     report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs))
+
+
+def check_engine(engine: str, info: dict, session_size: int | None) -> None:
+    """The server must run the engine this client asked for (the client chooses its protection)."""
+    offered = str(info.get("engine", DEFAULT_ENGINE))[:32]
+    if offered != engine:
+        raise protocol.ControlError(f"the server runs the {offered} engine, this client asked for {engine}: "
+                                    + ("pass --engine crypten to use the CrypTen reference engine"
+                                       if offered == "crypten" else f"pass --engine {offered}"))
+    if engine == "crypten" and session_size is not None:
+        raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
 
 
 def _batch_size(wanted: int | None, limit, n: int) -> int:
@@ -150,6 +170,7 @@ def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool
     label_only = any(r.get("label_only") for r in runs)
     if args.json:
         doc = {"images": recs, "latency": lat, "insecure_tfp": tfp, "label_only": label_only,
+               "engine": runs[0]["engine"] if runs else DEFAULT_ENGINE,
                "plan_hash": plan.plan_hash, "sessions": [_session_summary(r) for r in runs]}
         if tfp:
             doc["warning"] = INSECURE_NOTE
@@ -194,6 +215,7 @@ def cmd_load(args) -> None:
     load = LoadSettings(clients=args.clients, sessions=args.sessions, duration_s=args.duration)
     load.check(settings.server[0])  # before anything is sent
     info = fetch_info(settings)
+    check_engine(settings.engine, info, None)
     plan = public_plan(info)
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
@@ -241,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resize", action="store_true", help="resize images to the model's input size")
         s.add_argument("--convert", action="store_true",
                        help="convert grayscale images for a color model and color images for a grayscale one")
+        s.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                       help="the engine to run: fast (default, this project's protocol) or crypten (the CrypTen "
+                            "reference engine, over gloo, unencrypted: only on a trusted network); the server must "
+                            "run the same one")
         s.add_argument("--dealer-id", metavar="NAME",
                        help="run only with this dealer, verified by its attestation (needs the dealer token)")
         s.add_argument("--dealer-token-file", metavar="FILE",

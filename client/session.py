@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from secure.control import auth, protocol
 from secure.control.workers import PartyJob, Worker, supervise
-from secure.core.party import Rendezvous
+from secure.core.party import DEFAULT_ENGINE, Rendezvous
 
 if TYPE_CHECKING:
     from secure.core.plan import PublicPlan
@@ -27,6 +27,7 @@ class ClientSettings:
     timeout: float = 900.0  # a reply or a whole secure computation
     retries: int = 0
     retry_backoff: float = 2.0
+    engine: str = DEFAULT_ENGINE  # the client asks for its engine itself; a server running another one refuses
 
 
 class Transient(protocol.ControlError):
@@ -87,7 +88,8 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
     queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
     with auth.open_channel(*settings.server, settings.security, settings.connect_timeout, settings.timeout,
                            "server") as ch:
-        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, dealer_nonce=nonce)
+        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, dealer_nonce=nonce,
+                engine=settings.engine)
         reply = protocol.expect(ch.recv(settings.timeout), "session")
         sid = protocol.field(reply, "session_id", str)
         rdv = Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
@@ -96,7 +98,11 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
                                               "seconds in (0, 3600]")))
         tfp = protocol.field(reply, "insecure_tfp", bool)
         verified = _check_dealer(reply, sid, rdv.port, nonce, tfp, settings.trust)
-        worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, public=plan, batches=queries))
+        if reply.get("engine", DEFAULT_ENGINE) != settings.engine:  # before anything derived from the images
+            raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
+                                        f"{settings.engine} engine this client asked for: refusing to share the images")
+        worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, engine=settings.engine, public=plan,
+                                  batches=queries))
         outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
     if outcome.kind != "ok":
         message = _describe(outcome, settings.timeout)
@@ -104,7 +110,7 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
             raise Transient(message, outcome.retry_after)
         raise protocol.ControlError(message)
     return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port),
-            "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp,
+            "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp, "engine": settings.engine,
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
             "dealer_verified": verified, **outcome.result}
 

@@ -30,17 +30,23 @@ from secure.control import auth, protocol
 from secure.control.limits import QueryLimiter, QuotaExceeded
 from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise, wait_done
-from secure.core.party import Rendezvous
+from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
 
 INSECURE_WARNING = ("INSECURE: --insecure-tfp runs without a dealer (trusted-first-party mode); "
                     "the server party generates all correlated randomness and could learn the client's "
                     "inputs. For benchmarking only.")
 
 
+CRYPTEN_WARNING = ("--engine crypten: sessions run CrypTen's reference engine over gloo, whose traffic is "
+                   "neither encrypted nor authenticated and which opens ephemeral ports; only clients that pass "
+                   "--engine crypten are served. For comparisons, on a trusted network (SECURITY.md).")
+
+
 @dataclass
 class Settings:
     dealer: tuple[str, int] | None
     insecure_tfp: bool
+    engine: str  # what the server offers: "fast" (this project's protocol) or "crypten" (the reference)
     max_batch: int
     max_sessions: int
     read_timeout: float
@@ -80,6 +86,7 @@ class PiServer:
             ch.send("pong", role="server")
         elif kind == "info":
             ch.send("info", plan=self.public, insecure_tfp=self.s.insecure_tfp, max_batch=self.s.max_batch,
+                    engine=self.s.engine,
                     label_only=self.s.label_only, dealer_id=self.dealer_id, queries_left=self.quota.left(ch.limit_key))
         elif kind == "session":
             self.session(ch, msg)
@@ -97,6 +104,14 @@ class PiServer:
         else:
             sizes = [protocol.field(msg, "batch_size", int, lambda b: 1 <= b <= self.s.max_batch,
                                     f"an image count in 1..{self.s.max_batch} (the server's --max-batch)")]
+        engine = protocol.field(msg, "engine", str, lambda e: 0 < len(e) <= 32, "an engine name") \
+            if "engine" in msg else DEFAULT_ENGINE
+        if engine != self.s.engine:  # the client chooses its protection: it must ask for the engine itself
+            raise protocol.ControlError(f"this server runs the {self.s.engine} engine, not {engine[:32]!r}: "
+                                        + ("pass --engine crypten to use the CrypTen reference engine"
+                                           if self.s.engine == "crypten" else "drop --engine"))
+        if engine == "crypten" and len(sizes) > 1:
+            raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
         n = sum(sizes)
         wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
         nonce = msg.get("dealer_nonce")
@@ -187,13 +202,15 @@ class PiServer:
             worker = Worker(f"pi-server-{sid}")
             self.service.track(worker)
             worker.start_job(PartyJob("server", Rendezvous(host, port, self.s.rendezvous_timeout),
-                                      insecure_tfp=self.s.insecure_tfp, plan=self.plan, batch_sizes=sizes))
+                                      insecure_tfp=self.s.insecure_tfp, engine=self.s.engine, plan=self.plan,
+                                      batch_sizes=sizes))
             ch.send("session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
                     insecure_tfp=self.s.insecure_tfp, plan_hash=self.plan.plan_hash, label_only=self.s.label_only,
-                    dealer_id=dealer_id, attestation=attestation)
+                    dealer_id=dealer_id, attestation=attestation, engine=self.s.engine)
             self.service.log(f"session {sid}: {sum(sizes)} image(s), rendezvous {protocol.format_address(host, port)}"
                              + (f", {len(sizes)} queries" if len(sizes) > 1 else "")
                              + (" (INSECURE TFP)" if self.s.insecure_tfp else "")
+                             + (" (crypten engine)" if self.s.engine == "crypten" else "")
                              + (f", client {ch.peer_id!r} from {ch.peer_addr}" if ch.peer_addr else ""))
             peers = {"client": ch} if dealer is None else {"client": ch, "dealer": dealer}
             outcome = supervise(worker, peers, started + self.s.session_timeout, self.service.stop,
@@ -217,7 +234,7 @@ class PiServer:
         try:
             # The dealer reaches the rendezvous store at this server's address on the dealer's network.
             dealer.send("join", session_id=sid, host=dealer.getsockname()[0], port=port,
-                        timeout_s=self.s.rendezvous_timeout, nonce=nonce)
+                        timeout_s=self.s.rendezvous_timeout, nonce=nonce, engine=self.s.engine)
             reply = protocol.expect(dealer.recv(self.s.dealer_timeout), "joined")
             dealer_id = protocol.field(reply, "dealer_id", str)
             attestation = reply.get("attestation")
@@ -284,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7000, help="control port (0 picks a free one; default 7000)")
     p.add_argument("--dealer", help="the pi-dealer's control address HOST:PORT")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="the engine this server offers: fast (default, this project's protocol) or crypten (the "
+                        "CrypTen reference engine: over gloo, unencrypted, ephemeral ports; clients and the dealer "
+                        "must opt in too)")
     p.add_argument("--insecure-tfp", action="store_true",
                    help="INSECURE benchmark mode: no dealer, the server party makes the randomness")
     p.add_argument("--max-batch", type=int, default=64, help="most images in one session (default 64)")
@@ -330,7 +351,7 @@ def _settings(args) -> Settings:
     if args.max_queries is not None and args.max_queries < 1:
         raise protocol.ControlError("--max-queries must be at least 1")
     return Settings(dealer=protocol.parse_address(args.dealer, "--dealer") if args.dealer else None,
-                    insecure_tfp=args.insecure_tfp, max_batch=args.max_batch, max_sessions=args.max_sessions,
+                    insecure_tfp=args.insecure_tfp, engine=args.engine, max_batch=args.max_batch, max_sessions=args.max_sessions,
                     read_timeout=args.read_timeout, rendezvous_timeout=args.rendezvous_timeout,
                     session_timeout=args.session_timeout, dealer_timeout=args.dealer_timeout,
                     queue_timeout=args.queue_timeout, max_waiting=args.max_waiting, retry_after=args.retry_after,
@@ -346,6 +367,10 @@ def _check_dealer(settings: Settings, security) -> str:
     except protocol.AuthError as exc:
         raise protocol.ControlError(f"the dealer at {protocol.format_address(host, port)} did not accept this "
                                     f"server: {exc}") from None
+    serves = reply.get("engine", DEFAULT_ENGINE)
+    if serves != settings.engine:
+        raise protocol.ControlError(f"the dealer at {protocol.format_address(host, port)} serves the {str(serves)[:32]} "
+                                    f"engine, this server the {settings.engine} engine: start both with the same --engine")
     return str(reply.get("dealer_id"))
 
 
@@ -364,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = SecurePlan.load(args.plan)
     if settings.insecure_tfp:
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+    if settings.engine == "crypten":
+        print(f"WARNING: {CRYPTEN_WARNING}", file=sys.stderr, flush=True)
     dealer_id = None
     if settings.dealer and not service.stop.is_set():
         dealer_id = _check_dealer(settings, security)
@@ -372,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     service.log(f"serving plan {plan.plan_hash[:12]}: input {'x'.join(map(str, plan.input_shape))}, "
                 f"{len(plan.classes)} classes, {plan.relu_count:,} ReLUs per image"
                 + (" (INSECURE TFP mode)" if settings.insecure_tfp else f", dealer {dealer_id!r}")
+                + (", crypten engine" if settings.engine == "crypten" else "")
                 + (f"; label-only (head plan {server.plan.plan_hash[:12]}, {server.plan.relu_count:,} ReLUs)"
                    if settings.label_only else "")
                 + (f"; at most {settings.max_queries} images per client per {settings.query_window:g} s"

@@ -20,7 +20,7 @@ import pytest
 
 from secure.control import auth, protocol
 from support.env import free_port
-from support.roles import (CLASSES, CLIENT_FAST, IMAGES, SERVER_FAST, Proc, alive, assert_matches_plaintext,
+from support.roles import (CLASSES, CLIENT_FAST, FAST, IMAGES, SERVER_FAST, Proc, alive, assert_matches_plaintext,
                            assert_one_line_error, assert_port_free, client, eventually, plaintext, security,
                            session_ports, start_dealer, start_server)
 
@@ -306,6 +306,42 @@ def test_unreachable_server_is_one_line_error():
                           "cannot reach the server")
     assert time.monotonic() - start < 30
     assert_one_line_error(client("info", "--server", "nonsense"), "HOST:PORT")
+
+
+@pytest.mark.slow
+def test_crypten_engine_runs_through_the_three_roles_and_is_opt_in_on_each(cluster, plan_file, plan):
+    """--engine crypten: pi-dealer serves CrypTen's TTP, pi-server offers the reference engine, pi-client asks
+    for it; secure == plaintext. Each side refuses the other engine with one line: a fast server against a
+    crypten dealer at start-up, a client that did not ask for crypten, a crypten client at a fast server."""
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--engine", "crypten", *FAST)
+    server = None
+    try:
+        dealer_addr = dealer.address()
+        mismatched = Proc("server", "--plan", str(plan_file), "--port", "0", "--dealer", dealer_addr, *SERVER_FAST)
+        assert mismatched.p.wait(120) == 2
+        mismatched.terminate()
+        assert len(mismatched.err) == 1 and re.match(r"error: the dealer .* serves the crypten engine, this server "
+                                                     r"the fast engine", mismatched.err[0]), mismatched.err
+        server, address = start_server(plan_file, "--dealer", dealer_addr, "--engine", "crypten")
+        assert "crypten" in " ".join(server.err) and "gloo" in " ".join(server.err)  # the start-up warning
+        assert_one_line_error(client("infer", "--server", address, *CLIENT_FAST, str(IMAGES[0])),
+                              r"runs the crypten engine, this client asked for fast: pass --engine crypten")
+        assert_one_line_error(client("infer", "--server", cluster["address"], "--engine", "crypten", *CLIENT_FAST,
+                                     str(IMAGES[0])), r"runs the fast engine, this client asked for crypten")
+        images = IMAGES[::7][:2]
+        done = client("infer", "--server", address, "--engine", "crypten", "--batch-size", "2", "--json",
+                      *CLIENT_FAST, *map(str, images))
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["engine"] == "crypten" and "gloo" in done.stderr  # every output says so
+        assert_matches_plaintext(doc["images"], plaintext(plan, images))
+        info = json.loads(client("info", "--server", address, "--json", *CLIENT_FAST).stdout)
+        assert info["engine"] == "crypten"
+        server.wait_line(r"session \w+: .*\(crypten engine\)", 5)
+    finally:
+        if server is not None:
+            assert server.terminate() == 0
+        assert dealer.terminate() == 0
 
 
 @pytest.mark.slow

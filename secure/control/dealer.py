@@ -25,13 +25,13 @@ from secure.control import auth
 from secure.control import protocol
 from secure.control.service import Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
-from secure.core.party import Rendezvous
+from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
 
 
 class Dealer:
     def __init__(self, service: Service, read_timeout: float, session_timeout: float, max_sessions: int,
-                 attest_key: bytes | None):
-        self.service = service
+                 attest_key: bytes | None, engine: str = DEFAULT_ENGINE):
+        self.service, self.engine = service, engine
         self.read_timeout = read_timeout
         self.session_timeout = session_timeout
         self.slots = threading.BoundedSemaphore(max_sessions)
@@ -41,7 +41,8 @@ class Dealer:
     def handle(self, ch) -> None:
         msg = ch.recv(self.read_timeout)
         if msg["type"] == "ping":
-            ch.send("pong", role="dealer", dealer_id=self.dealer_id, attests=self.attest_key is not None)
+            ch.send("pong", role="dealer", dealer_id=self.dealer_id, attests=self.attest_key is not None,
+                    engine=self.engine)
         elif msg["type"] == "join":
             if ch.peer_role != "server":
                 raise protocol.ControlError(f"only a pi-server may ask the dealer to join a session, not a {ch.peer_role}")
@@ -59,6 +60,11 @@ class Dealer:
         nonce = msg.get("nonce")
         if nonce is not None:
             protocol.field(msg, "nonce", str, lambda n: protocol.is_hex(n, 64), "64 lowercase hex digits or null")
+        engine = protocol.field(msg, "engine", str, lambda e: 0 < len(e) <= 32, "an engine name") \
+            if "engine" in msg else DEFAULT_ENGINE
+        if engine != self.engine:
+            raise protocol.ControlError(f"this dealer serves the {self.engine} engine, not {engine[:32]!r}: start both "
+                                        "with the same --engine")
         if not self.slots.acquire(blocking=False):
             protocol.send_busy(ch, "the dealer is busy (all its session slots are taken): try again later", 5.0)
             return
@@ -66,7 +72,7 @@ class Dealer:
         try:
             worker = Worker(f"pi-dealer-{sid}")
             self.service.track(worker)
-            worker.start_job(PartyJob("dealer", rdv))
+            worker.start_job(PartyJob("dealer", rdv, engine=self.engine))
             attestation = (None if self.attest_key is None or nonce is None
                            else auth.attest(self.attest_key, self.dealer_id, sid, rdv.port, nonce))
             ch.send("joined", session_id=sid, dealer_id=self.dealer_id, attestation=attestation)
@@ -99,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a session may run before it is stopped (default 900)")
     p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
                    help="seconds to wait for a control message (default 30)")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="the engine whose randomness this dealer serves: fast (default) or crypten (CrypTen's TTP, "
+                        "over gloo, unencrypted: opt-in, for comparisons on a trusted network)")
     p.add_argument("--dealer-token-file", metavar="FILE",
                    help=f"the dealer token shared with the clients that trust this dealer (default "
                         f"${auth.DEALER_TOKEN_ENV}); with it, each join is attested for the client")
@@ -119,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     service.install_signal_handlers()
     service.announce()
     start_fork_server()
-    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key)
+    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key, args.engine)
     service.log(f"dealer {dealer.dealer_id!r}: "
                 + ("authentication off (--no-auth)" if security.creds.no_auth else "token authentication")
                 + (", TLS" if security.server_tls else "")
-                + (", attests joins with the dealer token" if attest_key else ", no dealer token (no attestations)"))
+                + (", attests joins with the dealer token" if attest_key else ", no dealer token (no attestations)")
+                + (", crypten engine (CrypTen's TTP over gloo, unencrypted)" if args.engine == "crypten" else ""))
     service.serve(dealer.handle)
     service.log("stopped")
     return 0

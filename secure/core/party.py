@@ -32,6 +32,10 @@ class Role(IntEnum):
 
 ROLES = {role.label: int(role) for role in Role}  # "server" -> 0, ...
 ROLE_NAMES = tuple(ROLES)
+# The engines by name (their registry is secure.core.runtime): fast = this project's dealer-assisted
+# protocol, crypten = CrypTen's MPC tensors, the reference. Here so that torch-free processes know them.
+ENGINES = ("fast", "crypten")
+DEFAULT_ENGINE = "fast"
 
 
 @dataclass

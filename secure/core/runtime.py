@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from secure.core.party import ROLES, Engine, PartyResult, Rendezvous, SecureSessionError
+from secure.core.party import DEFAULT_ENGINE, ENGINES, ROLES, Engine, PartyResult, Rendezvous, SecureSessionError
 from secure.core.plaintext import check_input
 from secure.core.plan import PublicPlan, SecurePlan
 
@@ -32,8 +32,7 @@ def _crypten() -> Engine:
 
 
 ENGINE_FACTORIES: dict[str, Callable[[], Engine]] = {"fast": _fast, "crypten": _crypten}
-ENGINES = tuple(ENGINE_FACTORIES)
-DEFAULT_ENGINE = "fast"
+assert tuple(ENGINE_FACTORIES) == ENGINES, "secure.core.party.ENGINES names the registered engines"
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "ROLES", "PartyResult", "Rendezvous", "SecureSessionError",
            "get_engine", "run_client", "run_dealer", "run_server"]
