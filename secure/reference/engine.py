@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from deepreduce.graph import walk
+from deepreduce.graph import beyond_classic, walk
 from secure.core.party import ROLES, Rendezvous, SecureSessionError
 from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
@@ -115,6 +115,8 @@ def _run_party(role: str, public: PublicPlan, tensors: dict, images: torch.Tenso
     """The server passes real tensors and no images; the client tensor shapes and its images."""
     rank = ROLES[role]
     c, h, w = public.input_shape
+    if (problem := beyond_classic(public.ops)) is not None:  # before any process meets: nothing to undo
+        raise ValueError(f"the crypten engine cannot run op {problem[0].name!r} ({problem[1]}) of this plan yet")
     with crypten_session(role, rdv, insecure_tfp) as crypten:
         start = time.perf_counter()
         communicator = crypten.communicator.get()
