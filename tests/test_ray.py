@@ -32,7 +32,7 @@ from conftest import PERSISTENT_CACHE, python_cmd, subprocess_env
 from deepreduce.cli import main
 from deepreduce.errors import UserError
 from deepreduce.optimize import pipeline
-from deepreduce.optimize.executor import ExecutorSettings
+from deepreduce.optimize.executor import ExecutorSettings, RayExecutor
 from deepreduce.optimize.report import format_jobs_in_progress
 from test_optimize import by_relus, check_frontier_files, run_fake, tiny_config, wait_for
 
@@ -165,6 +165,15 @@ def test_executor_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="not under torchrun"):
         pipeline.make_executor(ExecutorSettings("ray"), None, None)
+
+
+@needs_ray
+def test_a_cluster_address_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where Ray looks for the clusters running here: none
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="--ray-address auto: Could not find any running Ray instance"):
+        with RayExecutor(ExecutorSettings("ray", address="auto"), None):
+            pass
 
 
 # -- on real CIFAR-10 with a local Ray instance of two workers (slow) --------------------------------------

@@ -122,7 +122,10 @@ class RayExecutor:
     def __enter__(self) -> "RayExecutor":
         if self.settings.address:
             ray = import_ray()
-            ray.init(address=self.settings.address, log_to_driver=False, logging_level=logging.ERROR)
+            try:
+                ray.init(address=self.settings.address, log_to_driver=False, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError) as exc:  # no cluster there, or its token is not ours
+                raise UserError(f"--ray-address {self.settings.address}: {exc}") from None
             total = ray.cluster_resources()
             gpus = 1 if total.get("GPU", 0) >= 1 else 0
         else:
