@@ -168,12 +168,35 @@ def test_executor_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, 
 
 
 @needs_ray
-def test_a_cluster_address_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where Ray looks for the clusters running here: none
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_a_cluster_address_without_a_cluster_is_a_clear_error(monkeypatch):
+    import ray
+
+    def no_cluster(**kwargs):  # what ray.init says where none runs (a real "auto" would find any cluster here)
+        raise ConnectionError("Could not find any running Ray instance.")
+    monkeypatch.setattr(ray, "init", no_cluster)
     with pytest.raises(UserError, match="--ray-address auto: Could not find any running Ray instance"):
         with RayExecutor(ExecutorSettings("ray", address="auto"), None):
             pass
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_job_error_on_a_ray_worker_reaches_the_driver_as_is(tmp_path, monkeypatch):
+    """A worker that does not see the run directory fails its job; the driver raises that UserError (the
+    CLI prints it in one line), not Ray's wrapper."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # (Ray's socket paths must stay short)
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    ctx = pipeline.JobContext(str(tmp_path / "unshared"), "folder:/nowhere", None, "/nowhere/final.pt", True, "s")
+    job = pipeline.Job("teacher", "teacher", pipeline.ModelSpec(), tiny_config().train.teacher)
+    try:
+        with RayExecutor(ExecutorSettings("ray", workers=1), pipeline.RemoteJob(ctx)) as executor:
+            assert executor.request == {"num_cpus": 1}
+            executor.submit(job)
+            with pytest.raises(UserError, match=r"^teacher on .*does not exist here: every Ray node must see"):
+                for _ in range(120):  # (bounded: a minute)
+                    executor.next_result(timeout=0.5)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # -- on real CIFAR-10 with a local Ray instance of two workers (slow) --------------------------------------
@@ -182,7 +205,8 @@ def test_a_cluster_address_without_a_cluster_is_a_clear_error(tmp_path, monkeypa
 # smaller subsets, every parent reshaped: 25 jobs, some pruned (a reshaped culled network is pruned when a
 # smaller one beats its parent, and culled networks keeping more stages learn least in 2 short epochs),
 # so decisions wait for results in flight. The teacher and the final train long enough (about a second
-# an epoch) to be killed mid-job.
+# an epoch) to be killed mid-job; the final's 6 epochs outlast the second or two its worker may go on
+# training after a driver's death.
 RAY_QUICK = """
 quick:
   evaluation: {test_subset: 200}
@@ -190,7 +214,7 @@ quick:
     teacher:     {epochs: 3, batch_size: 50, subset: 2000}
     criticality: {epochs: 2, batch_size: 50, subset: 300}
     candidates:  {epochs: 2, batch_size: 50, subset: 300}
-    finals:      {epochs: 3, batch_size: 50, subset: 2000}
+    finals:      {epochs: 6, batch_size: 50, subset: 2000}
   reshape: {apply_to: all}
 """
 JOBS = 25
