@@ -36,8 +36,23 @@ _LENGTH = struct.Struct("<Q")
 _MAX_HEADER = 64 << 20  # a header is a few hundred KB at most; refuse absurd lengths early
 
 
+class _OpCounts:
+    """What a plan's ops cost per image, for the full plan and its public part alike."""
+    ops: list[Op]
+
+    @property
+    def relu_per_layer(self) -> dict[str, int]:
+        """ReLUs per image at every kept site, in network order."""
+        return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
+
+    @property
+    def comparison_count(self) -> int:
+        """Comparisons per image in max pooling (not ReLUs; 0 for networks without it)."""
+        return comparison_count(self.ops)
+
+
 @dataclass
-class PublicPlan:
+class PublicPlan(_OpCounts):
     """Everything the client party may learn: the architecture without weight values. Its JSON form
     (`to_dict`) is what the server sends; `from_dict` checks a received one."""
     plan_hash: str
@@ -49,16 +64,6 @@ class PublicPlan:
     relu_count: int
     ops: list[Op]
     tensor_shapes: dict[str, list[int]]
-
-    @property
-    def relu_per_layer(self) -> dict[str, int]:
-        """ReLUs per image at every kept site, in network order."""
-        return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
-
-    @property
-    def comparison_count(self) -> int:
-        """Comparisons per image in max pooling (not ReLUs; 0 for networks without it)."""
-        return comparison_count(self.ops)
 
     def to_dict(self) -> dict:
         return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public", "plan_hash": self.plan_hash,
@@ -89,7 +94,7 @@ class PublicPlan:
 
 
 @dataclass
-class SecurePlan:
+class SecurePlan(_OpCounts):
     ops: list[Op]
     tensors: dict[str, torch.Tensor]  # float32, contiguous
     input_shape: tuple[int, int, int]
@@ -104,16 +109,6 @@ class SecurePlan:
         self.input_shape = tuple(int(d) for d in self.input_shape)
         if not self.plan_hash:
             self.plan_hash = _content_hash(self._meta(), self.ops, self.tensors)
-
-    @property
-    def relu_per_layer(self) -> dict[str, int]:
-        """ReLUs per image at every kept site, in network order."""
-        return {op.site: op.relu_count for op in self.ops if op.kind == "relu"}
-
-    @property
-    def comparison_count(self) -> int:
-        """Comparisons per image in max pooling (not ReLUs; 0 for networks without it)."""
-        return comparison_count(self.ops)
 
     def _meta(self) -> dict:
         return {"input_shape": list(self.input_shape), "classes": list(self.classes),
