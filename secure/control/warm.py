@@ -9,6 +9,8 @@ try:
 
     torch.set_num_threads(1)  # CrypTen parties hang with several intra-op threads (CrypTen #88)
     import secure.core.runtime  # noqa: F401
+    import secure.core.engine  # noqa: F401 - the registry loads engines when first asked: load both here
+    import secure.reference.engine  # noqa: F401
     from secure.reference.crypten_compat import crypten_module
 
     crypten_module()
