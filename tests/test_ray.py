@@ -384,12 +384,17 @@ def test_killed_drivers_resume_across_executors(tmp_path, cifar10_arg, config_fi
     # The jobs in flight when the driver died: their workers stop with it, within a second or two (Ray's
     # check of its raylet), so one may still finish an epoch, or its final.pt, meanwhile.
     in_flight = [row for row in pipeline.jobs_in_progress(str(out)) if "worker" in row]
-    assert final.name in [row["name"] for row in in_flight]
+    assert final.name in [row["name"] for row in in_flight] or (final / "result.json").exists()
     for row in in_flight:
         wait_until(lambda: gone(row["worker"]["pid"]), 30, f"the worker of {row['name']} did not stop")
-    assert all(row["running"] is False for row in pipeline.jobs_in_progress(str(out)))
+    # A task Ray had already handed to a worker may start just after that snapshot: every worker stops
+    # once the driver is gone, whichever job it runs.
+    wait_until(lambda: all(row["running"] is False for row in pipeline.jobs_in_progress(str(out))), 30,
+               "every job's worker stopped after the driver was killed")
     finished = {n: (jobs / n / "result.json").stat().st_mtime_ns for n in records(out)}
-    assert "teacher" in finished and final.name not in finished
+    # Under load the final may finish in the second its worker outlives the driver: then it must simply
+    # not be trained again below (its record's time is in `finished`).
+    assert "teacher" in finished
     final_epochs = None if (final / "final.pt").exists() else last_epoch(final)
 
     run = subprocess.run(optimize_args(cifar10_arg, config_file, out, "--no-progress", "--resume"), env=ray_env,
