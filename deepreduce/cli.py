@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_status(args.func, args)
     except KeyboardInterrupt:
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun rank leaves its group before exiting
+            from .train import end_distributed
+            end_distributed()
 
 
 if __name__ == "__main__":

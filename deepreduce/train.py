@@ -8,6 +8,7 @@ data-parallel with DistributedDataParallel (gloo on CPU, nccl on CUDA).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -109,6 +110,17 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def end_distributed() -> None:
+    """Tear down the process group `_distributed` opened, if any.
+
+    DDP's reducer can sit in a reference cycle after `train` returns; collecting it while the group
+    is alive, then destroying the group, keeps gloo's threads from being torn down at interpreter
+    exit (which aborts the process with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _sync_buffers(model: nn.Module, world: int) -> None:

@@ -211,7 +211,7 @@ DDP_WORKER = textwrap.dedent("""
     torch.save({{k: v.detach().clone().contiguous() for k, v in built[0].state_dict().items()}},
                {out!r} + f"/rank{{rank}}.pt")
     print(json.dumps({{"rank": rank, "world": T.dist.get_world_size(), "images": result.history[-1]["images"]}}))
-    T.dist.destroy_process_group()
+    T.end_distributed()
 """)
 
 
