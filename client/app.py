@@ -58,10 +58,13 @@ def dealer_trust(args) -> tuple[str, bytes] | None:
 
 def settings_from_args(args) -> ClientSettings:
     """The command line's connection flags as the library's settings (checked by main)."""
-    return ClientSettings(server=protocol.parse_address(args.server, "--server"), security=auth.security_from_args(args),
+    return ClientSettings(server=protocol.parse_address(args.server, "--server"),
+                          security=auth.security_from_args(args, role="client"),
                           trust=dealer_trust(args) if hasattr(args, "dealer_id") else None,
                           connect_timeout=args.connect_timeout, timeout=args.timeout, retries=args.retries,
-                          retry_backoff=args.retry_backoff, engine=getattr(args, "engine", DEFAULT_ENGINE))
+                          retry_backoff=args.retry_backoff, engine=getattr(args, "engine", DEFAULT_ENGINE),
+                          dealer=protocol.parse_address(args.dealer, "--dealer") if getattr(args, "dealer", None) else None,
+                          allow_insecure_tfp=getattr(args, "allow_insecure_tfp", False))
 
 
 def cmd_info(args) -> None:
@@ -108,6 +111,7 @@ def cmd_infer(args) -> None:
     if tfp and settings.trust:
         raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer "
                                     f"{settings.trust[0]!r} that --dealer-id asks for")
+    check_tfp(tfp, settings)
     check_engine(settings.engine, info, args.session_size)
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize,
@@ -129,6 +133,13 @@ def cmd_infer(args) -> None:
     runs = [one_session(x[start:start + per_session], plan, settings, size)
             for start in range(0, len(x), per_session)]
     report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs))
+
+
+def check_tfp(tfp: bool, settings: ClientSettings) -> None:
+    """The client decides whether it runs without a dealer's protection, not the server."""
+    if tfp and not settings.allow_insecure_tfp:
+        raise protocol.ControlError("the server runs without a dealer (--insecure-tfp), so it could decrypt the "
+                                    "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
 
 
 def check_engine(engine: str, info: dict, session_size: int | None) -> None:
@@ -170,6 +181,7 @@ def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool
     label_only = any(r.get("label_only") for r in runs)
     if args.json:
         doc = {"images": recs, "latency": lat, "insecure_tfp": tfp, "label_only": label_only,
+               "trust": sorted({r["trust"] for r in runs if r.get("trust")}),
                "engine": runs[0]["engine"] if runs else DEFAULT_ENGINE,
                "plan_hash": plan.plan_hash, "sessions": [_session_summary(r) for r in runs]}
         if tfp:
@@ -183,11 +195,15 @@ def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool
         shown = "(label only)" if r["probability"] is None else f"{r['probability']:.4f}"
         print(f"{r['image']:<{width}}  {r['class_name']:<14} {shown}")
     print_latency(lat, len(recs))
+    trust = sorted({r["trust"] for r in runs if r.get("trust")})
+    if trust:
+        print(f"party links: TLS 1.3, {', '.join(trust)}")
 
 
 def _session_summary(run: dict) -> dict:
     prof = run.get("profile") or {}
-    return {"session_id": run["session_id"], "rendezvous": run["rendezvous"], "images": run["images"],
+    return {"session_id": run["session_id"], "rendezvous": run["rendezvous"], "dealer": run.get("dealer"),
+            "trust": run.get("trust"), "images": run["images"],
             "total_s": round(run["wall_s"], 4), "setup_s": prof.get("setup_s"), "online_s": prof.get("online_s"),
             "queries": prof.get("queries", 1), "offline_s": prof.get("offline_s"),
             "dealer_id": run.get("dealer_id"), "dealer_verified": run.get("dealer_verified", False)}
@@ -215,6 +231,7 @@ def cmd_load(args) -> None:
     load = LoadSettings(clients=args.clients, sessions=args.sessions, duration_s=args.duration)
     load.check(settings.server[0])  # before anything is sent
     info = fetch_info(settings)
+    check_tfp(bool(info.get("insecure_tfp")), settings)
     check_engine(settings.engine, info, None)
     plan = public_plan(info)
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
@@ -267,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the engine to run: fast (default, this project's protocol) or crypten (the CrypTen "
                             "reference engine, over gloo, unencrypted: only on a trusted network); the server must "
                             "run the same one")
+        s.add_argument("--dealer", metavar="HOST:PORT",
+                       help="the pi-dealer's address (default: as the server names it; the dealer must prove its role "
+                            "with a certificate this client trusts either way)")
+        s.add_argument("--allow-insecure-tfp", action="store_true",
+                       help="INSECURE: run with a server that has no dealer (--insecure-tfp), which could decrypt the "
+                            "images; benchmarks only. Without it such a server is refused before anything is sent")
         s.add_argument("--dealer-id", metavar="NAME",
                        help="run only with this dealer, verified by its attestation (needs the dealer token)")
         s.add_argument("--dealer-token-file", metavar="FILE",

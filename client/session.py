@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from secure.control import auth, protocol
-from secure.control.workers import PartyJob, Worker, supervise
+from secure.control.workers import PartyJob, Worker, supervise, wait_done
 from secure.core.party import DEFAULT_ENGINE, Rendezvous
+from secure.transport.meeting import Meeting
 
 if TYPE_CHECKING:
     from secure.core.plan import PublicPlan
@@ -28,6 +29,8 @@ class ClientSettings:
     retries: int = 0
     retry_backoff: float = 2.0
     engine: str = DEFAULT_ENGINE  # the client asks for its engine itself; a server running another one refuses
+    dealer: tuple[str, int] | None = None  # the dealer's address; default: as the server names it
+    allow_insecure_tfp: bool = False  # run with a dealer-less server, which could decrypt the images
 
 
 class Transient(protocol.ControlError):
@@ -91,28 +94,50 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
         ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, dealer_nonce=nonce,
                 engine=settings.engine)
         reply = protocol.expect(ch.recv(settings.timeout), "session")
-        sid = protocol.field(reply, "session_id", str)
-        rdv = Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
-                         protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
-                         float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
-                                              "seconds in (0, 3600]")))
+        sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
         tfp = protocol.field(reply, "insecure_tfp", bool)
-        verified = _check_dealer(reply, sid, rdv.port, nonce, tfp, settings.trust)
-        if reply.get("engine", DEFAULT_ENGINE) != settings.engine:  # before anything derived from the images
+        # Every check below comes before anything derived from the images leaves this process.
+        if tfp and not settings.allow_insecure_tfp:
+            raise protocol.ControlError("the server runs without a dealer (--insecure-tfp), so it could decrypt the "
+                                        "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
+        if reply.get("engine", DEFAULT_ENGINE) != settings.engine:
             raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
                                         f"{settings.engine} engine this client asked for: refusing to share the images")
+        rdv, dealer = _meeting_point(reply, sid, tfp, settings)
+        verified = _check_dealer(reply, sid, getattr(rdv, "port", 0), nonce, tfp, settings.trust)
         worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, engine=settings.engine, public=plan,
                                   batches=queries))
         outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
+        if outcome.kind == "ok" and "server" not in outcome.done_peers:
+            wait_done(ch, min(settings.timeout, 10.0))  # the server's party closes its links, then says done
     if outcome.kind != "ok":
         message = _describe(outcome, settings.timeout)
         if outcome.kind == "peer_closed" or outcome.retry_after is not None:
             raise Transient(message, outcome.retry_after)
         raise protocol.ControlError(message)
-    return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port),
+    return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port) if isinstance(rdv, Rendezvous)
+            else None, "dealer": dealer, "trust": None if isinstance(rdv, Rendezvous) else rdv.identity.trust_mode,
             "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp, "engine": settings.engine,
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
             "dealer_verified": verified, **outcome.result}
+
+
+def _meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
+    """Where the client party meets its peers, and the dealer's address. Fast engine: TLS links to the
+    server's port (the address this client used) and to the dealer's port; the dealer must prove its
+    role with a certificate this client trusts (its --trust-dealer, or the shared secret's), so a
+    dealer address from the server cannot lead the client to a dealer it does not trust."""
+    timeout_s = float(protocol.field(reply, "timeout_s", (int, float), lambda t: 0 < t <= 3600, "seconds in (0, 3600]"))
+    if settings.engine != "fast":
+        return Rendezvous(protocol.field(reply, "host", str, lambda h: 0 < len(h) <= 255, "a host"),
+                          protocol.field(reply, "port", int, lambda p: 0 < p < 65536, "a TCP port"), timeout_s), None
+    dealer = None
+    if not tfp:
+        dealer = settings.dealer or protocol.parse_address(
+            protocol.field(reply, "dealer", str, lambda a: 0 < len(a) <= 300, "the dealer's HOST:PORT"), "the dealer")
+    return Meeting("client", bytes.fromhex(sid), settings.security.party,
+                   dial={"server": settings.server, **({"dealer": dealer} if dealer else {})},
+                   timeout_s=timeout_s), (protocol.format_address(*dealer) if dealer else None)
 
 
 def _check_dealer(reply: dict, sid: str, port: int, nonce: str, tfp: bool, trust) -> bool:

@@ -136,7 +136,8 @@ CLASSIC_KINDS = ("input", "conv", "scale_shift", "relu", "add", "avgpool", "line
 def beyond_classic(ops: list[Op]) -> tuple[Op, str] | None:
     """The first op outside the classic graph, with what it needs: the graph a ModelSpec network
     exports (unmasked ReLUs, plain 2-D convolutions, per-channel scale_shift on images, global average
-    pooling) is all the secure engines run today; traced modules (deepreduce.trace) can go beyond it."""
+    pooling) is all the CrypTen reference engine runs; traced modules (deepreduce.trace) can go beyond
+    it, and the fast engine runs every kind (its own check: secure.core.engine._check_runs)."""
     for op in ops:
         if op.kind not in CLASSIC_KINDS:
             return op, op.kind

@@ -21,8 +21,8 @@ import os
 import select
 import sys
 import threading
+import secrets
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ from secure.control.limits import QueryLimiter, QuotaExceeded
 from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise, wait_done
 from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
+from secure.transport.meeting import Meeting
 
 INSECURE_WARNING = ("INSECURE: --insecure-tfp runs without a dealer (trusted-first-party mode); "
                     "the server party generates all correlated randomness and could learn the client's "
@@ -194,20 +195,32 @@ class PiServer:
     def _run(self, ch, sizes: list[int], nonce: str | None) -> bool:
         """Run one session of len(sizes) queries; True if the client cannot have received a result (the
         quota is refunded)."""
-        sid, port, host = uuid.uuid4().hex[:12], self.ports.fresh(), ch.getsockname()[0]
+        session_id = secrets.token_bytes(16)  # names the session's party connections on both ports
+        sid, host = session_id.hex(), ch.getsockname()[0]
+        links = self.s.engine == "fast"  # TLS links on the two ports; crypten meets over gloo at a fresh port
+        port = None if links else self.ports.fresh()
         started = time.monotonic()
         dealer, dealer_id, attestation = (None, None, None) if self.s.insecure_tfp else self._join_dealer(sid, port, nonce)
         worker = None
         try:
-            worker = Worker(f"pi-server-{sid}")
+            worker = Worker(f"pi-server-{sid[:12]}")
             self.service.track(worker)
-            worker.start_job(PartyJob("server", Rendezvous(host, port, self.s.rendezvous_timeout),
-                                      insecure_tfp=self.s.insecure_tfp, engine=self.s.engine, plan=self.plan,
-                                      batch_sizes=sizes))
-            ch.send("session", session_id=sid, host=host, port=port, timeout_s=self.s.rendezvous_timeout,
-                    insecure_tfp=self.s.insecure_tfp, plan_hash=self.plan.plan_hash, label_only=self.s.label_only,
-                    dealer_id=dealer_id, attestation=attestation, engine=self.s.engine)
-            self.service.log(f"session {sid}: {sum(sizes)} image(s), rendezvous {protocol.format_address(host, port)}"
+            if links:
+                rdv = Meeting("server", session_id, self.security.party, accept=("client",),
+                              dial={} if self.s.insecure_tfp else {"dealer": self.s.dealer},
+                              timeout_s=self.s.rendezvous_timeout)
+                self.service.route(session_id, worker)
+            else:
+                rdv = Rendezvous(host, port, self.s.rendezvous_timeout)
+            worker.start_job(PartyJob("server", rdv, insecure_tfp=self.s.insecure_tfp, engine=self.s.engine,
+                                      plan=self.plan, batch_sizes=sizes))
+            ch.send("session", session_id=sid, host=None if links else host, port=port,
+                    timeout_s=self.s.rendezvous_timeout, insecure_tfp=self.s.insecure_tfp,
+                    plan_hash=self.plan.plan_hash, label_only=self.s.label_only, dealer_id=dealer_id,
+                    attestation=attestation, engine=self.s.engine,
+                    dealer=None if self.s.insecure_tfp else protocol.format_address(*self.s.dealer))
+            self.service.log(f"session {sid[:12]}: {sum(sizes)} image(s), "
+                             + ("TLS links" if links else f"rendezvous {protocol.format_address(host, port)}")
                              + (f", {len(sizes)} queries" if len(sizes) > 1 else "")
                              + (" (INSECURE TFP)" if self.s.insecure_tfp else "")
                              + (" (crypten engine)" if self.s.engine == "crypten" else "")
@@ -218,12 +231,13 @@ class PiServer:
             self._conclude(ch, dealer, sid, outcome, time.monotonic() - started)
             return outcome.kind != "ok" and outcome.peer != "client"
         finally:
+            self.service.unroute(session_id)
             if worker is not None:
                 self.service.untrack(worker)
             if dealer is not None:
                 dealer.close()
 
-    def _join_dealer(self, sid: str, port: int, nonce: str | None):
+    def _join_dealer(self, sid: str, port: int | None, nonce: str | None):
         host, dport = self.s.dealer
         address = protocol.format_address(host, dport)
         try:
@@ -233,7 +247,7 @@ class PiServer:
             raise protocol.RemoteError(str(exc), self.s.retry_after) from None
         try:
             # The dealer reaches the rendezvous store at this server's address on the dealer's network.
-            dealer.send("join", session_id=sid, host=dealer.getsockname()[0], port=port,
+            dealer.send("join", session_id=sid, host=dealer.getsockname()[0] if port else None, port=port,
                         timeout_s=self.s.rendezvous_timeout, nonce=nonce, engine=self.s.engine)
             reply = protocol.expect(dealer.recv(self.s.dealer_timeout), "joined")
             dealer_id = protocol.field(reply, "dealer_id", str)
@@ -256,10 +270,10 @@ class PiServer:
             ch.send("done", session_id=sid, elapsed_s=round(elapsed, 3))
             with self._lock:
                 self._durations.append(elapsed)
-            self.service.log(f"session {sid}: done in {elapsed:.1f} s")
+            self.service.log(f"session {sid[:12]}: done in {elapsed:.1f} s")
             return
         message = _describe(outcome)
-        self.service.log(f"session {sid}: ended ({outcome.kind}) after {elapsed:.1f} s: {message}")
+        self.service.log(f"session {sid[:12]}: ended ({outcome.kind}) after {elapsed:.1f} s: {message}")
         if outcome.peer != "client":
             protocol.send_error(ch, message, self.s.retry_after)
 
@@ -377,7 +391,7 @@ def _check_dealer(settings: Settings, security) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
-    security = auth.security_from_args(args, listen_host=args.host)
+    security = auth.security_from_args(args, listen_host=args.host, role="server")
     limits = limits_from_args(args)
     if not os.path.isfile(args.plan):
         raise protocol.ControlError(f"plan {args.plan} does not exist: pass the MODEL.plan written by `deepreduce export`")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import socket
 import stat
@@ -20,9 +21,9 @@ from secure.control import auth, protocol
 from secure.control.limits import QueryLimiter, QuotaExceeded, label_only_plan, labels_from_head
 from support.env import ROOT
 from support.roles import (CLIENT_FAST, FAST, IMAGES, SERVER_FAST, Proc, assert_one_line_error, client, eventually,
-                           plaintext, role_env)
+                           plaintext, role_credentials, role_env)
 
-SECRET = "s3cret-" + "a1b2c3d4" * 4
+SECRET = "a1b2c3d4" * 8  # a hex token (256 bits)
 
 
 # -- unit: the handshake on socket pairs ------------------------------------------------------------
@@ -186,7 +187,9 @@ def test_token_sources_and_mistakes(tmp_path, monkeypatch):
     named.write_text(f"alice {SECRET}\nserver {SECRET[::-1]}  # the server's own\n")
     named.chmod(0o600)
     assert set(auth.read_token_file(str(named))) == {"alice", "server"}
-    for text, match in ((f"a b {SECRET}\n", "is not `TOKEN`"), ("short\n", "too short"), ("# nothing\n", "holds no token"),
+    for text, match in ((f"a b {SECRET}\n", "is not `TOKEN`"), ("short\n", "not a hex secret of at least 128 bits"),
+                        ("ab" * 15 + "\n", "at least 128 bits"),  # 120 bits
+                        ("correct-horse-battery-staple-passphrase\n", "not a hex secret"), ("# nothing\n", "holds no token"),
                         (f"{SECRET}\n{SECRET}\n", "two tokens")):
         bad = tmp_path / "bad"
         bad.write_text(text)
@@ -318,7 +321,7 @@ def test_unauthenticated_peers_are_refused_before_any_session(plan_file, tmp_pat
         assert reply["type"] == "error" and "wrong token" in reply["message"]
         # the real client with the wrong token, and with none
         assert_one_line_error(client("info", "--server", address, *CLIENT_FAST,
-                                     env=role_env(DEEPREDUCE_TOKEN="w" * 32)), "tokens differ")
+                                     env=role_env(DEEPREDUCE_TOKEN="f" * 32)), "tokens differ")
         assert_one_line_error(client("infer", "--server", address, *CLIENT_FAST, str(IMAGES[0]),
                                      env=role_env(DEEPREDUCE_TOKEN="")), "no token: .*--token-file")
         assert_one_line_error(client("infer", "--server", address, "--no-auth", *CLIENT_FAST, str(IMAGES[0])),
@@ -339,27 +342,31 @@ def test_unauthenticated_peers_are_refused_before_any_session(plan_file, tmp_pat
 
 @pytest.mark.slow
 def test_label_only_dealer_attestation_and_query_limit(plan_file, plan, tmp_path):
-    tokens = {name: f"{name}-token-{i}" * 3 for i, name in enumerate(("server", "alice", "mallory"))}
+    tokens = {name: secrets.token_hex(16) for name in ("server", "alice", "mallory")}
     server_tokens = write(tmp_path / "server.tokens", "".join(f"{n} {t}\n" for n, t in tokens.items()))
     dealer_tokens = write(tmp_path / "dealer.tokens", f"server {tokens['server']}\n")
-    dealer_secret = write(tmp_path / "dealer.secret", "dealer-only-secret-" + "9" * 16 + "\n")
-    other_secret = write(tmp_path / "other.secret", "not-the-dealer-secret-" + "8" * 16 + "\n")
+    dealer_secret = write(tmp_path / "dealer.secret", secrets.token_hex(16) + "\n")
+    other_secret = write(tmp_path / "other.secret", secrets.token_hex(16) + "\n")
     alice = write(tmp_path / "alice.token", tokens["alice"] + "\n")
     mallory = write(tmp_path / "mallory.token", tokens["mallory"] + "\n")
+    # Named tokens leave no shared secret: the party links use role credentials (one client credential
+    # for every client of this open service; quotas go by the named token).
+    cred = role_credentials(tmp_path)
     env = role_env(DEEPREDUCE_TOKEN="")
     dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--id", "dealer-a", "--token-file",
-                  str(dealer_tokens), "--dealer-token-file", str(dealer_secret), *FAST, env=env)
+                  str(dealer_tokens), "--dealer-token-file", str(dealer_secret), *cred["dealer"], *FAST, env=env)
     server = None
     try:
         dealer_addr = dealer.address()
         server = Proc("server", "--plan", str(plan_file), "--host", "127.0.0.1", "--port", "0", "--dealer", dealer_addr,
-                      "--token-file", str(server_tokens), "--label-only", "--max-queries", "5", *SERVER_FAST, env=env)
+                      "--token-file", str(server_tokens), "--label-only", "--max-queries", "5", *cred["server"],
+                      *SERVER_FAST, env=env)
         address = server.address()
         server.wait_line("serving plan .*label-only", 120)
 
         def pi(*args, token=alice):
             return client(*args, "--server", address, "--id", "alice" if token == alice else "mallory",
-                          "--token-file", str(token), *CLIENT_FAST, env=env)
+                          "--token-file", str(token), *cred["client"], *CLIENT_FAST, env=env)
         info = pi("info", "--json")
         assert info.returncode == 0, info.stderr
         doc = json.loads(info.stdout)

@@ -172,19 +172,23 @@ def test_bad_inputs_through_the_cli(tfp_server, tmp_path, capsys, restore_sigter
     for name, paths, public, opts, match in cases:
         if public is not PUBLIC:
             continue
-        argv = ["infer", "--server", address, *CLIENT_FAST, *(["--resize"] if opts.get("resize") else []), *paths]
+        argv = ["infer", "--server", address, "--allow-insecure-tfp", *CLIENT_FAST,
+                *(["--resize"] if opts.get("resize") else []), *paths]
         code = _run_cli(argv)  # pi-client's main, in this process (no interpreter start per case)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (name, code, err)
         assert re.search(match, err[0]), (name, err)
     # the batch limits
-    code = _run_cli(["infer", "--server", address, "--batch-size", "9", *CLIENT_FAST, str(IMAGES[0])])
+    code = _run_cli(["infer", "--server", address, "--allow-insecure-tfp", "--batch-size", "9", *CLIENT_FAST,
+                     str(IMAGES[0])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: --batch-size 9 exceeds the server's limit of 8 images per session"]
-    code = _run_cli(["infer", "--server", address, "--batch-size", "0", *CLIENT_FAST, str(IMAGES[0])])
+    code = _run_cli(["infer", "--server", address, "--allow-insecure-tfp", "--batch-size", "0", *CLIENT_FAST,
+                     str(IMAGES[0])])
     assert code == 2 and "at least 1" in capsys.readouterr().err
     # the real command line, once: one line on stderr, exit code 2
-    assert_one_line_error(client("infer", "--server", address, *CLIENT_FAST, str(tmp_path / "nan.npy")), "NaN")
+    assert_one_line_error(client("infer", "--server", address, "--allow-insecure-tfp", *CLIENT_FAST,
+                                 str(tmp_path / "nan.npy")), "NaN")
     assert not any("session" in line for line in server.out)  # nothing reached the server but info requests
     assert not server.children()
     ping(address)

@@ -6,7 +6,8 @@ with its control connection dropped (a client that vanished), the pi-dealer proc
 (then restarted on its port), the dealer's party process SIGKILLed, and the server's party process
 SIGKILLed, each after a random delay into the session. After every fault the survivors must end
 the session within the configured bound (--rendezvous-timeout) with a clear one-line error, and
-free their party processes and the rendezvous port. Then a correct inference, and at the end no
+free their party processes (sessions open no port of their own: the party links run to the server's and
+the dealer's ports). Then a correct inference, and at the end no
 process, listening port or temporary file of any role is left.
 """
 
@@ -28,7 +29,7 @@ import pytest
 
 from secure.control import auth, protocol
 from support.env import free_port
-from support.roles import (CLIENT_FAST, IMAGES, Proc, alive, assert_port_free, client, cmdline, eventually,
+from support.roles import (CLIENT_FAST, IMAGES, TOKEN, Proc, alive, client, cmdline, eventually,
                            listening_ports, plaintext, role_env, security, worker_children)
 
 BOUND_S = 8.0  # --rendezvous-timeout: how long a survivor may wait on a vanished peer
@@ -43,15 +44,18 @@ class SessionDriver:
 
     def __init__(self, address: str, public: dict, x):
         from secure.control.workers import PartyJob, Worker
-        from secure.core.party import Rendezvous
+        from secure.transport.credentials import PartyIdentity
+        from secure.transport.meeting import Meeting
         host, port = protocol.parse_address(address)
         self.ch = auth.open_channel(host, port, security(), 10, 30, "server")
         self.ch.send("session", batch_size=len(x), plan_hash=public.plan_hash, dealer_nonce=secrets.token_hex(32))
         reply = protocol.expect(self.ch.recv(30), "session")
-        self.sid, self.port = reply["session_id"], reply["port"]
+        self.sid = reply["session_id"]
+        meeting = Meeting("client", bytes.fromhex(self.sid), PartyIdentity.from_secret(bytes.fromhex(TOKEN), "client"),
+                          dial={"server": (host, port), "dealer": protocol.parse_address(reply["dealer"])},
+                          timeout_s=reply["timeout_s"])
         self.worker = Worker("fault-test-client")
-        self.worker.start_job(PartyJob("client", Rendezvous(reply["host"], reply["port"], reply["timeout_s"]),
-                                       public=public, batches=[x]))
+        self.worker.start_job(PartyJob("client", meeting, public=public, batches=[x]))
         self.outcome = None
         self.ended_at = None
         self._thread = threading.Thread(target=self._finish, daemon=True)
@@ -120,7 +124,6 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
     public = plan.public_info()
     x, _ = load_inputs([str(IMAGES[3])], public.input_shape, public.mean, public.std, resize=False)
     seen_pids: set[int] = set()
-    session_ports: list[int] = []
     counts: dict[str, int] = {}
     detect: list[float] = []
     completed_before_fault = 0
@@ -136,8 +139,8 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
             before = len(server.out)
             if kind == "client process":
                 victim = Proc("client", "infer", "--server", address, *CLIENT_FAST, str(IMAGES[3]), env=env)
-                m = server.wait_line(r"session (\w+): 1 image\(s\), rendezvous \S+:(\d+)", 120, start=before)
-                sid, port = m.group(1), int(m.group(2))
+                m = server.wait_line(r"session (\w+): 1 image\(s\), TLS links", 120, start=before)
+                sid = m.group(1)
                 time.sleep(delay)
                 seen_pids |= descendants(victim.p.pid) | {victim.p.pid}
                 seen_pids |= descendants(server.p.pid) | descendants(dealer.p.pid)
@@ -155,7 +158,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
                            "the killed client's party process exiting")
             else:
                 c = SessionDriver(address, public, x)
-                sid, port = c.sid, c.port
+                sid = c.sid[:12]  # as the roles log it
                 time.sleep(delay)
                 seen_pids |= descendants(server.p.pid) | descendants(dealer.p.pid)
                 killed_at = time.monotonic()
@@ -187,9 +190,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
             counts[kind] = counts.get(kind, 0) + 1
             detect.append(survivor_s)
             assert survivor_s < BOUND_S + MARGIN_S, (kind, survivor_s)
-            session_ports.append(port)
             eventually(lambda: not server.children() and not dealer.children(), 20, f"party processes reaped ({kind})")
-            assert_port_free(port)
         # then a correct inference, with a real pi-client
         done = client("infer", "--server", address, "--json", *CLIENT_FAST, str(IMAGES[3]), env=env)
         assert done.returncode == 0, done.stderr
@@ -206,7 +207,7 @@ def test_faults_in_a_row(plan_file, plan, tmp_path):
         time.sleep(0.2)
     left = sorted(f"{p} {cmdline(p)[:80]}" for p in seen_pids if alive(p))
     listening = listening_ports()
-    ports_left = [p for p in session_ports + [dealer_port, int(address.rsplit(":", 1)[1])] if p in listening]
+    ports_left = [p for p in [dealer_port, int(address.rsplit(":", 1)[1])] if p in listening]
     base = roles_tmp / f"deepreduce-pi-{os.getuid()}"
     temp_left = sorted(str(p.relative_to(roles_tmp)) for p in roles_tmp.rglob("*") if p != base)
     print(f"\nfault figures: {faulty} faulty sessions in a row ({attempts} started, {completed_before_fault} finished "

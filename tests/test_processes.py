@@ -21,8 +21,8 @@ import pytest
 from secure.control import auth, protocol
 from support.env import free_port
 from support.roles import (CLASSES, CLIENT_FAST, FAST, IMAGES, SERVER_FAST, Proc, alive, assert_matches_plaintext,
-                           assert_one_line_error, assert_port_free, client, eventually, plaintext, security,
-                           session_ports, start_dealer, start_server)
+                           assert_one_line_error, client, eventually, plaintext, security,
+                           start_dealer, start_server)
 
 
 # -- the control protocol (no processes) --------------------------------------------------------
@@ -134,7 +134,7 @@ def cluster(plan_file):
     except BaseException:
         dealer.terminate()
         raise
-    yield {"dealer": dealer, "server": server, "address": server_addr}
+    yield {"dealer": dealer, "server": server, "address": server_addr, "dealer_address": dealer_addr}
     assert server.terminate() == 0, server.err[-5:]
     assert dealer.terminate() == 0, dealer.err[-5:]
 
@@ -155,7 +155,7 @@ def test_dealer_listens_answers_ping_refuses_clients_and_stops_on_sigterm():
         join = {"type": "join", "session_id": "x", "host": "127.0.0.1", "port": 0, "timeout_s": 5}
         with pytest.raises(protocol.RemoteError, match="only a pi-server"):
             auth.request(host, port, join, 5, 5, "dealer", "joined", security=sec)
-        with pytest.raises(protocol.RemoteError, match="port"):
+        with pytest.raises(protocol.RemoteError, match="session_id.*32 lowercase hex"):
             auth.request(host, port, join, 5, 5, "dealer", "joined", security=security("server"), role="server")
         with pytest.raises(protocol.AuthError, match="tokens differ"):
             auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security(token="x" * 32))
@@ -188,12 +188,13 @@ def test_secure_predictions_equal_plaintext_and_sessions_leave_nothing_behind(cl
     lat = doc["latency"]
     assert {"total_s", "setup_s", "online_s", "relu_share", "mb_sent", "mb_received", "rounds"} <= set(lat)
     assert lat["sessions"] == 2 and lat["rounds"] > 0 and lat["mb_sent"] > 0 and 0 < lat["relu_share"] < 1
-    ports = session_ports(doc)
-    assert len(set(ports)) == 2  # a fresh rendezvous port per session
+    sessions = doc["sessions"]
+    assert len({s["session_id"] for s in sessions}) == 2  # a fresh session id per session ...
+    # ... and no port of its own: the party links run to the server's and the dealer's ports
+    assert all(s["rendezvous"] is None and s["dealer"] == cluster["dealer_address"] for s in sessions)
+    assert doc["trust"] == ["single-operator trust"]
     for role in ("server", "dealer"):
         eventually(lambda: not cluster[role].children(), 20, f"{role} workers reaped")
-    for port in ports:
-        assert_port_free(port)
 
 
 @pytest.mark.slow
@@ -217,20 +218,19 @@ def test_client_that_dies_mid_session_does_not_stop_the_server(cluster, plan):
     before = len(server.out)
     victim = Proc("client", "infer", "--server", cluster["address"], *CLIENT_FAST, str(IMAGES[1]))
     try:
-        m = eventually(lambda: next((re.search(r"session (\w+): 1 image\(s\), rendezvous \S+:(\d+)", l)
-                                     for l in server.out[before:] if "rendezvous" in l), None), 60,
+        m = eventually(lambda: next((re.search(r"session (\w+): 1 image\(s\), TLS links", l)
+                                     for l in server.out[before:] if "TLS links" in l), None), 60,
                        "the victim's session starting")
         client_workers = victim.children()
         victim.p.kill()
         victim.p.wait(10)
     finally:
         victim.terminate()
-    sid, port = m.group(1), int(m.group(2))
+    sid = m.group(1)
     server.wait_line(rf"session {sid}: ended", 60)
     eventually(lambda: not any(map(alive, client_workers)), 20, "the dead client's worker exiting")
     for role in ("server", "dealer"):
         eventually(lambda: not cluster[role].children(), 20, f"{role} workers reaped")
-    assert_port_free(port)
     # The next client is served; its text output has the prediction and the latency table.
     done = client("infer", "--server", cluster["address"], *CLIENT_FAST, str(IMAGES[2]))
     assert done.returncode == 0, done.stderr
@@ -355,7 +355,12 @@ def test_insecure_tfp_needs_no_dealer_and_says_so(plan_file, plan):
         assert server.address() == f"127.0.0.1:{port}"
         server.wait_line("INSECURE", 30, stream="err")
         assert waiting.p.wait(120) == 0 and json.loads("".join(waiting.out))["insecure_tfp"] is True
-        done = client("infer", "--server", f"127.0.0.1:{port}", "--json", *CLIENT_FAST, *map(str, IMAGES[:2]))
+        # The client decides: without its own opt-in it refuses before any session exists.
+        refused = client("infer", "--server", f"127.0.0.1:{port}", *CLIENT_FAST, str(IMAGES[0]))
+        assert_one_line_error(refused, r"runs without a dealer .*could decrypt the images.*--allow-insecure-tfp")
+        assert not any("session" in line for line in server.out)
+        done = client("infer", "--server", f"127.0.0.1:{port}", "--json", "--allow-insecure-tfp", *CLIENT_FAST,
+                      *map(str, IMAGES[:2]))
         assert done.returncode == 0, done.stderr
         doc = json.loads(done.stdout)
         assert doc["insecure_tfp"] is True and "INSECURE" in doc["warning"] and "INSECURE" in done.stderr

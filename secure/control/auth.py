@@ -1,8 +1,9 @@
 """Who may talk to whom: shared tokens, a mutual HMAC handshake, optional TLS, dealer attestations.
 
 Tokens
-    A token is a random secret (at least 16 characters; make one with ``python -m secure.control.auth
-    new-token FILE``). It comes from ``--token-file FILE`` or the ``DEEPREDUCE_TOKEN`` environment
+    A token is a random hex secret (at least 128 bits, 32 hex digits; ``python -m secure.control.auth
+    new-token FILE`` makes 256). The shared token is also the single-operator secret of the session
+    links: each role's transport key is derived from it (secure.transport.credentials). It comes from ``--token-file FILE`` or the ``DEEPREDUCE_TOKEN`` environment
     variable, never from the command line (process lists show it). A token file holds either one
     token (shared by every party) or lines ``ID TOKEN`` (one token per identity, e.g. per client);
     ``#`` starts a comment. A party that connects uses the line of its own ``--id``, else the shared
@@ -49,13 +50,14 @@ from dataclasses import dataclass, field
 
 from secure.control import protocol
 from secure.control.protocol import AuthError, ControlChannel, ControlError, ProtocolError
-from secure.core.party import ROLES
+from secure.core.party import ROLE_NAMES, ROLES
+from secure.transport.credentials import PartyIdentity
 
 TOKEN_ENV = "DEEPREDUCE_TOKEN"
 DEALER_TOKEN_ENV = "DEEPREDUCE_DEALER_TOKEN"
 SCHEME = "hmac-sha256"
 LABEL = "deepreduce-pi/2"
-MIN_TOKEN_CHARS = 16
+MIN_TOKEN_CHARS = 32  # hex digits: 128 bits
 _ID = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 SHARED = "*"
 
@@ -63,9 +65,11 @@ SHARED = "*"
 # -- tokens ---------------------------------------------------------------------------------------
 
 def _check_token(token: str, where: str) -> bytes:
-    if len(token) < MIN_TOKEN_CHARS or not token.isprintable():
-        raise ControlError(f"the token in {where} is too short or not printable (at least {MIN_TOKEN_CHARS} "
-                           "characters): make one with `python -m secure.control.auth new-token FILE`")
+    """A token is hex with at least 128 bits: the shared one is also every role's transport key (HKDF),
+    and a passphrase would be open to offline guessing."""
+    if len(token) < MIN_TOKEN_CHARS or len(token) % 2 or not all(c in "0123456789abcdefABCDEF" for c in token):
+        raise ControlError(f"the token in {where} is not a hex secret of at least {MIN_TOKEN_CHARS * 4} bits "
+                           f"({MIN_TOKEN_CHARS} hex digits): make one with `python -m secure.control.auth new-token FILE`")
     return token.encode()
 
 
@@ -129,6 +133,7 @@ class Security:
     server_tls: ssl.SSLContext | None = None  # listeners: --tls-cert/--tls-key
     client_tls: ssl.SSLContext | None = None  # connectors: --tls-ca
     handshake_timeout: float = protocol.DEFAULT_HANDSHAKE_TIMEOUT
+    party: PartyIdentity | None = None  # the credential and trusted peers of the session's TLS links
 
     @classmethod
     def from_env(cls, identity: str = "client") -> "Security":
@@ -145,6 +150,14 @@ def add_arguments(p: argparse.ArgumentParser, listener: bool, connector: bool, d
     g.add_argument("--id", default=default_id, help=f"this party's identity in the handshake (default {default_id})")
     g.add_argument("--handshake-timeout", type=float, default=protocol.DEFAULT_HANDSHAKE_TIMEOUT,
                    help="seconds a peer has to complete the TLS and token handshake (default 10)")
+    t = p.add_argument_group("party links (TLS 1.3; default: derived from the shared token, single-operator trust)")
+    t.add_argument("--key", metavar="PEM", help="this role's transport key (`python -m secure.transport.credentials "
+                                                "new ROLE ID KEY CERT`)")
+    t.add_argument("--cert", metavar="PEM", help="the certificate of --key (give it to the peers)")
+    for peer in ROLE_NAMES:
+        t.add_argument(f"--trust-{peer}", metavar="PEM", action="append", default=[],
+                       help=f"certificates of the pi-{peer}s this role accepts (repeat, or several in one file, "
+                            "to rotate a key without downtime)")
     if listener:
         g.add_argument("--tls-cert", metavar="PEM", help="serve the control port over TLS with this certificate chain")
         g.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
@@ -153,7 +166,7 @@ def add_arguments(p: argparse.ArgumentParser, listener: bool, connector: bool, d
                        help="connect over TLS and verify the peer's certificate against this CA bundle")
 
 
-def security_from_args(args, listen_host: str | None = None) -> Security:
+def security_from_args(args, listen_host: str | None = None, role: str | None = None) -> Security:
     if not _ID.match(args.id or ""):
         raise ControlError(f"--id {args.id!r} must be 1-64 letters, digits or . _ @ -")
     if args.handshake_timeout <= 0:
@@ -176,8 +189,28 @@ def security_from_args(args, listen_host: str | None = None) -> Security:
     ca = getattr(args, "tls_ca", None)
     if ca:
         client_tls = _context(lambda: _client_context(ca), ca)
+    party = party_identity(args, role, keyring) if role else None
     return Security(Credentials(args.id, keyring or {}, no_auth=keyring is None), server_tls, client_tls,
-                    args.handshake_timeout)
+                    args.handshake_timeout, party)
+
+
+def party_identity(args, role: str, keyring: dict[str, bytes] | None) -> PartyIdentity:
+    """This role's credential for the session links: --key/--cert with --trust-* (role credentials),
+    else derived from the shared token (single-operator trust), else public (--no-auth)."""
+    key, cert = getattr(args, "key", None), getattr(args, "cert", None)
+    if bool(key) != bool(cert):
+        raise ControlError("--key and --cert go together (this role's transport credential)")
+    if key:
+        trusted = {peer: getattr(args, f"trust_{peer}", []) for peer in ROLE_NAMES if peer != role}
+        return PartyIdentity.from_files(role, key, cert, trusted)
+    if any(getattr(args, f"trust_{peer}", []) for peer in ROLE_NAMES):
+        raise ControlError("--trust-* lists the peers of a role credential: pass --key and --cert too")
+    if keyring is None:
+        return PartyIdentity.no_auth(role)
+    if SHARED not in keyring:
+        raise ControlError(f"this pi-{role} has only named tokens, so no shared secret to derive the party links' "
+                           "keys from: pass --key/--cert and --trust-* (python -m secure.transport.credentials new)")
+    return PartyIdentity.from_secret(bytes.fromhex(keyring[SHARED].decode()), role)
 
 
 def _context(make, path: str) -> ssl.SSLContext:

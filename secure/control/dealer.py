@@ -26,6 +26,7 @@ from secure.control import protocol
 from secure.control.service import Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
 from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
+from secure.transport.meeting import Meeting
 
 
 class Dealer:
@@ -52,11 +53,8 @@ class Dealer:
                                          "(a pi-client must talk to pi-server, not pi-dealer)")
 
     def join(self, ch, msg: dict) -> None:
-        sid = protocol.field(msg, "session_id", str, lambda s: 0 < len(s) <= 64, "a session id")
-        rdv = Rendezvous(protocol.field(msg, "host", str, lambda s: 0 < len(s) <= 255, "a host name"),
-                         protocol.field(msg, "port", int, lambda p: 0 < p < 65536, "a TCP port"),
-                         float(protocol.field(msg, "timeout_s", (int, float), lambda t: 0 < t <= 3600,
-                                              "seconds in (0, 3600]")))
+        sid = protocol.field(msg, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
+        timeout_s = float(protocol.field(msg, "timeout_s", (int, float), lambda t: 0 < t <= 3600, "seconds in (0, 3600]"))
         nonce = msg.get("nonce")
         if nonce is not None:
             protocol.field(msg, "nonce", str, lambda n: protocol.is_hex(n, 64), "64 lowercase hex digits or null")
@@ -65,20 +63,31 @@ class Dealer:
         if engine != self.engine:
             raise protocol.ControlError(f"this dealer serves the {self.engine} engine, not {engine[:32]!r}: start both "
                                         "with the same --engine")
+        if engine == "fast":  # TLS links: the server and the client connect to this dealer's port
+            rdv, port = Meeting("dealer", bytes.fromhex(sid), self.service.security.party,
+                                accept=("server", "client"), timeout_s=timeout_s), 0
+        else:  # crypten: gloo at the server's rendezvous
+            rdv = Rendezvous(protocol.field(msg, "host", str, lambda s: 0 < len(s) <= 255, "a host name"),
+                             protocol.field(msg, "port", int, lambda p: 0 < p < 65536, "a TCP port"), timeout_s)
+            port = rdv.port
         if not self.slots.acquire(blocking=False):
             protocol.send_busy(ch, "the dealer is busy (all its session slots are taken): try again later", 5.0)
             return
         worker = None
         try:
-            worker = Worker(f"pi-dealer-{sid}")
+            worker = Worker(f"pi-dealer-{sid[:12]}")
             self.service.track(worker)
+            if engine == "fast":
+                self.service.route(rdv.session_id, worker)
             worker.start_job(PartyJob("dealer", rdv, engine=self.engine))
             attestation = (None if self.attest_key is None or nonce is None
-                           else auth.attest(self.attest_key, self.dealer_id, sid, rdv.port, nonce))
+                           else auth.attest(self.attest_key, self.dealer_id, sid, port, nonce))
             ch.send("joined", session_id=sid, dealer_id=self.dealer_id, attestation=attestation)
-            self.service.log(f"session {sid}: joined rendezvous {protocol.format_address(rdv.host, rdv.port)}")
+            self.service.log(f"session {sid[:12]}: joined"
+                             + (f" rendezvous {protocol.format_address(rdv.host, rdv.port)}" if port else ""))
             self.finish(ch, sid, worker)
         finally:
+            self.service.unroute(bytes.fromhex(sid))
             if worker is not None:
                 self.service.untrack(worker)
             self.slots.release()
@@ -88,9 +97,9 @@ class Dealer:
                             self.service.stop, self.read_timeout)
         if outcome.kind == "ok":
             ch.send("done", session_id=sid)
-            self.service.log(f"session {sid}: done")
+            self.service.log(f"session {sid[:12]}: done")
         else:
-            self.service.log(f"session {sid}: ended ({outcome.kind}): {outcome.message}")
+            self.service.log(f"session {sid[:12]}: ended ({outcome.kind}): {outcome.message}")
             protocol.send_error(ch, f"dealer: {outcome.message}")
 
 
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_sessions < 1 or args.session_timeout <= 0 or args.read_timeout <= 0:
         raise protocol.ControlError("--max-sessions, --session-timeout and --read-timeout must be positive")
-    security = auth.security_from_args(args, listen_host=args.host)
+    security = auth.security_from_args(args, listen_host=args.host, role="dealer")
     limits = limits_from_args(args)
     attest_key = auth.dealer_key(args.dealer_token_file)
     private_tempdir("pi-dealer")

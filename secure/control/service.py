@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from secure.control import auth, protocol
 from secure.control.workers import Worker
+from secure.transport import TransportError, preface
 
 _POLL_S = 0.2
 
@@ -85,6 +86,7 @@ class Service:
         self._threads: set[threading.Thread] = set()
         self._socks: set[socket.socket] = set()
         self._workers: set[Worker] = set()
+        self._sessions: dict[bytes, Worker] = {}  # session id -> the worker its party connections go to
         self._per_ip: dict[str, int] = defaultdict(int)
         self._open = 0
         self._refusals: deque[float] = deque()
@@ -149,6 +151,10 @@ class Service:
         conn, ch = (sock if self.security.server_tls is None else None), None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._starts_with_preface(sock):
+                conn = None  # handed over (or refused): nothing to answer on it here
+                self._route(sock, peer)
+                return
             if self.security.server_tls is not None:
                 conn = self._tls(sock)
                 with self._lock:
@@ -182,6 +188,45 @@ class Service:
                 if self._per_ip[addr[0]] <= 0:
                     del self._per_ip[addr[0]]
                 self._threads.discard(threading.current_thread())
+
+    # -- party connections: routed to their session's worker --------------------------------------
+    def route(self, session_id: bytes, worker: Worker) -> None:
+        """From now on, party connections that name `session_id` go to `worker`."""
+        with self._lock:
+            self._sessions[session_id] = worker
+
+    def unroute(self, session_id: bytes) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _starts_with_preface(self, sock: socket.socket) -> bool:
+        """A party connection starts with the transport's preface; a control connection with a length
+        frame (or a TLS ClientHello with --tls-cert). Peeking leaves the bytes for whoever reads next."""
+        sock.settimeout(self.security.handshake_timeout)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            raise protocol.AuthError("the peer sent nothing") from None
+        if not first:
+            raise protocol.PeerClosed("the peer closed the connection before a byte")
+        return first == preface.MAGIC[:1]
+
+    def _route(self, sock: socket.socket, peer: str) -> None:
+        try:
+            got = preface.read_preface(sock, self.security.handshake_timeout, f"this {self.name}")
+        except TransportError as exc:
+            self.counters["refused_auth"] += 1
+            self._log_refusal(f"refused {peer}: {exc}")
+            return
+        with self._lock:
+            worker = self._sessions.get(got.session_id) if got.purpose == preface.PARTY else None
+        if worker is None:
+            self.counters["refused_auth"] += 1
+            what = "no session" if got.purpose == preface.PARTY else "a control connection with a preface"
+            self._log_refusal(f"refused {peer}: a {got.role}'s {preface.PURPOSES[got.purpose]} connection for "
+                              f"{what} {got.session_id.hex()[:12]}")
+            return
+        worker.hand_over(sock, got)
 
     def _log_refusal(self, text: str, per_minute: int = 20) -> None:
         """Log refused peers, at most `per_minute` lines a minute (then one line with the count)."""

@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from secure.control import protocol
 from secure.core.party import Rendezvous
+from secure.transport.preface import send_connection
 
 if TYPE_CHECKING:
     from secure.core.plan import SecurePlan
+    from secure.transport.meeting import Meeting
 
 _WARM_MODULE = "secure.control.warm"  # a module name: multiprocessing's preload takes names
 _POLL_S = 0.2
@@ -49,7 +51,7 @@ class PartyJob:
     """What a worker runs: one role of one session. The server gives `plan` and `batch_sizes`, the
     client `public` and its `batches` (one normalised tensor per query), the dealer neither."""
     role: str  # "server" | "client" | "dealer"
-    rdv: Rendezvous
+    rdv: "Rendezvous | Meeting"  # gloo rendezvous (crypten engine) or TLS links (fast engine)
     insecure_tfp: bool = False
     engine: str = "fast"
     plan: "SecurePlan | None" = None
@@ -96,12 +98,28 @@ class Worker:
     def __init__(self, name: str):
         ctx = worker_context()
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, os.getpid()), name=name, daemon=False)
+        # Connections the role's listener accepted for this worker's session come over this socket
+        # (secure.transport.preface.send_connection): the worker ends TLS itself.
+        self.handoff, child_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = ctx.Process(target=_worker_main, args=(child, os.getpid(), child_handoff), name=name,
+                                   daemon=False)
         self.process.start()
         self.pid = self.process.pid
         child.close()
+        child_handoff.close()
         self._lock = threading.Lock()
         self._stopped = False
+
+    def hand_over(self, conn: socket.socket, preface) -> None:
+        """Give the worker an accepted connection of its session (this process's copy is closed)."""
+        with self._lock:
+            if self._stopped:
+                conn.close()
+                return
+            try:
+                send_connection(self.handoff, conn, preface)
+            except OSError:
+                pass  # the worker is gone: its session ends anyway
 
     def start_job(self, job: PartyJob) -> None:
         try:
@@ -126,10 +144,11 @@ class Worker:
                 self.process.kill()
             self.process.join()
             self.conn.close()
+            self.handoff.close()
             self.process.close()
 
 
-def _worker_main(conn, owner_pid: int) -> None:
+def _worker_main(conn, owner_pid: int, handoff: socket.socket | None = None) -> None:
     _die_with_parent(owner_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -146,7 +165,7 @@ def _worker_main(conn, owner_pid: int) -> None:
     try:
         if failure:
             raise RuntimeError(failure)
-        reply = ("ok", _run_party(job))
+        reply = ("ok", _run_party(job, handoff))
     except BaseException as exc:
         reply = ("error", _describe(exc))
     try:
@@ -176,9 +195,12 @@ def _reseed() -> None:
         sys.modules["torch"].manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _run_party(job: PartyJob) -> dict:
+def _run_party(job: PartyJob, handoff: socket.socket | None) -> dict:
     from secure.core import runtime  # loaded by the fork server already (secure.control.warm)
-    _pin_interface(job.rdv.host, job.rdv.port)
+    if isinstance(job.rdv, Rendezvous):  # gloo (the crypten engine)
+        _pin_interface(job.rdv.host, job.rdv.port)
+    else:  # a Meeting: TLS links, some of them handed over by the role's listener
+        job.rdv.handoff = handoff
     if job.role == "dealer":
         runtime.run_dealer(job.rdv, job.engine)
         return {"role": job.role}

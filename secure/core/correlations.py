@@ -16,6 +16,8 @@ Per query q (a batch of N images):
     per carry level j with p pairs: u, v1, v2 XOR-shared (prg_s / prg_c), w_k shared as (u & v_k) ^ w_k1
     output: a random bit r (XOR-shared), a random ring mask m ([m0] prg_s, [m1] prg_c),
             arithmetic shares of r (rA0 = r - rA1) and of r * m (rm0 = r * m - rm1)
+  A masked relu draws these for its kept positions only (N * relu_count elements); a maxpool draws
+  them once per tournament level t (key "<op>.t<t>"): max(a, b) = a + ReLU(b - a) over the window.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from deepreduce.graph import Op
-from secure.core.ring import Prg, from_plane, packed_size, ring_linear
+from secure.core.ring import Prg, from_plane, linear_params, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
 
@@ -66,30 +68,49 @@ class Layout:
     def linear_ops(self) -> list[Op]:
         return [op for op in self.ops if op.kind in LINEAR_OPS]
 
-    def relu_ops(self) -> list[Op]:
-        return [op for op in self.ops if op.kind == "relu"]
-
     def relu_elements(self, op: dict, batch: int) -> int:
-        return batch * math.prod(op.shape)
+        """The positions a relu op compares: all of them, or the kept ones of a masked relu."""
+        return batch * (op.relu_count if op.mask is not None else math.prod(op.shape))
+
+    def relu_sites(self, op: Op, batch: int) -> list[tuple[str, int]]:
+        """(key, elements) of every run of the ReLU protocol in `op`: one for a relu (key: its id, as
+        every plan before max pooling had), one per tournament level of a maxpool."""
+        if op.kind == "relu":
+            return [(str(op.id), self.relu_elements(op, batch))]
+        if op.kind == "maxpool":
+            outputs = batch * math.prod(op.shape)
+            return [(f"{op.id}.t{t}", outputs * pairs) for t, pairs in enumerate(tournament(math.prod(op.kernel)))]
+        return []
 
     def server_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
         """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order;
         bits are packed planes (`secure.core.ring.to_planes`), shape [planes, bytes]."""
         spec = []
         for op in self.ops:
-            i = op.id
             if op.kind in LINEAR_OPS:
-                spec.append((f"{i}.C0", "ring", [batch, *op.shape]))
-            elif op.kind == "relu":
-                n = self.relu_elements(op, batch)
-                nb = packed_size(n)
-                spec.append((f"{i}.z0", "bits", [self.relu.relu_bits, nb]))
-                for j, p in enumerate(self.relu.levels):
-                    spec.append((f"{i}.l{j}.w1", "bits", [p, nb]))
-                    if j < len(self.relu.levels) - 1:
-                        spec.append((f"{i}.l{j}.w2", "bits", [p, nb]))
-                spec += [(f"{i}.rA0", "ring", [n]), (f"{i}.rm0", "ring", [n])]
+                spec.append((f"{op.id}.C0", "ring", [batch, *op.shape]))
+            for key, n in self.relu_sites(op, batch):
+                spec += self._relu_spec(key, n)
         return spec
+
+    def _relu_spec(self, key: str, n: int) -> list[tuple[str, str, list[int]]]:
+        nb = packed_size(n)
+        spec = [(f"{key}.z0", "bits", [self.relu.relu_bits, nb])]
+        for j, p in enumerate(self.relu.levels):
+            spec.append((f"{key}.l{j}.w1", "bits", [p, nb]))
+            if j < len(self.relu.levels) - 1:
+                spec.append((f"{key}.l{j}.w2", "bits", [p, nb]))
+        return spec + [(f"{key}.rA0", "ring", [n]), (f"{key}.rm0", "ring", [n])]
+
+
+def tournament(k: int) -> list[int]:
+    """Comparisons per window at each level of a max over k elements taken pairwise: the odd one out
+    waits for the next level. ceil(log2 k) levels, k - 1 comparisons in all (the plan's count)."""
+    levels = []
+    while k > 1:
+        levels.append(k // 2)
+        k -= k // 2
+    return levels
 
 
 def weight_name(op: dict) -> str:
@@ -113,20 +134,25 @@ def party_randomness(prg: Prg, party: int, layout: Layout, query: int, batch: in
         if op.kind in LINEAR_OPS and party == 1:
             out[f"{i}.B"] = prg.ring(f"{tag}.{i}.B", [batch, *layout.input_shape(op)])
             out[f"{i}.C1"] = prg.ring(f"{tag}.{i}.C1", [batch, *op.shape])
-        elif op.kind == "relu":
-            n, bits = layout.relu_elements(op, batch), layout.relu.relu_bits
-            out[f"{i}.mask"] = prg.bits(f"{tag}.{i}.mask", bits, n)  # alpha (party 0) or beta (party 1)
-            if party == 1:
-                out[f"{i}.z1"] = prg.bits(f"{tag}.{i}.z1", bits, n)
-            for j, p in enumerate(layout.relu.levels):
-                for name in ("u", "v1", "v2") + (("w1", "w2") if party == 1 else ()):
-                    out[f"{i}.l{j}.{name}"] = prg.bits(f"{tag}.{i}.l{j}.{name}", p, n)
-            out[f"{i}.r"] = prg.bits(f"{tag}.{i}.r", 1, n)
-            out[f"{i}.m"] = prg.ring(f"{tag}.{i}.m", [n])
-            if party == 1:
-                out[f"{i}.rA1"] = prg.ring(f"{tag}.{i}.rA1", [n])
-                out[f"{i}.rm1"] = prg.ring(f"{tag}.{i}.rm1", [n])
+        for key, n in layout.relu_sites(op, batch):
+            _relu_randomness(out, prg, party, layout.relu, f"{tag}.{key}", key, n)
     return out
+
+
+def _relu_randomness(out: dict, prg: Prg, party: int, relu: ReluParams, label: str, key: str, n: int) -> None:
+    """One run of the ReLU protocol over n elements: `label` makes the PRG labels, `key` the dict keys."""
+    bits = relu.relu_bits
+    out[f"{key}.mask"] = prg.bits(f"{label}.mask", bits, n)  # alpha (party 0) or beta (party 1)
+    if party == 1:
+        out[f"{key}.z1"] = prg.bits(f"{label}.z1", bits, n)
+    for j, p in enumerate(relu.levels):
+        for name in ("u", "v1", "v2") + (("w1", "w2") if party == 1 else ()):
+            out[f"{key}.l{j}.{name}"] = prg.bits(f"{label}.l{j}.{name}", p, n)
+    out[f"{key}.r"] = prg.bits(f"{label}.r", 1, n)
+    out[f"{key}.m"] = prg.ring(f"{label}.m", [n])
+    if party == 1:
+        out[f"{key}.rA1"] = prg.ring(f"{label}.rA1", [n])
+        out[f"{key}.rm1"] = prg.ring(f"{label}.rm1", [n])
 
 
 def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: dict, batch: int) -> dict:
@@ -135,22 +161,25 @@ def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: d
     for op in layout.ops:
         i = op.id
         if op.kind in LINEAR_OPS:
-            params = {"stride": op.stride, "padding": op.padding}
-            msg[f"{i}.C0"] = ring_linear(op.kind, masks[i], c[f"{i}.B"], params) - c[f"{i}.C1"]
-        elif op.kind == "relu":
-            msg[f"{i}.z0"] = (s[f"{i}.mask"] & c[f"{i}.mask"]) ^ c[f"{i}.z1"]
-            for j in range(len(layout.relu.levels)):
-                u = s[f"{i}.l{j}.u"] ^ c[f"{i}.l{j}.u"]
-                for k in ("1", "2"):
-                    if k == "2" and j == len(layout.relu.levels) - 1:
-                        continue  # the last level only needs the carry, not the propagate bit
-                    v = s[f"{i}.l{j}.v{k}"] ^ c[f"{i}.l{j}.v{k}"]
-                    msg[f"{i}.l{j}.w{k}"] = (u & v) ^ c[f"{i}.l{j}.w{k}"]
-            r = from_plane((s[f"{i}.r"] ^ c[f"{i}.r"])[0], layout.relu_elements(op, batch))
-            m = s[f"{i}.m"] + c[f"{i}.m"]
-            msg[f"{i}.rA0"] = r - c[f"{i}.rA1"]
-            msg[f"{i}.rm0"] = r * m - c[f"{i}.rm1"]
+            msg[f"{i}.C0"] = ring_linear(op.kind, masks[i], c[f"{i}.B"], linear_params(op)) - c[f"{i}.C1"]
+        for key, n in layout.relu_sites(op, batch):
+            _relu_complement(msg, len(layout.relu.levels), s, c, key, n)
     return msg
+
+
+def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int) -> None:
+    msg[f"{i}.z0"] = (s[f"{i}.mask"] & c[f"{i}.mask"]) ^ c[f"{i}.z1"]
+    for j in range(levels):
+        u = s[f"{i}.l{j}.u"] ^ c[f"{i}.l{j}.u"]
+        for k in ("1", "2"):
+            if k == "2" and j == levels - 1:
+                continue  # the last level only needs the carry, not the propagate bit
+            v = s[f"{i}.l{j}.v{k}"] ^ c[f"{i}.l{j}.v{k}"]
+            msg[f"{i}.l{j}.w{k}"] = (u & v) ^ c[f"{i}.l{j}.w{k}"]
+    r = from_plane((s[f"{i}.r"] ^ c[f"{i}.r"])[0], n)
+    m = s[f"{i}.m"] + c[f"{i}.m"]
+    msg[f"{i}.rA0"] = r - c[f"{i}.rA1"]
+    msg[f"{i}.rm0"] = r * m - c[f"{i}.rm1"]
 
 
 # -- serialisation of the server message: one int64 buffer and one packed-bit buffer --------------

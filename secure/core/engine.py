@@ -17,7 +17,11 @@ Online, per query:
            with one exact float64 limb convolution pass; the client does nothing. 0 or 1 round.
   relu     sign of x from bits [drop, drop + L] of the shares: a carry tree over bit-packed shares
            (1 + log2 L rounds), then one round that turns the sign bit into x * sign (7 rounds for L = 32).
-  add/avgpool  local (the average's 1/(H*W) is folded into the next linear layer's weights).
+           A masked relu runs this on its kept positions only; the others pass through untouched.
+  maxpool  max(a, b) = a + ReLU(b - a), a tournament over each window: ceil(log2 k) ReLU runs of
+           7 rounds for a k-element window, k - 1 comparisons per output.
+  add, concat, reshape, scale, avgpool, avgpool2d   local (see `Party._local`; an average's division
+           is folded into the next linear layers' weights where only linear layers read it).
   output   the server sends its share of the logits to the client (1 round).
 
 ``insecure_tfp``: no dealer; the server draws both seeds and could decrypt everything (benchmarks).
@@ -35,15 +39,16 @@ from dataclasses import dataclass, field
 import torch
 
 from deepreduce.errors import ProjectError
-from deepreduce.graph import Op, beyond_classic, consumers
-from secure.core.channel import Channel, gloo_channel, like
+from deepreduce.graph import Op, consumers
+from secure.core.channel import Channel, like
 from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
-                           party_randomness, server_message, unpack_message, weight_masks, weight_name)
+                           party_randomness, server_message, tournament, unpack_message, weight_masks, weight_name)
 from secure.core.party import Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
-from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, plan_limbs, prefer_channels_last, ring_linear,
-                   ring_linear_small, to_planes, truncate_share)
+from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, linear_params, mul_public, plan_limbs,
+                   pool_windows, prefer_channels_last, ring_linear, ring_linear_small, sum_pool2d, to_planes,
+                   truncate_share)
 
 SERVER, CLIENT, DEALER = Role.SERVER, Role.CLIENT, Role.DEALER
 ENGINE_VERSION = 1
@@ -135,6 +140,10 @@ class Party:
         self.ops = public.ops
         self.consumers = consumers(self.ops)
         self.offline_known = _offline_known(self.ops)
+        self.folded = _folded_pools(self.ops)
+        self.keep = _kept_positions(public)
+        self.windows = {op.id: pool_windows(*self.ops[op.inputs[0]].shape[1:], op.kernel, op.stride, op.padding)
+                        for op in self.ops if op.kind == "maxpool"}
         self.last = self.ops[-1].id
         self.wait = session_timeout(ch.timeout_s, len(batch_sizes))  # offline waits on busy peers
         if self.ops[-1].kind not in LINEAR_OPS:
@@ -187,13 +196,13 @@ class Party:
         for op in self.layout.linear_ops():
             i, w = op.id, tensors[weight_name(op)].double()
             source = self.ops[op.inputs[0]]
-            if source.kind == "avgpool":  # fold the average's division into this layer
-                w = w / (self.ops[source.inputs[0]].shape[1] * self.ops[source.inputs[0]].shape[2])
+            if source.id in self.folded:  # fold the average's division into this layer
+                w = w / _pool_divisor(self.ops, source)
             weights[i] = encode(w, WEIGHT_BITS)
             b = bias_name(op)
             if b is not None:
                 biases[i] = encode(tensors[b].double(), ACT_BITS + WEIGHT_BITS)
-            limbs[i] = plan_limbs(weights[i], op.kind)
+            limbs[i] = plan_limbs(weights[i], op.kind, conv_groups=op.groups or 1)
             if op.kind == "conv" and prefer_channels_last(source.shape):
                 limbs[i] = dataclasses.replace(limbs[i], channels_last=True)
         return weights, biases, limbs
@@ -266,16 +275,13 @@ class Party:
         for op in self.ops:  # the client's shares that do not depend on the input
             i = op.id
             if op.kind in LINEAR_OPS:
-                params = {"stride": op.stride, "padding": op.padding}
-                y = ring_linear(op.kind, self.masked_weights[i], own[f"{i}.B"], params) + own[f"{i}.C1"]
+                y = ring_linear(op.kind, self.masked_weights[i], own[f"{i}.B"], linear_params(op)) + own[f"{i}.C1"]
                 known[i] = y if i == self.last else truncate_share(y, WEIGHT_BITS, CLIENT)
                 mat["outputs"][i] = known[i]
                 if self.offline_known[op.inputs[0]]:
                     mat["early"][i] = known[op.inputs[0]] - own[f"{i}.B"]
-            elif op.kind == "add" and self.offline_known[i]:
-                known[i] = known[op.inputs[0]] + known[op.inputs[1]]
-            elif op.kind == "avgpool" and self.offline_known[i]:
-                known[i] = known[op.inputs[0]].sum(dim=(2, 3))
+            elif op.kind in LOCAL_OPS and self.offline_known[i]:
+                known[i] = self._local(op, [known[j] for j in op.inputs])
         self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])], timeout_s=self.wait)
         return mat
 
@@ -288,12 +294,32 @@ class Party:
         if kind in LINEAR_OPS:
             return self._linear(op, inputs[0], mat)
         if kind == "relu":
-            return self._relu(op, inputs[0], mat)
-        if kind == "add":
-            return inputs[0] + inputs[1]
-        if kind == "avgpool":
-            return inputs[0].sum(dim=(2, 3))  # its 1/(H*W) is in the next layer's weights
+            return self._masked_relu(op, inputs[0], mat)
+        if kind == "maxpool":
+            return self._maxpool(op, inputs[0], mat)
+        if kind in LOCAL_OPS:
+            return self._local(op, inputs)
         raise EngineError(f"the fast engine cannot run op {kind!r}")
+
+    def _local(self, op, xs):
+        """The ops each party applies to its own share, with no traffic. Values keep ACT_BITS
+        fractional bits: `scale` multiplies by its factor (`mul_public`: exact for an integer, else
+        fixed point and a local truncation) and only the server adds the offset; a pool sums its
+        windows and divides by the window size (`mul_public` again) unless every reader is a linear
+        layer, which then takes the division into its weights (`_folded_pools`: the activations are
+        not rounded, as for the classic global average pool)."""
+        kind, x = op.kind, xs[0]
+        if kind == "add":
+            return x + xs[1]
+        if kind == "concat":
+            return torch.cat(xs, dim=1)
+        if kind == "reshape":
+            return x.reshape(len(x), *op.shape)
+        if kind == "scale":
+            y = mul_public(x, op.factor, self.j)
+            return y + encode(torch.tensor(op.offset), ACT_BITS) if self.j == SERVER else y
+        y = x.sum(dim=(2, 3)) if kind == "avgpool" else sum_pool2d(x, op.kernel, op.stride, op.padding)
+        return y if op.id in self.folded else mul_public(y, 1 / _pool_divisor(self.ops, op), self.j)
 
     def _linear(self, op, x, mat):
         i = op.id
@@ -306,7 +332,7 @@ class Party:
         else:
             (got,) = self.ch.recv(CLIENT, [(torch.int64, x.numel())])
             masked = x + got.view_as(x)
-        params = {"stride": op.stride, "padding": op.padding}
+        params = linear_params(op)
         torch.set_num_threads(self.cfg.server_threads)  # only here: the ReLU's small ops run best on one
         try:
             y = ring_linear_small(op.kind, self.weights_f64[i], masked, params, self.limbs[i])
@@ -318,9 +344,32 @@ class Party:
             y = y + (b.view(1, -1, *([1] * (y.dim() - 2))))
         return y if i == self.last else truncate_share(y, WEIGHT_BITS, SERVER)
 
-    def _relu(self, op, x, mat):
-        """x * [x >= 0]: the sign from a carry tree over packed bit planes, then one multiplexer round."""
-        i, j, p = op.id, self.j, self.cfg.relu
+    def _masked_relu(self, op, x, mat):
+        """A relu op: the ReLU protocol on every position, or on the kept ones of a masked relu while
+        the others keep their shares (no comparison, no traffic)."""
+        keep = self.keep.get(op.id)
+        if keep is None:
+            return self._relu(str(op.id), x, mat)
+        flat = x.reshape(len(x), -1)
+        out = flat.clone()
+        out[:, keep] = self._relu(str(op.id), flat[:, keep], mat)
+        return out.view_as(x)
+
+    def _maxpool(self, op, x, mat):
+        """The max of each window as a tournament, max(a, b) = a + ReLU(b - a): each level compares
+        every window's pairs in one run of the ReLU protocol; an odd element waits a level. The
+        windows (`pool_windows`) repeat a real element where torch pads with -inf."""
+        n, c = x.shape[:2]
+        t = x.reshape(n, c, -1)[:, :, self.windows[op.id]]  # N x C x outputs x kernel elements
+        for level, pairs in enumerate(tournament(t.shape[-1])):
+            a, b = t[..., 0: 2 * pairs: 2], t[..., 1: 2 * pairs: 2]
+            t = torch.cat([a + self._relu(f"{op.id}.t{level}", b - a, mat), t[..., 2 * pairs:]], dim=-1)
+        return t.reshape(n, *op.shape)
+
+    def _relu(self, i, x, mat):
+        """x * [x >= 0] for every element of x: the sign from a carry tree over packed bit planes, then
+        one multiplexer round. `i`: the key of this run's correlations (`Layout.relu_sites`)."""
+        j, p = self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
         dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
         shape, flat = x.shape, x.reshape(-1)
@@ -375,13 +424,14 @@ class Party:
         return (y + theirs.view_as(y)).double() / (1 << (ACT_BITS + WEIGHT_BITS))
 
 
+# Ops every party computes on its own share (`Party._local`), and every kind this engine runs.
+LOCAL_OPS = ("add", "avgpool", "avgpool2d", "concat", "reshape", "scale")
+FAST_KINDS = ("input", "relu", "maxpool") + LINEAR_OPS + LOCAL_OPS
+
+
 def _check_runs(ops: list[Op]) -> None:
     """Refuse, at session start, a plan with ops this engine does not run yet (exported modules)."""
-    problem = beyond_classic(ops)
-    readers = consumers(ops)
-    pooled = [op for op in ops if op.kind == "avgpool" and any(ops[r].kind not in LINEAR_OPS for r in readers[op.id])]
-    if problem is None and pooled:  # the engine sums here and leaves the division to the next linear layer
-        problem = pooled[0], "avgpool read by a non-linear op"
+    problem = next(((op, op.kind) for op in ops if op.kind not in FAST_KINDS), None)
     if problem is not None:
         raise EngineError(f"the fast engine cannot run op {problem[0].name!r} ({problem[1]}) of this plan yet")
 
@@ -393,11 +443,35 @@ def _offline_known(ops: list[Op]) -> dict[int, bool]:
         kind = op.kind
         if kind in LINEAR_OPS:
             known[op.id] = True  # E * B + C1: no input needed
-        elif kind in ("add", "avgpool"):
+        elif kind in LOCAL_OPS:
             known[op.id] = all(known[i] for i in op.inputs)
-        else:  # the input itself, and ReLU outputs
+        else:  # the input itself, ReLU and max-pool outputs
             known[op.id] = False
     return known
+
+
+def _folded_pools(ops: list[Op]) -> set[int]:
+    """The average pools whose division the readers' weights take: those read by linear layers only
+    (w * (sum / k) = (w / k) * sum). Any other reader needs the average itself, so the pool divides."""
+    readers = consumers(ops)
+    return {op.id for op in ops if op.kind in ("avgpool", "avgpool2d") and readers[op.id]
+            and all(ops[r].kind in LINEAR_OPS for r in readers[op.id])}
+
+
+def _pool_divisor(ops: list[Op], op: Op) -> int:
+    """The elements an average pool divides by: the whole map, or the window (padding included)."""
+    return math.prod(ops[op.inputs[0]].shape[1:]) if op.kind == "avgpool" else math.prod(op.kernel)
+
+
+def _kept_positions(public: PublicPlan) -> dict[int, torch.Tensor]:
+    """Per masked relu op, the flat per-image positions that keep their ReLU (public architecture)."""
+    keep = {}
+    for op in public.ops:
+        if op.kind == "relu" and op.mask is not None:
+            if op.mask not in public.masks:
+                raise EngineError(f"the public plan lacks the ReLU mask of op {op.name!r}: a server too old to send it")
+            keep[op.id] = public.masks[op.mask].expand(op.shape).reshape(-1).nonzero().view(-1)
+    return keep
 
 
 def _snapshot(ch: Channel):
@@ -464,10 +538,10 @@ def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: lis
          plan=None, images: list[torch.Tensor] | None = None):
     torch.set_num_threads(1)  # the server raises its own count for the online convolutions
     rank = Role[role.upper()]
-    try:
-        channel = gloo_channel(rank, rdv.host, rdv.port, rdv.timeout_s, world=2 if insecure_tfp else 3)
-    except Exception as exc:  # DistNetworkError, RuntimeError: the peers did not all show up
-        raise SecureSessionError(f"{role}: rendezvous at {rdv.url} failed within {rdv.timeout_s:g} s "
+    try:  # gloo for a Rendezvous, TLS links for a Meeting (secure.transport.meeting)
+        channel = rdv.channel(rank, world=2 if insecure_tfp else 3)
+    except Exception as exc:  # DistNetworkError, HandshakeError, ...: the peers did not all show up
+        raise SecureSessionError(f"{role}: {rdv.where} failed within {rdv.timeout_s:g} s "
                                  f"({type(exc).__name__}: {exc})") from exc
     try:
         if rank == DEALER:

@@ -49,6 +49,16 @@ class Rendezvous:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port}"
 
+    @property
+    def where(self) -> str:
+        return f"rendezvous at {self.url}"
+
+    def channel(self, rank: int, world: int):
+        """A gloo channel (unencrypted: the local measurement harness and the CrypTen engine's world).
+        The roles' sessions meet over TLS links instead: `secure.transport.meeting.Meeting`."""
+        from secure.core.channel import gloo_channel
+        return gloo_channel(rank, self.host, self.port, self.timeout_s, world)
+
 
 @dataclass
 class PartyResult:

@@ -16,12 +16,15 @@ The ops are `deepreduce.graph.Op` records (their table is in deepreduce/graph.py
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 
@@ -64,14 +67,21 @@ class PublicPlan(_OpCounts):
     relu_count: int
     ops: list[Op]
     tensor_shapes: dict[str, list[int]]
+    # The 0/1 keep masks of masked relu ops, by tensor name: which positions are ReLUs is architecture,
+    # and the client must know it to take part. Not compared by ==: tensors do not compare to a bool,
+    # and the plan hash (compared) covers them.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
-        return {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public", "plan_hash": self.plan_hash,
-                "input_shape": list(self.input_shape), "classes": list(self.classes),
-                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
-                "spec": self.spec, "relu_count": int(self.relu_count), "relu_per_layer": self.relu_per_layer,
-                "ops": [op.to_dict() for op in self.ops],
-                "tensor_shapes": {name: list(shape) for name, shape in self.tensor_shapes.items()}}
+        d = {"format_version": PLAN_FORMAT_VERSION, "kind": PLAN_KIND + "-public", "plan_hash": self.plan_hash,
+             "input_shape": list(self.input_shape), "classes": list(self.classes),
+             "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
+             "spec": self.spec, "relu_count": int(self.relu_count), "relu_per_layer": self.relu_per_layer,
+             "ops": [op.to_dict() for op in self.ops],
+             "tensor_shapes": {name: list(shape) for name, shape in self.tensor_shapes.items()}}
+        if self.masks:  # only then: a plan without masks is described exactly as before
+            d["relu_masks"] = {name: pack_mask(m) for name, m in self.masks.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PublicPlan":
@@ -83,11 +93,15 @@ class PublicPlan(_OpCounts):
                          classes=[str(c) for c in d["classes"]], mean=[float(m) for m in d["mean"]],
                          std=[float(s) for s in d["std"]], spec=dict(d["spec"]), relu_count=int(d["relu_count"]),
                          ops=[Op.from_dict(op) for op in d["ops"]],
-                         tensor_shapes={str(k): [int(x) for x in v] for k, v in d["tensor_shapes"].items()})
+                         tensor_shapes={str(k): [int(x) for x in v] for k, v in d["tensor_shapes"].items()},
+                         masks={str(k): unpack_mask(v) for k, v in d.get("relu_masks", {}).items()})
             channels = public.input_shape[0] if len(public.input_shape) == 3 else -1
             if channels < 1 or len(public.mean) != channels or len(public.std) != channels:
                 raise ValueError("input shape and normalisation do not match")
-            _validate_ops(public.ops, public.tensor_shapes)
+            for name, mask in public.masks.items():
+                if list(mask.shape) != public.tensor_shapes.get(name):
+                    raise ValueError(f"ReLU mask {name!r} does not fit its tensor shape")
+            _validate_ops(public.ops, {**public.tensor_shapes, **public.masks})  # masks: values checked too
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed public plan ({type(exc).__name__}: {exc})") from None
         return public
@@ -119,7 +133,8 @@ class SecurePlan(_OpCounts):
         """Everything the client party may learn: the architecture without weight values."""
         return PublicPlan(plan_hash=self.plan_hash, input_shape=self.input_shape, classes=list(self.classes),
                           mean=list(self.mean), std=list(self.std), spec=self.spec, relu_count=self.relu_count,
-                          ops=self.ops, tensor_shapes={name: list(t.shape) for name, t in self.tensors.items()})
+                          ops=self.ops, tensor_shapes={name: list(t.shape) for name, t in self.tensors.items()},
+                          masks={op.mask: self.tensors[op.mask] for op in self.ops if op.kind == "relu" and op.mask})
 
     # -- file format ------------------------------------------------------------------------
     def save(self, path: str) -> None:
@@ -156,6 +171,23 @@ class SecurePlan(_OpCounts):
             raise UserError(f"{path} is a corrupt secure plan (content hash mismatch): "
                             "export it again with `deepreduce export`")
         return plan
+
+
+def pack_mask(mask: torch.Tensor) -> dict:
+    """A 0/1 mask as its shape and its bits, 8 a byte in C order, base64: a few hundred bytes for a
+    ResNet layer's per-pixel mask where JSON floats would take tens of KB."""
+    bits = np.packbits(mask.detach().reshape(-1).numpy() != 0)
+    return {"shape": list(mask.shape), "bits": base64.b64encode(bits.tobytes()).decode()}
+
+
+def unpack_mask(d: dict) -> torch.Tensor:
+    """`pack_mask`'s inverse (float32 0/1); ValueError when the bits do not fill the shape."""
+    shape = [int(s) for s in d["shape"]]
+    raw = np.frombuffer(base64.b64decode(d["bits"], validate=True), dtype=np.uint8)
+    n = math.prod(shape)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"a ReLU mask of shape {shape} with {len(raw)} bytes")
+    return torch.from_numpy(np.unpackbits(raw)[:n].astype(np.float32)).reshape(shape)
 
 
 def comparison_count(ops: list[Op]) -> int:

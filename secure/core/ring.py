@@ -44,7 +44,8 @@ def truncate_share(share: torch.Tensor, bits: int, party: int) -> torch.Tensor:
 def apply_linear(kind: str, w: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
     """The bilinear map of one plan op: conv, per-channel scale, or fully connected."""
     if kind == "conv":
-        return F.conv2d(x, w, stride=params["stride"], padding=params["padding"])
+        return F.conv2d(x, w, stride=params["stride"], padding=params["padding"],
+                        dilation=params.get("dilation", 1), groups=params.get("groups", 1))
     if kind == "scale_shift":
         return x * w.view(1, -1, *([1] * (x.dim() - 2)))
     if kind == "linear":
@@ -89,16 +90,18 @@ class LimbPlan:
 STAT_FAILURE_BITS = 96
 
 
-def plan_limbs(w: torch.Tensor, kind: str, uniform_input: bool = True) -> LimbPlan:
+def plan_limbs(w: torch.Tensor, kind: str, uniform_input: bool = True, conv_groups: int = 1) -> LimbPlan:
     """The cheapest split for which float64 partial sums stay exact: two 32-bit limbs in one conv
     when the operand is uniform and ||w||_2 is small enough (see above); otherwise the worst-case
-    bound (one bit of margin), with the input channels in groups where that allows 32-bit limbs."""
+    bound (one bit of margin), with the input channels in groups where that allows 32-bit limbs.
+    A grouped conv (`conv_groups` > 1) is never split by channels: its weight's input axis holds
+    each group's own channels, so equal chunks of weight and input would not line up."""
     if uniform_input and _stat_exact(w, kind, 32):
         return LimbPlan(2, 1)
     for groups in (1, 2, 4, 8):
         if kind == "conv" and w.shape[1] % groups:
             break
-        if groups > 1 and kind != "conv":
+        if groups > 1 and (kind != "conv" or conv_groups > 1):
             break
         if _limb_bits(w, kind, groups) >= 32:
             return LimbPlan(2, groups)
@@ -163,6 +166,51 @@ def ring_linear(kind: str, a: torch.Tensor, b: torch.Tensor, params: dict) -> to
             term = y[j] << (16 * (i + j))
             out = term if out is None else out + term
     return out
+
+
+def linear_params(op) -> dict:
+    """The geometry `apply_linear` needs from a plan op (conv: stride, padding, dilation, groups)."""
+    return {"stride": op.stride, "padding": op.padding, "dilation": op.dilation or [1, 1], "groups": op.groups or 1}
+
+
+# -- local maps on shares ------------------------------------------------------------------------
+# Every party applies these to its own share: the results are shares of the map of the value.
+
+def mul_public(share: torch.Tensor, factor: float, party: int) -> torch.Tensor:
+    """Shares of x * factor for a public float: exact for an integer factor (a ring product), else
+    factor in WEIGHT_BITS fixed point and a local truncation (error: one unit of 2^-ACT_BITS plus
+    |x| * 2^-(WEIGHT_BITS + 1) from rounding the factor), as after a linear layer."""
+    if float(factor).is_integer():
+        return share * int(factor)
+    return truncate_share(share * int(round(factor * (1 << WEIGHT_BITS))), WEIGHT_BITS, party)
+
+
+def sum_pool2d(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """The window sums of avg_pool2d (zero padding included), exact in the ring: int64 slices added
+    (no float conv: shares are full 64-bit)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = torch.zeros(*x.shape[:2], oh, ow, dtype=x.dtype)
+    for di in range(kh):
+        for dj in range(kw):
+            out += xp[:, :, di: di + sh * (oh - 1) + 1: sh, dj: dj + sw * (ow - 1) + 1: sw]
+    return out
+
+
+def pool_windows(height: int, width: int, kernel, stride, padding) -> torch.Tensor:
+    """[outputs, kernel elements] indices into a flattened H x W map, one row per max-pool window in
+    C order. A slot in the padding (which never wins a max) points at the window's first real
+    element instead: a duplicate leaves the max unchanged and keeps every row kernel-long."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    rows = (torch.arange(oh) * sh - ph).view(-1, 1, 1, 1) + torch.arange(kh).view(1, 1, -1, 1)
+    cols = (torch.arange(ow) * sw - pw).view(1, -1, 1, 1) + torch.arange(kw).view(1, 1, 1, -1)
+    rows, cols = rows.expand(oh, ow, kh, kw).reshape(oh * ow, -1), cols.expand(oh, ow, kh, kw).reshape(oh * ow, -1)
+    real = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    index = rows * width + cols
+    first = index.gather(1, real.long().argmax(1, keepdim=True))  # torch's padding < kernel/2: never empty
+    return torch.where(real, index, first)
 
 
 # -- randomness ---------------------------------------------------------------------------------

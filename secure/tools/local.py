@@ -1,13 +1,22 @@
 """All three parties on this machine, each in a fresh process on 127.0.0.1: the harness behind the
-tests, `secure.measure`, `secure.agreement` and `deepreduce bench`."""
+tests, `secure.measure`, `secure.agreement` and `deepreduce bench`.
+
+The fast engine meets over the same TLS links as the roles (`secure.transport.meeting`): this process
+listens for the server and the dealer and hands each accepted connection to that party's process, as
+pi-server and pi-dealer do; the credentials are derived from a fresh secret (single-operator trust).
+The CrypTen reference engine meets over gloo at a rendezvous port, as it does between the roles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import queue
+import secrets
+import socket
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,6 +29,10 @@ from secure.core.party import PartyResult, Rendezvous, SecureSessionError
 from secure.core.plan import PublicPlan, SecurePlan
 from secure.core.profiling import Profile
 from secure.core.runtime import DEFAULT_ENGINE, get_engine, run_client, run_dealer, run_server
+from secure.transport import TransportError
+from secure.transport.credentials import PartyIdentity, new_secret
+from secure.transport.meeting import Meeting
+from secure.transport.preface import read_preface, send_connection
 
 __all__ = ["LocalRun", "run_local", "run_local_parties", "run_processes"]
 
@@ -46,19 +59,22 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
     public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
     `images` into several queries of one session (fast engine); by default they are one batch."""
     get_engine(engine)  # an unknown name fails here, before any process starts
-    rdv = Rendezvous("127.0.0.1", port or free_port(), timeout_s)
     roles = ["server", "client"] + ([] if insecure_tfp else ["dealer"])
+    listeners = _Listeners([r for r in ("server", "dealer") if r in roles]) if engine == "fast" else None
+    meet = (lambda role: listeners.meeting(role, timeout_s)) if listeners else \
+        (lambda role, rdv=Rendezvous("127.0.0.1", port or free_port(), timeout_s): rdv)
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="secure-local-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="secure-local-") as tmp, listeners or contextlib.nullcontext():
         plan_path = os.path.join(tmp, "model.plan")
         plan.save(plan_path)  # each party loads it, as the images below: arguments stay small (run_processes)
         public = json.dumps((client_public or plan.public_info()).to_dict())  # only what crosses the network
         pixels_path = os.path.join(tmp, "images.npy")
         np.save(pixels_path, images.detach().float().numpy())
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
-                                   args=(role, plan_path, public, pixels_path, rdv, insecure_tfp, results, engine,
-                                         batch_size or len(images)))
+                                   args=(role, plan_path, public, pixels_path, meet(role), insecure_tfp, results,
+                                         engine, batch_size or len(images),
+                                         listeners.child_end(role) if listeners else None))
                  for role in roles}
         outcomes, pids = run_processes(procs, results, timeout_s)
     return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
@@ -81,8 +97,11 @@ def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
     return outcomes, {role: outcome.pop("pid") for role, outcome in outcomes.items()}
 
 
-def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, results, engine, batch_size) -> None:
+def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, results, engine, batch_size,
+                 handoff=None) -> None:
     try:
+        if handoff is not None:
+            rdv.handoff = handoff
         if role == "dealer":
             traffic = run_dealer(rdv, engine)
             results.put((role, "ok", {"pid": os.getpid(), **traffic}))
@@ -95,6 +114,53 @@ def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, r
         results.put((role, "ok", {"pid": os.getpid(), **outcome.to_dict()}))
     except BaseException as exc:
         results.put((role, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class _Listeners:
+    """The server's and the dealer's listening sockets of one local session, on 127.0.0.1: a thread per
+    socket reads each connection's preface and hands the connection to that party's process."""
+
+    def __init__(self, roles: list[str]):
+        self.session_id, self.secret = secrets.token_bytes(16), new_secret()
+        self.roles = roles
+        self._socks = {role: socket.create_server(("127.0.0.1", 0)) for role in roles}
+        self._pairs = {role: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for role in roles}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, args=(role,), daemon=True) for role in roles]
+        for t in self._threads:
+            t.start()
+
+    def meeting(self, role: str, timeout_s: float) -> Meeting:
+        dial = {"server": ("client",), "dealer": ("server", "client")}  # listener -> who connects to it
+        return Meeting(role, self.session_id, PartyIdentity.from_secret(self.secret, role),
+                       dial={peer: self._socks[peer].getsockname()[:2] for peer in self.roles if role in dial[peer]},
+                       accept=dial.get(role, ()) if role in self.roles else (), timeout_s=timeout_s)
+
+    def child_end(self, role: str) -> socket.socket | None:
+        return self._pairs[role][1] if role in self._pairs else None
+
+    def _serve(self, role: str) -> None:
+        listener = self._socks[role]
+        listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                send_connection(self._pairs[role][0], conn, read_preface(conn, 10.0, f"the local {role}"))
+            except (TransportError, OSError):
+                conn.close()
+
+    def __enter__(self) -> "_Listeners":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2.0)
+        for sock in (*self._socks.values(), *(s for pair in self._pairs.values() for s in pair)):
+            sock.close()
 
 
 def _collect(procs: dict, results, deadline: float) -> dict:

@@ -166,6 +166,72 @@ class RoleCredential:
         return cls(role, id_, key, cert[0])
 
 
+    @classmethod
+    def from_pem(cls, key_pem: bytes, cert_pem: bytes) -> "RoleCredential":
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        role, id_ = identity(cert)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey) or _key_fingerprint(key.public_key()) != fingerprint(cert):
+            raise UserError("a role key does not match its certificate")
+        return cls(role, id_, key, cert)
+
+
+# -- what a party process needs: its credential and its trusted peers, as bytes ---------------------------
+
+NO_AUTH_SECRET = b"deepreduce-pi --no-auth: a public secret, no authentication"  # known to all: see below
+SINGLE_OPERATOR, CREDENTIALS, NO_AUTH = "single-operator trust", "role credentials", "no authentication (--no-auth)"
+
+
+@dataclass(frozen=True)
+class PartyIdentity:
+    """A role's credential and the certificates it trusts, as PEM bytes (picklable: a role hands it to
+    its party processes). `trust_mode` says where they come from, for every output:
+      single-operator trust  derived from the one secret all three roles hold (anyone with it is any role)
+      role credentials       generated key pairs; each role pins its peers' certificates
+      no authentication      derived from a public constant (--no-auth, loopback demos): TLS still
+                             encrypts against a passive observer, but anyone can act as any role."""
+    role: str
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    trusted_pem: str  # every trusted peer certificate (each names its role)
+    trust_mode: str
+
+    @classmethod
+    def from_secret(cls, secret: bytes, role: str, trust_mode: str = SINGLE_OPERATOR) -> "PartyIdentity":
+        own = RoleCredential.derive(secret, role)
+        return cls(role, own.key_pem(), own.certificate_pem(), Trust.single_operator(secret).pem(), trust_mode)
+
+    @classmethod
+    def no_auth(cls, role: str) -> "PartyIdentity":
+        return cls.from_secret(NO_AUTH_SECRET, role, NO_AUTH)
+
+    @classmethod
+    def from_files(cls, role: str, key_path, cert_path, trusted: dict[str, list]) -> "PartyIdentity":
+        """`trusted`: peer role -> certificate files (several while one is rotated)."""
+        own = RoleCredential.load(key_path, cert_path)
+        if own.role != role:
+            raise UserError(f"{cert_path} is a {own.role} certificate, not a {role} one: pass this pi-{role}'s own "
+                            f"credential (`python -m secure.transport.credentials new {role} ID KEY CERT`)")
+        trust = Trust()
+        for peer, paths in trusted.items():
+            for path in paths:
+                trust.add_file(peer, path)
+        return cls(role, own.key_pem(), own.certificate_pem(), trust.pem(), CREDENTIALS)
+
+    def credential(self) -> RoleCredential:
+        return RoleCredential.from_pem(self.key_pem, self.cert_pem)
+
+    def trust(self) -> Trust:
+        trust = Trust()
+        for cert in x509.load_pem_x509_certificates(self.trusted_pem.encode()) if self.trusted_pem else []:
+            trust.add(identity(cert)[0], cert)
+        return trust
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(x509.load_pem_x509_certificate(self.cert_pem))
+
+
 # -- secrets (single-operator mode) -------------------------------------------------------------------
 
 def new_secret() -> bytes:

@@ -21,7 +21,19 @@ CLASSES = CIFAR10_CLASSES  # the test plan's classes
 FAST = ["--read-timeout", "10", "--session-timeout", "240"]
 SERVER_FAST = FAST + ["--rendezvous-timeout", "60", "--dealer-timeout", "5"]
 CLIENT_FAST = ["--connect-timeout", "10", "--timeout", "240"]
-TOKEN = "test-token-" + "0123456789abcdef" * 2
+TOKEN = "0123456789abcdef" * 4  # hex, 256 bits (a token is a hex secret of at least 128 bits)
+
+
+def role_credentials(directory) -> dict[str, list[str]]:
+    """A fresh role credential per role in `directory`, and each role's flags: its own key and
+    certificate, and the certificates of the two roles it links with (`--trust-*`)."""
+    from secure.transport.credentials import RoleCredential
+    roles = ("server", "client", "dealer")
+    for role in roles:
+        RoleCredential.generate(role, f"test-{role}").save(f"{directory}/{role}.key", f"{directory}/{role}.crt")
+    return {role: ["--key", f"{directory}/{role}.key", "--cert", f"{directory}/{role}.crt",
+                   *(arg for peer in roles if peer != role for arg in (f"--trust-{peer}", f"{directory}/{peer}.crt"))]
+            for role in roles}
 
 
 def security(identity: str = "client", token: str = TOKEN) -> auth.Security:
