@@ -15,8 +15,8 @@
     pi-dealer|pi-server|pi-client|deepreduce ARGS...   run that command as is
 
 Arguments after a role are added to its command line (e.g. `server --max-sessions 2`). The CLIs read
-the control channel's token from $DEEPREDUCE_TOKEN (give every role the same one). gloo picks
-the address that the container's host name resolves to; $GLOO_SOCKET_IFNAME (e.g. eth0) pins it.
+the shared token from $DEEPREDUCE_TOKEN (give every role the same one: single-operator trust; the
+party links' keys are derived from it). Sessions use no port but the server's and the dealer's.
 Errors are one `error: ...` line and exit code 2.
 """
 

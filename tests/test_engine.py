@@ -5,6 +5,7 @@ and a mismatched client refused on both sides. The multi-process runs are in tes
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -223,3 +224,19 @@ def test_a_mismatched_client_fails_on_both_sides(linear_plan, change):
         assert "disagree" in str(session.errors[role])
     # The dealer never hears from the server: it gives up after its timeout instead of waiting on.
     assert isinstance(session.errors.get(Role.DEALER), RuntimeError) and "within" in str(session.errors[Role.DEALER])
+
+
+@pytest.mark.parametrize("limit, match", [
+    ({"max_description_bytes": 100}, r"description has [\d,]+ bytes, the dealer accepts at most 100"),
+    ({"max_images": 2}, r"3 images in all, the dealer serves at most 3 queries and 2 images"),
+    ({"max_queries": 1}, r"asks for 2 queries"),
+    ({"max_session_bytes": 1000}, r"MB of correlations, the dealer holds at most 0 MB")])
+def test_the_dealer_refuses_a_session_beyond_its_limits_before_handing_out_seeds(linear_plan, limit, match):
+    from secure.core.party import DealerLimits
+    limits = DealerLimits(**{**{"max_queries": 3}, **limit})
+    session = run_session(linear_plan, images(linear_plan, [2, 1]), timeout_s=MISMATCH_TIMEOUT_S, dealer_limits=limits)
+    assert isinstance(session.errors.get(Role.DEALER), ValueError), session.errors
+    assert re.search(match, str(session.errors[Role.DEALER])), session.errors[Role.DEALER]
+    # it said no before any seed left: both parties fail waiting for theirs, nothing was computed
+    assert Role.SERVER in session.errors and Role.CLIENT in session.errors
+    assert session.hub.delivered(Role.DEALER, Role.CLIENT) == 0 and session.hub.delivered(Role.DEALER, Role.SERVER) == 0

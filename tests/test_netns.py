@@ -68,14 +68,52 @@ def test_testbed_addresses_links_and_cleanup_on_failure(need_netns):
 
 
 @pytest.fixture(scope="module")
-def across_namespaces(need_netns):
+def need_nft(need_netns):
+    reason = netns.firewall_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_the_two_port_firewall_drops_every_other_port(need_nft):
+    """The positive control of the two-port runs: with the rule, a connection to another port of the
+    server's address fails, one to the server's port succeeds."""
+    with netns.Testbed() as tb:
+        tb.allow_only_tcp_ports([netns.Deployment.SERVER_PORT, netns.Deployment.DEALER_PORT])
+        server = tb.popen("server", [sys.executable, "-c", LISTEN_ON_TWO_PORTS, tb.ip("server")])
+        out = tb.run("client", [sys.executable, "-c", PROBE_TWO_PORTS, tb.ip("server")], timeout=60)
+        server.kill()
+        assert out.stdout.split() == ["7000", "open", "9100", "dropped"], out.stdout + out.stderr
+
+
+LISTEN_ON_TWO_PORTS = """
+import socket, sys, time
+listeners = [socket.create_server((sys.argv[1], port)) for port in (7000, 9100)]
+time.sleep(30)
+"""
+PROBE_TWO_PORTS = """
+import socket, sys, time
+time.sleep(1)  # the listeners start
+for port in (7000, 9100):
+    try:
+        socket.create_connection((sys.argv[1], port), timeout=2)
+        print(port, "open")
+    except OSError:
+        print(port, "dropped")
+"""
+
+
+@pytest.fixture(scope="module")
+def across_namespaces(need_nft):
     """pi-dealer, pi-server, pi-client in three namespaces on the shipped plan, 2 images per run:
-    unlimited, 1 Gbit/s, unlimited, 100 Mbit/s, unlimited (one testbed, rates changed in between)."""
+    unlimited, 1 Gbit/s, unlimited, 100 Mbit/s, unlimited (one testbed, rates changed in between),
+    with TCP between the namespaces allowed only to or from the server's and the dealer's port."""
     from secure.core.plan import SecurePlan
     images = sorted(str(p) for p in (ROOT / "demo" / "images").glob("*.png"))[:2]
     profile = netns.loopback_profile(SecurePlan.load(str(PLAN)))
     before = set(list_namespaces())
-    result = netns.measure(str(PLAN), images, [None, "1gbit", None, "100mbit", None], profile=profile)
+    result = netns.measure(str(PLAN), images, [None, "1gbit", None, "100mbit", None], profile=profile,
+                           two_ports=True)
     return images, result, set(list_namespaces()) - before
 
 
@@ -87,7 +125,8 @@ def test_three_namespaces_match_plaintext_at_real_addresses(across_namespaces):
     assert [r["rate"] for r in rows] == ["none", "1gbit", "none", "100mbit", "none"]
     for row in rows:
         assert row["same_as_plaintext"] == len(images), row
-        assert row["rendezvous_hosts"] == ["10.213.0.2"], row  # the server's namespace address, not loopback
+        assert row["open_ports"] == [7000, 7001] and row["dealer_addresses"] == ["10.213.0.1:7001"], row
+        assert row["trust"] == ["single-operator trust"], row
 
 
 @pytest.mark.slow

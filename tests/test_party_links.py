@@ -273,3 +273,24 @@ def test_role_credential_flags_name_their_mistakes(tmp_path):
     done = client(*base, "--key", str(tmp_path / "s.key"), "--cert", str(tmp_path / "s.crt"))
     assert_one_line_error(done, r"is a server certificate, not a client one")
     assert re.search("credentials new client", done.stderr)
+
+
+@pytest.mark.slow
+def test_the_dealer_says_no_to_an_oversized_description_with_its_reason(plan_file):
+    """A dealer started with a small --max-description-kb: the session is refused before any seed is
+    handed out, and the client hears the dealer's reason in one line."""
+    dealer = Proc("secure.control.dealer", "--host", "127.0.0.1", "--port", "0", "--max-description-kb", "1")
+    server = None
+    try:
+        server = Proc("server", "--plan", str(plan_file), "--host", "127.0.0.1", "--port", "0", *SERVER_FAST[:-4],
+                      "--rendezvous-timeout", "10", "--dealer", dealer.address(), "--dealer-timeout", "5")
+        address = server.address()
+        server.wait_line("serving plan", 120)
+        done = client("infer", "--server", address, *CLIENT_FAST[:2], "--timeout", "60", str(IMAGES[4]))
+        assert done.stdout == ""
+        assert_one_line_error(done, r"description has [\d,]+ bytes, the dealer accepts at most 1,000 "
+                                    r"\(pi-dealer --max-description-kb\)")
+    finally:
+        if server is not None:
+            assert server.terminate() == 0
+        assert dealer.terminate() == 0

@@ -25,14 +25,15 @@ from secure.control import auth
 from secure.control import protocol
 from secure.control.service import Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
-from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
+from secure.core.party import DEFAULT_ENGINE, ENGINES, DealerLimits, Rendezvous
 from secure.transport.meeting import Meeting
 
 
 class Dealer:
     def __init__(self, service: Service, read_timeout: float, session_timeout: float, max_sessions: int,
-                 attest_key: bytes | None, engine: str = DEFAULT_ENGINE):
+                 attest_key: bytes | None, engine: str = DEFAULT_ENGINE, limits: DealerLimits | None = None):
         self.service, self.engine = service, engine
+        self.limits = limits or DealerLimits()
         self.read_timeout = read_timeout
         self.session_timeout = session_timeout
         self.slots = threading.BoundedSemaphore(max_sessions)
@@ -79,7 +80,7 @@ class Dealer:
             self.service.track(worker)
             if engine == "fast":
                 self.service.route(rdv.session_id, worker)
-            worker.start_job(PartyJob("dealer", rdv, engine=self.engine))
+            worker.start_job(PartyJob("dealer", rdv, engine=self.engine, limits=self.limits))
             attestation = (None if self.attest_key is None or nonce is None
                            else auth.attest(self.attest_key, self.dealer_id, sid, port, nonce))
             ch.send("joined", session_id=sid, dealer_id=self.dealer_id, attestation=attestation)
@@ -114,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a session may run before it is stopped (default 900)")
     p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
                    help="seconds to wait for a control message (default 30)")
+    d = DealerLimits()
+    g = p.add_argument_group("what one session may ask of the dealer (it precomputes a session in memory)")
+    g.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"images in all of a session's queries (default {d.max_images})")
+    g.add_argument("--max-queries", type=int, default=d.max_queries, help=f"queries a session (default {d.max_queries})")
+    g.add_argument("--max-session-mb", type=float, default=d.max_session_bytes / 1e6,
+                   help=f"correlations held for one session, MB (default {d.max_session_bytes / 1e6:g})")
+    g.add_argument("--max-description-kb", type=float, default=d.max_description_bytes / 1e3,
+                   help=f"the server's session description, kB (default {d.max_description_bytes / 1e3:g})")
     p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
                    help="the engine whose randomness this dealer serves: fast (default) or crypten (CrypTen's TTP, "
                         "over gloo, unencrypted: opt-in, for comparisons on a trusted network)")
@@ -129,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_sessions < 1 or args.session_timeout <= 0 or args.read_timeout <= 0:
         raise protocol.ControlError("--max-sessions, --session-timeout and --read-timeout must be positive")
+    if min(args.max_images, args.max_queries) < 1 or min(args.max_session_mb, args.max_description_kb) <= 0:
+        raise protocol.ControlError("--max-images, --max-queries, --max-session-mb and --max-description-kb must be "
+                                    "positive")
+    limits_per_session = DealerLimits(max_description_bytes=int(args.max_description_kb * 1e3),
+                                      max_images=args.max_images, max_queries=args.max_queries,
+                                      max_session_bytes=int(args.max_session_mb * 1e6))
     security = auth.security_from_args(args, listen_host=args.host, role="dealer")
     limits = limits_from_args(args)
     attest_key = auth.dealer_key(args.dealer_token_file)
@@ -137,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     service.install_signal_handlers()
     service.announce()
     start_fork_server()
-    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key, args.engine)
+    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key, args.engine,
+                    limits_per_session)
     service.log(f"dealer {dealer.dealer_id!r}: "
                 + ("authentication off (--no-auth)" if security.creds.no_auth else "token authentication")
                 + (", TLS" if security.server_tls else "")

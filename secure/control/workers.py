@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from secure.control import protocol
-from secure.core.party import Rendezvous
+from secure.core.party import DealerLimits, Rendezvous
 from secure.transport.preface import send_connection
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class PartyJob:
     batch_sizes: list[int] = field(default_factory=list)
     public: dict | None = None
     batches: list[Any] = field(default_factory=list)
+    limits: DealerLimits | None = None  # the dealer's caps on a session
 
 
 def worker_context():
@@ -202,7 +203,7 @@ def _run_party(job: PartyJob, handoff: socket.socket | None) -> dict:
     else:  # a Meeting: TLS links, some of them handed over by the role's listener
         job.rdv.handoff = handoff
     if job.role == "dealer":
-        runtime.run_dealer(job.rdv, job.engine)
+        runtime.run_dealer(job.rdv, job.engine, job.limits)
         return {"role": job.role}
     if job.role == "server":
         result = runtime.run_server(job.plan, job.rdv, job.batch_sizes, job.insecure_tfp, job.engine)

@@ -43,7 +43,7 @@ from deepreduce.graph import Op, consumers
 from secure.core.channel import Channel, like
 from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
                            party_randomness, server_message, tournament, unpack_message, weight_masks, weight_name)
-from secure.core.party import Rendezvous, Role, SecureSessionError
+from secure.core.party import DealerLimits, Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
 from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, linear_params, mul_public, plan_limbs,
@@ -74,17 +74,21 @@ class EngineConfig:
 
 # -- dealer ---------------------------------------------------------------------------------------
 
-def serve_dealer(ch: Channel) -> dict:
-    """Receive the public session description from the server, hand out seeds, send every query's
-    correlations to the server, wait for the server's goodbye."""
+def serve_dealer(ch: Channel, limits: DealerLimits | None = None) -> dict:
+    """Receive the public session description from the server, check it against `limits`, hand out
+    seeds, send every query's correlations to the server, wait for the server's goodbye."""
+    limits = limits or DealerLimits()
     (length,) = ch.recv(SERVER, [(torch.int64, 1)])
+    limits.check_description(int(length))
     (raw,) = ch.recv(SERVER, [(torch.uint8, int(length))])
     desc = json.loads(bytes(raw.tolist()).decode())
+    ops = [Op.from_dict(op) for op in desc["ops"]]
+    layout = Layout(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
+    limits.check_session([int(b) for b in desc["batch_sizes"]],
+                         sum(_message_bytes(layout, int(b)) for b in desc["batch_sizes"]))
     seed_s, seed_c = os.urandom(32), os.urandom(32)
     ch.send(SERVER, [_seed_tensor(seed_s)])
     ch.send(CLIENT, [_seed_tensor(seed_c)])
-    ops = [Op.from_dict(op) for op in desc["ops"]]
-    layout = Layout(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
     prg_s, prg_c = Prg(seed_s), Prg(seed_c)
     masks = weight_masks(prg_s, layout)
     # Everything first, so that the dealer never computes while the parties are online; the server
@@ -95,6 +99,12 @@ def serve_dealer(ch: Channel) -> dict:
         ch.send(SERVER, list(message), timeout_s=wait)
     ch.recv(SERVER, [(torch.uint8, 1)], timeout_s=wait)  # the server is done with us
     return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received}
+
+
+def _message_bytes(layout: Layout, batch: int) -> int:
+    """The size of one query's correlations for the server, from the layout alone (nothing allocated)."""
+    rings, bits = message_sizes(layout.server_message_spec(batch))
+    return 8 * rings + bits
 
 
 def session_timeout(timeout_s: float, queries: int) -> float:
@@ -530,12 +540,12 @@ class FastEngine:
                                images=[b.float() for b in batches])
         return torch.cat(logits), profile
 
-    def run_dealer(self, rdv: Rendezvous) -> dict:
-        return _run("dealer", rdv, None, None, False)
+    def run_dealer(self, rdv: Rendezvous, limits: DealerLimits) -> dict:
+        return _run("dealer", rdv, None, None, False, limits=limits)
 
 
 def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: list[int] | None, insecure_tfp: bool,
-         plan=None, images: list[torch.Tensor] | None = None):
+         plan=None, images: list[torch.Tensor] | None = None, limits: DealerLimits | None = None):
     torch.set_num_threads(1)  # the server raises its own count for the online convolutions
     rank = Role[role.upper()]
     try:  # gloo for a Rendezvous, TLS links for a Meeting (secure.transport.meeting)
@@ -545,7 +555,7 @@ def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: lis
                                  f"({type(exc).__name__}: {exc})") from exc
     try:
         if rank == DEALER:
-            return serve_dealer(channel)
+            return serve_dealer(channel, limits)
         return run_party(rank, channel, public, batch_sizes, EngineConfig(), insecure_tfp, plan, images)
     except (RuntimeError, ValueError) as exc:  # gloo timeouts and resets are RuntimeErrors
         raise SecureSessionError(f"{role}: secure session failed ({type(exc).__name__}: {exc})") from exc

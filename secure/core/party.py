@@ -60,6 +60,31 @@ class Rendezvous:
         return gloo_channel(rank, self.host, self.port, self.timeout_s, world)
 
 
+@dataclass(frozen=True)
+class DealerLimits:
+    """What one session may ask of the dealer, which precomputes every query's correlations in memory
+    before the parties go online: checked before anything is allocated, refused with the reason."""
+    max_description_bytes: int = 8_000_000  # the public session description the server sends
+    max_images: int = 256  # images in all the session's queries
+    max_queries: int = 64
+    max_session_bytes: int = 4_000_000_000  # the correlations held for the session
+
+    def check_description(self, length: int) -> None:
+        if not 0 < length <= self.max_description_bytes:
+            raise ValueError(f"the session description has {length:,} bytes, the dealer accepts at most "
+                             f"{self.max_description_bytes:,} (pi-dealer --max-description-kb)")
+
+    def check_session(self, batch_sizes: list[int], correlation_bytes: int) -> None:
+        images = sum(batch_sizes)
+        if len(batch_sizes) > self.max_queries or images > self.max_images:
+            raise ValueError(f"the session asks for {len(batch_sizes)} queries of {images} images in all, the dealer "
+                             f"serves at most {self.max_queries} queries and {self.max_images} images a session "
+                             "(pi-dealer --max-queries / --max-images)")
+        if correlation_bytes > self.max_session_bytes:
+            raise ValueError(f"the session needs {correlation_bytes / 1e6:,.0f} MB of correlations, the dealer holds "
+                             f"at most {self.max_session_bytes / 1e6:,.0f} MB a session (pi-dealer --max-session-mb)")
+
+
 @dataclass
 class PartyResult:
     role: str
@@ -91,4 +116,4 @@ class Engine(Protocol):
     def run_client(self, public: "PublicPlan", batches: "list[torch.Tensor]", rdv: Rendezvous,
                    insecure_tfp: bool) -> "tuple[torch.Tensor, Profile]": ...
 
-    def run_dealer(self, rdv: Rendezvous) -> dict: ...
+    def run_dealer(self, rdv: Rendezvous, limits: DealerLimits) -> dict: ...

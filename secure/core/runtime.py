@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from secure.core.party import DEFAULT_ENGINE, ENGINES, ROLES, Engine, PartyResult, Rendezvous, SecureSessionError
+from secure.core.party import (DEFAULT_ENGINE, ENGINES, ROLES, DealerLimits, Engine, PartyResult, Rendezvous,
+                               SecureSessionError)
 from secure.core.plaintext import check_input
 from secure.core.plan import PublicPlan, SecurePlan
 
@@ -60,6 +61,6 @@ def run_client(public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous,
     return PartyResult("client", logits, profile, insecure_tfp)
 
 
-def run_dealer(rdv: Rendezvous, engine: str = DEFAULT_ENGINE) -> dict:
+def run_dealer(rdv: Rendezvous, engine: str = DEFAULT_ENGINE, limits: DealerLimits | None = None) -> dict:
     """Serve correlated randomness until the server party is done; returns the dealer's traffic."""
-    return get_engine(engine).run_dealer(rdv)
+    return get_engine(engine).run_dealer(rdv, limits or DealerLimits())

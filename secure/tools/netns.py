@@ -16,9 +16,11 @@ on an exception or Ctrl-C, and at interpreter exit; namespaces left by a process
 A rate limit is a `tbf` qdisc on both ends of each host's veth pair (the host's upload and download),
 so every host has a full-duplex link of that rate into the bridge. `netem` (delay) is not used.
 
-gloo binds and advertises the address of the interface named by GLOO_SOCKET_IFNAME; without it, it
-uses the address the host name resolves to, which does not exist inside a namespace, and falls back to
-127.0.0.1. `Testbed.popen` and `Testbed.env` therefore set GLOO_SOCKET_IFNAME=eth0.
+The fast engine's party links run to the server's and the dealer's ports only (secure.transport);
+`--two-ports` adds an nftables rule in every host's namespace that drops any other TCP, so a run shows
+that nothing else is needed. The CrypTen reference engine meets over gloo, which binds and advertises
+the address of the interface named by GLOO_SOCKET_IFNAME (else the host name's address, absent in a
+namespace): `Testbed.popen` and `Testbed.env` set GLOO_SOCKET_IFNAME=eth0.
 
 `Deployment` runs pi-dealer and pi-server in their namespaces and pi-client in the client's, with the
 CLIs only; `python -m secure.tools.netns` uses it to measure latency per image at several rates and to check
@@ -26,6 +28,7 @@ CLIs only; `python -m secure.tools.netns` uses it to measure latency per image a
 
     python -m secure.tools.netns --plan demo/model.plan      # rates none,1gbit,none,100mbit,none; 2 images each
     python -m secure.tools.netns --alpha 1                   # the same for a random-weight full ResNet18
+    python -m secure.tools.netns --plan demo/model.plan --two-ports   # only ports 7000 and 7001 open
 """
 
 from __future__ import annotations
@@ -83,6 +86,25 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def firewall_unavailable_reason() -> str | None:
+    """Why `Testbed.allow_only_tcp_ports` cannot run here, or None."""
+    return None if shutil.which("nft") else "the `nft` command (nftables) is not installed"
+
+
+# Every namespace accepts TCP only to or from the listed ports (both ends of each connection are
+# checked where its packets arrive); loopback and other protocols pass.
+_NFT_RULES = """table inet deepreduce_pi_testbed {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "lo" accept
+    tcp dport {{ {ports} }} accept
+    tcp sport {{ {ports} }} accept
+    meta l4proto tcp drop
+  }}
+}}
+"""
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and done.returncode != 0:
@@ -128,6 +150,7 @@ class Testbed:
         self.rate = rate
         self._procs: list[subprocess.Popen] = []
         self._up = False
+        self.open_ports: list[int] | None = None  # set by allow_only_tcp_ports
 
     # -- set-up and tear-down ---------------------------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -198,6 +221,19 @@ class Testbed:
 
     def ip(self, role: str) -> str:
         return self._ips[role]
+
+    def allow_only_tcp_ports(self, ports: list[int]) -> None:
+        """An nftables rule in every host's namespace: TCP between the hosts only to or from `ports`."""
+        reason = firewall_unavailable_reason()
+        if reason:
+            raise NetnsError(reason)
+        rules = _NFT_RULES.format(ports=", ".join(str(int(p)) for p in ports))
+        for ns in self.namespaces.values():
+            done = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True,
+                                  text=True, timeout=30)
+            if done.returncode != 0:
+                raise NetnsError(f"nft in {ns}: {done.stderr.strip() or done.returncode}")
+        self.open_ports = sorted(int(p) for p in ports)
 
     # -- processes ----------------------------------------------------------------------------------------
     def env(self, extra: dict | None = None) -> dict:
@@ -304,9 +340,10 @@ def loopback_profile(plan, batch_size: int = 1, repeats: int = 1) -> dict:
 
 
 def measure(plan_path: str, images: list[str], rates: list[str | None], batch_size: int = 1,
-            profile: dict | None = None, log=print) -> dict:
+            profile: dict | None = None, log=print, two_ports: bool = False) -> dict:
     """Run the client on `images` once per rate (in this order; a rate may repeat) across a Testbed;
-    compare with plaintext and with `secure.tools.netmodel.predict_latency` (see `_predict`)."""
+    compare with plaintext and with `secure.tools.netmodel.predict_latency` (see `_predict`). With
+    `two_ports`, the hosts exchange TCP only on the server's and the dealer's ports (nftables)."""
     from secure.core.plaintext import predict_files
     from secure.core.plan import SecurePlan
 
@@ -316,6 +353,9 @@ def measure(plan_path: str, images: list[str], rates: list[str | None], batch_si
     with Testbed() as tb, tempfile.TemporaryDirectory(prefix="pi-netns-") as logs:
         log(f"testbed: dealer {tb.ip('dealer')}, server {tb.ip('server')}, client {tb.ip('client')} "
             f"(namespaces {', '.join(tb.namespaces.values())})")
+        if two_ports:
+            tb.allow_only_tcp_ports([Deployment.SERVER_PORT, Deployment.DEALER_PORT])
+            log(f"firewall: TCP between the hosts only to or from ports {tb.open_ports}")
         dep = Deployment(tb, os.path.abspath(plan_path), logs)
         for rate in rates:
             tb.set_rate(rate)
@@ -323,11 +363,12 @@ def measure(plan_path: str, images: list[str], rates: list[str | None], batch_si
             online = [s["online_s"] / s["images"] for s in doc["sessions"]]
             wall = [s["total_s"] / s["images"] for s in doc["sessions"]]
             secure = [r["class_index"] for r in doc["images"]]
-            rendezvous = {s["rendezvous"].rsplit(":", 1)[0] for s in doc["sessions"]}
+            dealers = {s["dealer"] for s in doc["sessions"]}
             row = {"rate": rate or "none", "rate_bps": parse_rate(rate), "images": len(images),
                    "batch_size": batch_size, "online_s_per_image": statistics.median(online),
                    "wall_s_per_image": statistics.median(wall), "same_as_plaintext": sum(
-                       a == b for a, b in zip(secure, plain)), "rendezvous_hosts": sorted(rendezvous),
+                       a == b for a, b in zip(secure, plain)), "dealer_addresses": sorted(dealers),
+                   "open_ports": tb.open_ports, "trust": doc.get("trust"),
                    "client_mb_sent": doc["latency"]["mb_sent"], "client_mb_received": doc["latency"]["mb_received"],
                    "load_avg_1m": round(os.getloadavg()[0], 2)}  # the machine's load: latency depends on it
             rows.append(row)
@@ -387,11 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="none,1gbit,none,100mbit,none",
                    help="comma-separated tbf rates in run order; none = unlimited (default none,1gbit,none,100mbit,none)")
     p.add_argument("--no-model", action="store_true", help="skip the loopback profile and the model check")
+    p.add_argument("--two-ports", action="store_true",
+                   help="drop all TCP between the hosts but to or from the server's and the dealer's port (nftables)")
     p.add_argument("--json-out", help="write every figure to this JSON file")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        reason = unavailable_reason()
+        reason = unavailable_reason() or (firewall_unavailable_reason() if args.two_ports else None)
         if reason:
             raise NetnsError(reason)
         images = sorted(str(x) for x in Path(args.images).glob("*.png"))[: args.n] if os.path.isdir(args.images) else []
@@ -410,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  online {profile['online_s']:.2f} s, {profile['bytes_sent'] / 1e6:.1f} MB sent, "
                       f"{profile['bytes_received'] / 1e6:.1f} MB received, {profile['rounds']} rounds", flush=True)
             result = measure(plan_path, images, rates, args.batch_size, profile,
-                             log=lambda s: print(s, flush=True))
+                             log=lambda s: print(s, flush=True), two_ports=args.two_ports)
         result["plan"] = args.plan or f"random ResNet18 alpha {args.alpha:g}"
         if args.json_out:
             from deepreduce.fileio import atomic_write_json

@@ -61,7 +61,7 @@ class Session:
 
 def run_session(plan, images: list[torch.Tensor], timeout_s: float = 10.0, client_public: PublicPlan | None = None,
                 client_batches: list[int] | None = None, config: EngineConfig | None = None,
-                channels: dict | None = None) -> Session:
+                channels: dict | None = None, dealer_limits=None) -> Session:
     """One session of len(images) queries: server with `plan`, client with `images` (and the public
     plan, or `client_public`, and batch sizes, or `client_batches`), dealer. Every party runs to its
     end or its exception; a party still running after the bound derived from `timeout_s` fails the test."""
@@ -73,7 +73,7 @@ def run_session(plan, images: list[torch.Tensor], timeout_s: float = 10.0, clien
         Role.SERVER: lambda ch: run_party(Role.SERVER, ch, plan.public_info(), batches, config, False, plan=plan),
         Role.CLIENT: lambda ch: run_party(Role.CLIENT, ch, client_public or plan.public_info(),
                                           client_batches or batches, config, False, images=images),
-        Role.DEALER: serve_dealer,
+        Role.DEALER: lambda ch: serve_dealer(ch, dealer_limits),
     }
     results, errors = {}, {}
 
