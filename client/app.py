@@ -2,7 +2,7 @@
 
     DEEPREDUCE_TOKEN=... pi-client info  --server 127.0.0.1:7000 [--json]
     pi-client infer --server 127.0.0.1:7000 --token-file token IMAGE_OR_NPY... [--batch-size B] [--resize] [--json]
-    pi-client infer ... --dealer-id dealer-a --dealer-token-file dealer.token    # only with the dealer you trust
+    pi-client infer ... --key client.key --cert client.crt --trust-server server.crt --trust-dealer dealer.crt
     pi-client load  --server 127.0.0.1:7000 --clients 4 --sessions 20 --duration 300 IMAGE... [--json-out FILE]
 
 `infer` asks the server for the public plan (input shape, classes, normalisation, op shapes),
@@ -44,23 +44,10 @@ class Terminated(BaseException):
     """SIGTERM: unwinds like Ctrl-C so that the worker is stopped."""
 
 
-def dealer_trust(args) -> tuple[str, bytes] | None:
-    if not args.dealer_id:
-        if args.dealer_token_file:
-            raise protocol.ControlError("--dealer-token-file needs --dealer-id NAME (the dealer you trust)")
-        return None
-    key = auth.dealer_key(args.dealer_token_file)
-    if key is None:
-        raise protocol.ControlError(f"--dealer-id needs the dealer token to verify the dealer: pass --dealer-token-file "
-                                    f"FILE or set ${auth.DEALER_TOKEN_ENV}")
-    return args.dealer_id, key
-
-
 def settings_from_args(args) -> ClientSettings:
     """The command line's connection flags as the library's settings (checked by main)."""
     return ClientSettings(server=protocol.parse_address(args.server, "--server"),
                           security=auth.security_from_args(args, role="client"),
-                          trust=dealer_trust(args) if hasattr(args, "dealer_id") else None,
                           connect_timeout=args.connect_timeout, timeout=args.timeout, retries=args.retries,
                           retry_backoff=args.retry_backoff, engine=getattr(args, "engine", DEFAULT_ENGINE),
                           dealer=protocol.parse_address(args.dealer, "--dealer") if getattr(args, "dealer", None) else None,
@@ -89,7 +76,7 @@ def cmd_info(args) -> None:
           + (" (CrypTen reference engine: pass --engine crypten to infer; over gloo, unencrypted)"
              if info.get("engine") == "crypten" else ""))
     if info.get("dealer_id"):
-        print(f"dealer      {info['dealer_id']} (as the server names it; infer --dealer-id verifies it)")
+        print(f"dealer      {info['dealer_id']} (as the server names it; infer authenticates the dealer itself)")
     print(f"plan        {plan['plan_hash']}")
     print(f"input       {' x '.join(map(str, plan['input_shape']))}")
     print(f"classes     {len(classes)} ({shown})")
@@ -108,9 +95,6 @@ def cmd_infer(args) -> None:
     info = fetch_info(settings)
     plan = public_plan(info)
     tfp = bool(info.get("insecure_tfp"))
-    if tfp and settings.trust:
-        raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer "
-                                    f"{settings.trust[0]!r} that --dealer-id asks for")
     check_tfp(tfp, settings)
     check_engine(settings.engine, info, args.session_size)
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
@@ -206,14 +190,14 @@ def _session_summary(run: dict) -> dict:
             "trust": run.get("trust"), "images": run["images"],
             "total_s": round(run["wall_s"], 4), "setup_s": prof.get("setup_s"), "online_s": prof.get("online_s"),
             "queries": prof.get("queries", 1), "offline_s": prof.get("offline_s"),
-            "dealer_id": run.get("dealer_id"), "dealer_verified": run.get("dealer_verified", False)}
+            "dealer_id": run.get("dealer_id")}
 
 
 def print_latency(lat: dict, n: int) -> None:
     share = lat["relu_share"]
     rows = [("total", f"{lat['total_s']:.2f} s", f"{n} image(s), {lat['sessions']} session(s), "
                                                  f"{lat['per_image_s']:.2f} s/image"),
-            ("setup", f"{lat['setup_s']:.2f} s", "rendezvous, weight encryption"),
+            ("setup", f"{lat['setup_s']:.2f} s", "links, weight encryption"),
             ("inference", f"{lat['online_s']:.3f} s", "online, per image"),
             ("other", f"{lat['other_s']:.2f} s", "party processes starting, control messages"),
             ("ReLU share", "n/a" if share is None else f"{100 * share:.1f} %",
@@ -290,10 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--allow-insecure-tfp", action="store_true",
                        help="INSECURE: run with a server that has no dealer (--insecure-tfp), which could decrypt the "
                             "images; benchmarks only. Without it such a server is refused before anything is sent")
-        s.add_argument("--dealer-id", metavar="NAME",
-                       help="run only with this dealer, verified by its attestation (needs the dealer token)")
-        s.add_argument("--dealer-token-file", metavar="FILE",
-                       help=f"the dealer token (default ${auth.DEALER_TOKEN_ENV}); the server does not hold it")
         if name == "infer":
             s.add_argument("--json", action="store_true", help="print one JSON document")
             s.add_argument("--session-size", type=int,

@@ -3,14 +3,13 @@ the dealer check, and retries. Library code: it takes a `ClientSettings`, not th
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from secure.control import auth, protocol
-from secure.control.workers import PartyJob, Worker, supervise, wait_done
+from secure.control.workers import PartyJob, Worker, peer_reason, supervise, wait_done
 from secure.core.party import DEFAULT_ENGINE, Rendezvous
 from secure.transport.meeting import Meeting
 
@@ -23,7 +22,6 @@ class ClientSettings:
     """How the client talks to a server (`pi-client` builds it from its flags)."""
     server: tuple[str, int]
     security: auth.Security
-    trust: tuple[str, bytes] | None = None  # (dealer id, dealer token): run only with that dealer
     connect_timeout: float = 30.0
     timeout: float = 900.0  # a reply or a whole secure computation
     retries: int = 0
@@ -87,12 +85,10 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
     """One secure session: session request, client party, the server's final word. With `query_size`
     below len(x), the images run as several queries of one session (set-up paid once)."""
     start = time.monotonic()
-    nonce = secrets.token_hex(32)
     queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
     with auth.open_channel(*settings.server, settings.security, settings.connect_timeout, settings.timeout,
                            "server") as ch:
-        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, dealer_nonce=nonce,
-                engine=settings.engine)
+        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, engine=settings.engine)
         reply = protocol.expect(ch.recv(settings.timeout), "session")
         sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
         tfp = protocol.field(reply, "insecure_tfp", bool)
@@ -104,12 +100,13 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
             raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
                                         f"{settings.engine} engine this client asked for: refusing to share the images")
         rdv, dealer = _meeting_point(reply, sid, tfp, settings)
-        verified = _check_dealer(reply, sid, getattr(rdv, "port", 0), nonce, tfp, settings.trust)
         worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, engine=settings.engine, public=plan,
                                   batches=queries))
         outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
         if outcome.kind == "ok" and "server" not in outcome.done_peers:
             wait_done(ch, min(settings.timeout, 10.0))  # the server's party closes its links, then says done
+        elif outcome.kind in ("failed", "died"):
+            outcome = peer_reason(outcome, "server", ch)
     if outcome.kind != "ok":
         message = _describe(outcome, settings.timeout)
         if outcome.kind == "peer_closed" or outcome.retry_after is not None:
@@ -118,8 +115,7 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
     return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port) if isinstance(rdv, Rendezvous)
             else None, "dealer": dealer, "trust": None if isinstance(rdv, Rendezvous) else rdv.identity.trust_mode,
             "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp, "engine": settings.engine,
-            "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"),
-            "dealer_verified": verified, **outcome.result}
+            "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"), **outcome.result}
 
 
 def _meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
@@ -138,24 +134,6 @@ def _meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
     return Meeting("client", bytes.fromhex(sid), settings.security.party,
                    dial={"server": settings.server, **({"dealer": dealer} if dealer else {})},
                    timeout_s=timeout_s), (protocol.format_address(*dealer) if dealer else None)
-
-
-def _check_dealer(reply: dict, sid: str, port: int, nonce: str, tfp: bool, trust) -> bool:
-    """With --dealer-id: the session's dealer must be that one, attested with the dealer token."""
-    if trust is None:
-        return False
-    name, key = trust
-    if tfp:
-        raise protocol.ControlError(f"the server runs without a dealer (--insecure-tfp), not with dealer {name!r} "
-                                    "that --dealer-id asks for")
-    dealer_id = reply.get("dealer_id")
-    if dealer_id != name:
-        raise protocol.ControlError(f"the server's dealer for session {sid} is {str(dealer_id)[:64]!r}, not {name!r} "
-                                    "(--dealer-id): refusing to share the images")
-    if not auth.verify_attestation(key, name, sid, port, nonce, reply.get("attestation")):
-        raise protocol.ControlError(f"the server could not show that dealer {name!r} joined session {sid} (no valid "
-                                    "attestation: another dealer, or the dealer tokens differ): refusing to share the images")
-    return True
 
 
 def _describe(outcome, timeout: float) -> str:

@@ -1,7 +1,7 @@
 """`make demo`: secure inference end to end on the shipped plan and images, checked against plaintext.
 
-Starts pi-dealer and pi-server on free 127.0.0.1 ports (with a fresh random control token in their
-environment), runs pi-client on every image, compares each secure prediction with the true label
+Starts pi-dealer and pi-server on free 127.0.0.1 ports (single-operator trust: a fresh random token in
+their environment, from which every role's TLS key is derived), runs pi-client on every image, compares each secure prediction with the true label
 (the parent folder's name, or the file name's prefix as in ``cat_0123.png``) and with the plaintext prediction of the same plan, stops everything it started
 (also on Ctrl-C or failure) and ends with one line:
 
@@ -44,8 +44,8 @@ def start_role(name: str, module: str, args: list[str], log_dir: str, timeout: f
     return role, line.split()[-1]
 
 
-# The control channel needs a shared token (secure/auth.py): a fresh random one for the demo's roles,
-# passed in their environment, never on a command line.
+# One operator runs all three roles here: a fresh random shared token (secure/control/auth.py), passed in
+# their environment, never on a command line; every role's TLS key is derived from it.
 DEMO_TOKEN = secrets.token_hex(32)
 
 

@@ -4,13 +4,14 @@
     pi-server --plan MODEL.plan --token-file token --label-only --max-queries 1000 --query-window 86400
     pi-server --plan MODEL.plan --no-auth --insecure-tfp   # INSECURE local benchmark: no token, no dealer
 
-Every control connection must pass the token handshake (secure.control.auth) before anything else; TLS is
-optional (--tls-cert/--tls-key, and --tls-ca for the dealer's certificate). Per session the server
-picks a fresh free rendezvous port, asks the dealer to join (a control connection that lives as
-long as the session), runs its party in a fresh worker process and tells the client where to meet:
-the address of the interface the client connected to. At most --max-sessions run at once and
---max-waiting wait for a slot; a client beyond that gets a `busy` answer with a retry-after time.
-The server keeps serving whatever happens to a session; workers are reaped and ports freed when it ends.
+Everything on the server's one port is TLS 1.3 with certificates on both sides (secure.control.auth):
+control connections from clients, and each session's party connections, which go to that session's
+worker. Per session the server picks a session id, asks the dealer to join (a control connection that
+lives as long as the session), runs its party in a fresh worker process that connects to the dealer's
+port, and tells the client the session id and the dealer's address; the client connects to both ports
+and authenticates the dealer itself. At most --max-sessions run at once and --max-waiting wait for a
+slot; a client beyond that gets a `busy` answer with a retry-after time. The server keeps serving
+whatever happens to a session; workers are reaped when it ends.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from secure.control import auth, protocol
 from secure.control.limits import QueryLimiter, QuotaExceeded
 from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
-from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise, wait_done
+from secure.control.workers import (PartyJob, Worker, peer_reason, private_tempdir, start_fork_server, supervise,
+                                    wait_done)
 from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
 from secure.transport.meeting import Meeting
 
@@ -115,9 +117,6 @@ class PiServer:
             raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
         n = sum(sizes)
         wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
-        nonce = msg.get("dealer_nonce")
-        if nonce is not None:
-            protocol.field(msg, "dealer_nonce", str, lambda x: protocol.is_hex(x, 64), "64 lowercase hex digits or null")
         if wanted != self.plan.plan_hash:
             raise protocol.ControlError(f"the server now serves plan {self.plan.plan_hash[:12]}, not {wanted[:12]} "
                                         "from the client's info request: run the client again")
@@ -132,7 +131,7 @@ class PiServer:
             if not self._acquire_slot(ch):
                 return
             try:
-                refund = self._run(ch, sizes, nonce)
+                refund = self._run(ch, sizes)
             finally:
                 self.slots.release()
         finally:
@@ -192,7 +191,7 @@ class PiServer:
         return False
 
     # -- one session -----------------------------------------------------------------------------
-    def _run(self, ch, sizes: list[int], nonce: str | None) -> bool:
+    def _run(self, ch, sizes: list[int]) -> bool:
         """Run one session of len(sizes) queries; True if the client cannot have received a result (the
         quota is refunded)."""
         session_id = secrets.token_bytes(16)  # names the session's party connections on both ports
@@ -200,7 +199,7 @@ class PiServer:
         links = self.s.engine == "fast"  # TLS links on the two ports; crypten meets over gloo at a fresh port
         port = None if links else self.ports.fresh()
         started = time.monotonic()
-        dealer, dealer_id, attestation = (None, None, None) if self.s.insecure_tfp else self._join_dealer(sid, port, nonce)
+        dealer, dealer_id = (None, None) if self.s.insecure_tfp else self._join_dealer(sid, port)
         worker = None
         try:
             worker = Worker(f"pi-server-{sid[:12]}")
@@ -217,7 +216,7 @@ class PiServer:
             ch.send("session", session_id=sid, host=None if links else host, port=port,
                     timeout_s=self.s.rendezvous_timeout, insecure_tfp=self.s.insecure_tfp,
                     plan_hash=self.plan.plan_hash, label_only=self.s.label_only, dealer_id=dealer_id,
-                    attestation=attestation, engine=self.s.engine,
+                    engine=self.s.engine,
                     dealer=None if self.s.insecure_tfp else protocol.format_address(*self.s.dealer))
             self.service.log(f"session {sid[:12]}: {sum(sizes)} image(s), "
                              + ("TLS links" if links else f"rendezvous {protocol.format_address(host, port)}")
@@ -228,6 +227,7 @@ class PiServer:
             peers = {"client": ch} if dealer is None else {"client": ch, "dealer": dealer}
             outcome = supervise(worker, peers, started + self.s.session_timeout, self.service.stop,
                                 self.s.read_timeout)
+            outcome = peer_reason(outcome, "dealer", dealer)  # a refusing dealer names the cause
             self._conclude(ch, dealer, sid, outcome, time.monotonic() - started)
             return outcome.kind != "ok" and outcome.peer != "client"
         finally:
@@ -237,7 +237,7 @@ class PiServer:
             if dealer is not None:
                 dealer.close()
 
-    def _join_dealer(self, sid: str, port: int | None, nonce: str | None):
+    def _join_dealer(self, sid: str, port: int | None):
         host, dport = self.s.dealer
         address = protocol.format_address(host, dport)
         try:
@@ -248,10 +248,9 @@ class PiServer:
         try:
             # The dealer reaches the rendezvous store at this server's address on the dealer's network.
             dealer.send("join", session_id=sid, host=dealer.getsockname()[0] if port else None, port=port,
-                        timeout_s=self.s.rendezvous_timeout, nonce=nonce, engine=self.s.engine)
+                        timeout_s=self.s.rendezvous_timeout, engine=self.s.engine)
             reply = protocol.expect(dealer.recv(self.s.dealer_timeout), "joined")
             dealer_id = protocol.field(reply, "dealer_id", str)
-            attestation = reply.get("attestation")
         except protocol.BusyError as exc:
             dealer.close()
             raise protocol.RemoteError(f"the dealer is busy: {exc}", exc.retry_after) from None
@@ -261,7 +260,7 @@ class PiServer:
         except protocol.ProtocolError as exc:
             dealer.close()
             raise protocol.RemoteError(f"the dealer at {address} did not join: {exc}", self.s.retry_after) from None
-        return dealer, dealer_id, attestation
+        return dealer, dealer_id
 
     def _conclude(self, ch, dealer, sid: str, outcome, elapsed: float) -> None:
         if outcome.kind == "ok":
@@ -418,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                    if settings.label_only else "")
                 + (f"; at most {settings.max_queries} images per client per {settings.query_window:g} s"
                    if settings.max_queries else "")
-                + ("; authentication OFF (--no-auth)" if security.creds.no_auth else "; token authentication")
-                + (", TLS" if security.server_tls else ""))
+                + f"; TLS 1.3, {security.party.trust_mode}")
     service.serve(server.handle)
     service.log("stopped")
     return 0

@@ -70,7 +70,7 @@ class SessionDriver:
         """What a client that dies looks like to the others: its party gone, its connection closed."""
         kill_if_alive(self.worker.pid)
         try:
-            self.ch.sock.shutdown(socket.SHUT_RDWR)  # (not close(): the watching thread still holds the socket)
+            self.ch.link._sock.shutdown(socket.SHUT_RDWR)  # (not close(): the watching thread still holds the socket)
         except OSError:
             pass  # already closed by a session that finished first
 

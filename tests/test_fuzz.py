@@ -1,7 +1,8 @@
-"""Fuzzing the control protocol: at least 10,000 generated messages (hypothesis) against a running
-pi-server and pi-dealer, before and after a real authenticated handshake. Each message goes on a
-fresh connection whose sending side is then closed; the role must answer (an error) or hang up
-sooner than its read timeout would end a wait (`REPLY_BOUND_S`). The messages are the same in every
+"""Fuzzing the listening ports: at least 10,000 generated messages (hypothesis) against a running pi-server
+and pi-dealer, where the transport's preface belongs (garbage, old control frames, mutated prefaces)
+and inside an authenticated TLS control connection (JSON messages and raw bodies). Each goes on a
+fresh connection; the role must answer (an error) or hang up sooner than its read timeout would end a
+wait (`REPLY_BOUND_S`). The messages are the same in every
 run (a fixed seed, `DEEPREDUCE_FUZZ_SEED`). At the end both roles are still serving, printed no traceback and started
 no party process."""
 
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from secure.control import auth, protocol
+from secure.transport.preface import MAGIC
 from support.roles import FAST, SERVER_FAST, Proc, security
 
 TARGET_MESSAGES = int(os.environ.get("DEEPREDUCE_FUZZ_MESSAGES", 10_000))  # the issue asks for at least 10,000
@@ -33,8 +35,7 @@ READ_TIMEOUT_S = float(FAST[FAST.index("--read-timeout") + 1])  # their wait for
 # Every message's sending side is closed at once, so a role that waits on it waits for nothing. Between
 # the two waits: a role may use its handshake timeout before hanging up, never its read timeout.
 REPLY_BOUND_S = (HANDSHAKE_TIMEOUT_S + READ_TIMEOUT_S) / 2
-TYPES = ["hello", "challenge", "auth", "ready", "ping", "pong", "info", "session", "join", "joined", "done", "error",
-         "busy"]
+TYPES = ["hello", "ping", "pong", "info", "session", "join", "joined", "done", "error", "busy"]
 FIELDS = ["v", "type", "role", "id", "nonce", "auth", "proof", "batch_size", "plan_hash", "dealer_nonce", "session_id",
           "host", "port", "timeout_s", "seq", "mac", "message", "retry_after_s"]
 
@@ -48,19 +49,14 @@ messages = st.builds(lambda fields, kind, v: {**fields, "type": kind, "v": v},
                      st.sampled_from([2, 2, 2, 2, 1, 3, "2", None, 2.0]))
 
 
-def _hello(overrides: dict) -> dict:
-    return {"type": "hello", "role": "client", "id": "fuzz", "nonce": "0" * 64, "auth": auth.SCHEME, "v": 2,
-            **overrides}
-
-
 KINDS = {
     "raw bytes": st.tuples(st.just("raw bytes"), st.binary(max_size=300)),
     "framed bytes": st.tuples(st.just("framed bytes"), st.binary(max_size=300)),
     "length prefix": st.tuples(st.just("length prefix"), st.integers(0, 2 ** 32 - 1), st.binary(max_size=40)),
     "json before auth": st.tuples(st.just("json before auth"), messages),
-    "mutated hello": st.tuples(st.just("mutated hello"),
-                               st.dictionaries(st.sampled_from(["role", "id", "nonce", "auth", "v", "type"]), values,
-                                               min_size=1, max_size=3)),
+    "mutated preface": st.tuples(st.just("mutated preface"), st.sampled_from([3, 3, 3, 2, 4, 0, 65535]),
+                                 st.integers(0, 255), st.integers(0, 255), st.integers(0, 2 ** 32 - 1),
+                                 st.binary(min_size=16, max_size=16), st.binary(max_size=64)),
     "json after auth": st.tuples(st.just("json after auth"), messages),
     "bytes after auth": st.tuples(st.just("bytes after auth"), st.binary(max_size=200)),
 }
@@ -76,13 +72,14 @@ def _payload(case) -> tuple[bool, bytes]:
         return False, struct.pack(">I", len(case[1])) + case[1]
     if kind == "length prefix":
         return False, struct.pack(">I", case[1]) + case[2]
-    if kind == "mutated hello":
-        return False, _frame(_hello(case[1]))
+    if kind == "mutated preface":
+        version, purpose, role, reserved, session, tail = case[1:]
+        return False, struct.pack(">8sHBBI16s", MAGIC, version, purpose, role, reserved, session) + tail
     if kind == "json before auth":
         return False, _frame(case[1])
     if kind == "bytes after auth":
-        return True, struct.pack(">I", len(case[1])) + case[1]
-    return True, b""  # json after auth: MACed by the channel
+        return True, case[1]  # one message inside TLS that is not a JSON control message
+    return True, b""  # json after auth: sent by the channel
 
 
 def _frame(msg: dict) -> bytes:
@@ -94,23 +91,50 @@ def _send_one(address: tuple[str, int, str], case, stats: Counter, lock: threadi
     needs_auth, data = _payload(case)
     start = time.monotonic()
     if needs_auth:
-        ch = auth.open_channel(address[0], address[1], security(), 5, 5, address[2])
-        sock = ch.sock
+        _send_authenticated(address, case, data)
+        got = b"answered"
+    else:
+        got = _send_raw(address, data, case)
+    with lock:
+        stats["messages"] += 1
+        stats[f"target {address[2]}"] += 1
+        stats[f"kind {case[0]}"] += 1
+        stats["answered" if got else "hung up"] += 1
+        stats["slowest_ms"] = max(stats["slowest_ms"], int(1000 * (time.monotonic() - start)))
+
+
+def _send_authenticated(address, case, data: bytes) -> None:
+    """Inside a control connection the role accepts (a client's to the server, a server's to the dealer):
+    it must answer with an error (or a reply) and hang up."""
+    role = "server" if address[2] == "dealer" else "client"
+    with auth.open_channel(address[0], address[1], security(role), 5, 5, address[2], role) as ch:
         if case[0] == "json after auth":
-            msg = {k: v for k, v in case[1].items() if k not in ("seq", "mac")}
+            msg = dict(case[1])
             kind = msg.pop("type")
             try:
                 ch.send(kind if isinstance(kind, str) else str(kind), **{str(k): v for k, v in msg.items()})
             except protocol.ProtocolError:  # above the message size limit: nothing was sent
-                pass
+                return
         else:
-            sock.sendall(data)
-    else:
-        sock = socket.create_connection(address[:2], 5)
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass
+            ch.link.send(data)
+        deadline = time.monotonic() + REPLY_BOUND_S
+        while True:  # the reply (an error, or pong/info), then the role hangs up
+            try:
+                ch.recv(max(0.01, deadline - time.monotonic()))
+            except protocol.PeerClosed:
+                return
+            except protocol.ProtocolError as exc:
+                if "timed out" in str(exc):
+                    raise AssertionError(f"no answer and no hang-up within {REPLY_BOUND_S} s for {case!r:.300}") from None
+                return  # the link ended another way (reset, truncation): the role hung up
+
+
+def _send_raw(address, data: bytes, case) -> bytes:
+    sock = socket.create_connection(address[:2], 5)
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
     with sock:
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -125,17 +149,10 @@ def _send_one(address: tuple[str, int, str], case, stats: Counter, lock: threadi
                     break
                 got += chunk
         except socket.timeout:
-            with lock:
-                stats["hangs"] += 1
             raise AssertionError(f"no answer and no hang-up within {REPLY_BOUND_S} s for {case!r:.300}") from None
         except ConnectionResetError:
             pass
-    with lock:
-        stats["messages"] += 1
-        stats[f"target {address[2]}"] += 1
-        stats[f"kind {case[0]}"] += 1
-        stats["answered" if got else "hung up"] += 1
-        stats["slowest_ms"] = max(stats["slowest_ms"], int(1000 * (time.monotonic() - start)))
+    return got
 
 
 @pytest.mark.slow
@@ -184,7 +201,8 @@ def test_fuzz_control_protocol(plan_file):
         assert not failures, failures[:5]
         assert stats["messages"] >= TARGET_MESSAGES, stats
         for name, address in targets.items():  # both still serve
-            reply = auth.request(*address, {"type": "ping"}, 5, 5, name, "pong", security=security())
+            role = "server" if name == "dealer" else "client"
+            reply = auth.request(*address, {"type": "ping"}, 5, 5, name, "pong", security=security(role), role=role)
             assert reply["role"] == name
         assert server.p.poll() is None and dealer.p.poll() is None
         assert not server.children() and not dealer.children()

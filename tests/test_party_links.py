@@ -40,7 +40,8 @@ class TamperingProxy:
         self.mode: str | None = None
         self.direction = "up"  # "up": connector -> listener; "down": the answers
         self.offset = 0
-        self.captured: list[tuple[bool, str, bytes]] = []  # (party connection?, direction, bytes)
+        self.captured: list[tuple[int, str, str, bytes]] = []  # (connection, control/party, direction, bytes)
+        self.connections = 0
         self.record = False
         self.tampered = 0
         self._lock = threading.Lock()
@@ -65,22 +66,33 @@ class TamperingProxy:
         except OSError:
             conn.close()
             return
-        conn.settimeout(None)
+        conn.settimeout(5)
         upstream.settimeout(None)
-        first = conn.recv(1, socket.MSG_PEEK)
-        party = first == MAGIC[:1]
+        head = b""
+        try:
+            for _ in range(50):  # the preface's first 11 bytes say control (1) or party (2)
+                head = conn.recv(11, socket.MSG_PEEK)
+                if len(head) >= 11 or not head:
+                    break
+        except OSError:
+            pass
+        conn.settimeout(None)
+        kind = {1: "control", 2: "party"}.get(head[10], "other") if head[:8] == MAGIC and len(head) >= 11 else "other"
+        with self._lock:
+            self.connections += 1
+            number = self.connections
         for src, dst, direction in ((conn, upstream, "up"), (upstream, conn, "down")):
-            threading.Thread(target=self._pump, args=(src, dst, direction, party), daemon=True).start()
+            threading.Thread(target=self._pump, args=(src, dst, direction, kind, number), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, party: bool) -> None:
-        mode = self.mode if party and direction == self.direction else None
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, kind: str, number: int) -> None:
+        mode = self.mode if kind == "party" and direction == self.direction else None
         passed, held = 0, bytearray()  # bytes forwarded unchanged; bytes held from the offset on
         try:
             while True:
                 chunk = src.recv(1 << 16)
                 if self.record:
                     with self._lock:
-                        self.captured.append((party, direction, bytes(chunk)))
+                        self.captured.append((number, kind, direction, bytes(chunk)))
                 if mode is not None:  # forward up to the offset at once, hold the two blocks after it
                     free = max(0, self.offset - passed)
                     dst.sendall(chunk[:free])
@@ -245,21 +257,29 @@ def test_a_recording_of_a_whole_session_holds_only_tls_records(links, plan):
     assert done.returncode == 0, done.stderr
     assert_matches_plaintext(json.loads(done.stdout)["images"], plaintext(plan, [IMAGES[7]]))
     plan_text = json.dumps(plan.public_info().to_dict()["ops"][0])[:40].encode()
+    kinds = {}
     for name, proxy in links["proxies"].items():
-        streams = {"up": b"", "down": b""}
-        for party, direction, data in proxy.captured:
-            if party:
-                streams[direction] += data
-        assert streams["up"].startswith(MAGIC), name  # exactly one party connection per channel and session
-        up, down = _tls_records(streams["up"][32:]), _tls_records(streams["down"])
-        # TLS 1.3: ClientHello/ServerHello in the clear (22), then the change-cipher-spec compatibility
-        # record (20) at most, then nothing but encrypted records (23).
-        assert up[0] == 22 and down[0] == 22 and set(up[1:]) <= {20, 23} and set(down[1:]) <= {20, 23}, name
-        assert up.count(23) >= 2 and down.count(23) >= 2, name
-        everything = streams["up"] + streams["down"]
-        assert plan_text not in everything and b'"ops"' not in everything, name
-    print(f"\ncapture: {sum(len(d) for p in proxies for party, _, d in p.captured if party):,} bytes of party "
-          "traffic on three channels, all TLS records after the prefaces")
+        streams: dict[tuple[int, str], bytes] = {}
+        for number, kind, direction, data in proxy.captured:
+            kinds[(name, number)] = kind
+            streams[(number, direction)] = streams.get((number, direction), b"") + data
+        for (number, direction), stream in streams.items():
+            if direction == "up":
+                assert stream[:8] == MAGIC, (name, number)  # every connection: the preface, then TLS
+                stream = stream[32:]
+            types = _tls_records(stream)
+            # TLS 1.3: ClientHello/ServerHello in the clear (22), the change-cipher-spec compatibility
+            # record (20) at most, then nothing but encrypted records (23)
+            assert types[0] == 22 and set(types[1:]) <= {20, 23} and types.count(23) >= 2, (name, number, types)
+            assert plan_text not in stream and b'"ops"' not in stream and b'"type"' not in stream, (name, number)
+    per_channel = {name: sorted(k for (n, _), k in kinds.items() if n == name) for name in links["proxies"]}
+    # the client's info and session requests and the server's join are control connections; each
+    # channel carries exactly one party connection for the session
+    assert per_channel == {"client-server": ["control", "control", "party"], "client-dealer": ["party"],
+                           "server-dealer": ["control", "party"]}, per_channel
+    total = sum(len(d) for p in proxies for *_, d in p.captured)
+    print(f"\ncapture: {total:,} bytes on three channels ({sum(map(len, per_channel.values()))} connections), "
+          "all TLS records after the prefaces")
 
 
 def test_role_credential_flags_name_their_mistakes(tmp_path):

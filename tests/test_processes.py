@@ -148,17 +148,22 @@ def test_dealer_listens_answers_ping_refuses_clients_and_stops_on_sigterm():
     try:
         assert time.monotonic() - start < 20  # printed before any slow import
         host, port = protocol.parse_address(address)
-        sec = security()
-        assert auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=sec)["role"] == "dealer"
+        sec = security("server")
+        assert auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=sec,
+                            role="server")["role"] == "dealer"
         with pytest.raises(protocol.RemoteError, match="pi-server"):
-            auth.request(host, port, {"type": "info"}, 5, 5, "dealer", "info", security=sec)
+            auth.request(host, port, {"type": "info"}, 5, 5, "dealer", "info", security=sec, role="server")
         join = {"type": "join", "session_id": "x", "host": "127.0.0.1", "port": 0, "timeout_s": 5}
-        with pytest.raises(protocol.RemoteError, match="only a pi-server"):
-            auth.request(host, port, join, 5, 5, "dealer", "joined", security=sec)
+        # a client cannot ask the dealer for anything, not even by claiming to be a server: its certificate
+        # proves the client role
+        for claim in ("client", "server"):
+            with pytest.raises(protocol.AuthError, match="authenticated as client .*may not connect here"):
+                auth.request(host, port, join, 5, 5, "dealer", "joined", security=security(), role=claim)
         with pytest.raises(protocol.RemoteError, match="session_id.*32 lowercase hex"):
-            auth.request(host, port, join, 5, 5, "dealer", "joined", security=security("server"), role="server")
-        with pytest.raises(protocol.AuthError, match="tokens differ"):
-            auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security(token="x" * 32))
+            auth.request(host, port, join, 5, 5, "dealer", "joined", security=sec, role="server")
+        with pytest.raises(protocol.AuthError, match="same token"):
+            auth.request(host, port, {"type": "ping"}, 5, 5, "dealer", "pong", security=security("server", "ab" * 16),
+                         role="server")
     finally:
         assert dealer.terminate(20) == 0
     assert dealer.out[-1].endswith("stopped")

@@ -131,6 +131,12 @@ def test_profiles_are_consistent(ttp_run):
                 assert lp.rounds == 0 and lp.bytes_sent == lp.bytes_received == 0
             elif lp.op in ("conv", "linear"):  # the client's masked input, unless it was known offline
                 assert lp.rounds in (0, 2)
+        # The whole session over TLS links: the online bytes are part of it, and the wire carries every
+        # payload byte plus TLS records, frame headers and the handshakes (a few kB: under 10% here).
+        assert p.session_bytes_sent >= p.bytes_sent and p.session_bytes_received >= p.bytes_received
+        payload = p.session_bytes_sent + p.session_bytes_received
+        assert payload < p.wire_bytes_sent + p.wire_bytes_received < 1.1 * payload + 20_000
+        assert p.wire_bytes_sent > p.session_bytes_sent and p.wire_bytes_received > p.session_bytes_received
         json.dumps(p.to_dict())
     # The only opening of the output goes to the client.
     assert run.server.profile.layers[-1].bytes_sent > 0 and run.server.profile.layers[-1].bytes_received == 0

@@ -1,16 +1,18 @@
 """pi-dealer: the dealer (rank 2) that hands out correlated randomness: the seeds and correlations of this
 project's dealer-assisted engine (`secure.core.engine`; the roles run only that engine today).
 
-It listens on a control port; only a peer that passes the token handshake (secure.control.auth) gets
-further. A server sends {"type": "join", "session_id", "host", "port", "timeout_s", "nonce"} per
-session and keeps that connection open for the session's lifetime. The dealer runs its party in
-a fresh worker process, answers {"type": "joined", "session_id", "dealer_id", "attestation"} (the
-attestation, made with the dealer token that clients hold and the server does not, lets a client
-check that this dealer serves its session), and {"type": "done"} or {"type": "error"} when the
-party ends. A closed connection cancels the session. The dealer never sees images, weights or
-results; its main process never imports torch.
+It listens on one port. Control connections are accepted from servers only, each proving its role
+with a certificate the dealer trusts (secure.control.auth). A server sends {"type": "join",
+"session_id", "timeout_s", "engine"} per session and keeps that connection open for the session's
+lifetime. The dealer runs its party in a fresh worker process, routes the session's party connections
+(from the server and from the client, to this same port) to it, answers {"type": "joined",
+"session_id", "dealer_id"}, and {"type": "done"} or {"type": "error"} when the party ends. The client
+connects to the dealer itself and authenticates it: its seed comes straight from here. A closed
+connection cancels the session. The dealer never sees images, weights or results; its main process
+never imports torch.
 
-    DEEPREDUCE_TOKEN=... pi-dealer --host 127.0.0.1 --port 7001 [--id dealer-a --dealer-token-file FILE]
+    DEEPREDUCE_TOKEN=... pi-dealer --host 127.0.0.1 --port 7001            # single-operator trust
+    pi-dealer --key dealer.key --cert dealer.crt --trust-server server.crt --trust-client client.crt
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import sys
 import threading
 import time
 
-from secure.control import auth
-
-from secure.control import protocol
+from secure.control import auth, protocol
 from secure.control.service import Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import PartyJob, Worker, private_tempdir, start_fork_server, supervise
 from secure.core.party import DEFAULT_ENGINE, ENGINES, DealerLimits, Rendezvous
@@ -31,20 +31,18 @@ from secure.transport.meeting import Meeting
 
 class Dealer:
     def __init__(self, service: Service, read_timeout: float, session_timeout: float, max_sessions: int,
-                 attest_key: bytes | None, engine: str = DEFAULT_ENGINE, limits: DealerLimits | None = None):
+                 engine: str = DEFAULT_ENGINE, limits: DealerLimits | None = None):
         self.service, self.engine = service, engine
         self.limits = limits or DealerLimits()
         self.read_timeout = read_timeout
         self.session_timeout = session_timeout
         self.slots = threading.BoundedSemaphore(max_sessions)
-        self.attest_key = attest_key
-        self.dealer_id = service.security.creds.identity
+        self.dealer_id = service.security.identity
 
     def handle(self, ch) -> None:
         msg = ch.recv(self.read_timeout)
         if msg["type"] == "ping":
-            ch.send("pong", role="dealer", dealer_id=self.dealer_id, attests=self.attest_key is not None,
-                    engine=self.engine)
+            ch.send("pong", role="dealer", dealer_id=self.dealer_id, engine=self.engine)
         elif msg["type"] == "join":
             if ch.peer_role != "server":
                 raise protocol.ControlError(f"only a pi-server may ask the dealer to join a session, not a {ch.peer_role}")
@@ -56,21 +54,17 @@ class Dealer:
     def join(self, ch, msg: dict) -> None:
         sid = protocol.field(msg, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
         timeout_s = float(protocol.field(msg, "timeout_s", (int, float), lambda t: 0 < t <= 3600, "seconds in (0, 3600]"))
-        nonce = msg.get("nonce")
-        if nonce is not None:
-            protocol.field(msg, "nonce", str, lambda n: protocol.is_hex(n, 64), "64 lowercase hex digits or null")
         engine = protocol.field(msg, "engine", str, lambda e: 0 < len(e) <= 32, "an engine name") \
             if "engine" in msg else DEFAULT_ENGINE
         if engine != self.engine:
             raise protocol.ControlError(f"this dealer serves the {self.engine} engine, not {engine[:32]!r}: start both "
                                         "with the same --engine")
         if engine == "fast":  # TLS links: the server and the client connect to this dealer's port
-            rdv, port = Meeting("dealer", bytes.fromhex(sid), self.service.security.party,
-                                accept=("server", "client"), timeout_s=timeout_s), 0
+            rdv = Meeting("dealer", bytes.fromhex(sid), self.service.security.party, accept=("server", "client"),
+                          timeout_s=timeout_s)
         else:  # crypten: gloo at the server's rendezvous
             rdv = Rendezvous(protocol.field(msg, "host", str, lambda s: 0 < len(s) <= 255, "a host name"),
                              protocol.field(msg, "port", int, lambda p: 0 < p < 65536, "a TCP port"), timeout_s)
-            port = rdv.port
         if not self.slots.acquire(blocking=False):
             protocol.send_busy(ch, "the dealer is busy (all its session slots are taken): try again later", 5.0)
             return
@@ -81,11 +75,10 @@ class Dealer:
             if engine == "fast":
                 self.service.route(rdv.session_id, worker)
             worker.start_job(PartyJob("dealer", rdv, engine=self.engine, limits=self.limits))
-            attestation = (None if self.attest_key is None or nonce is None
-                           else auth.attest(self.attest_key, self.dealer_id, sid, port, nonce))
-            ch.send("joined", session_id=sid, dealer_id=self.dealer_id, attestation=attestation)
+            ch.send("joined", session_id=sid, dealer_id=self.dealer_id)
             self.service.log(f"session {sid[:12]}: joined"
-                             + (f" rendezvous {protocol.format_address(rdv.host, rdv.port)}" if port else ""))
+                             + (f" rendezvous {protocol.format_address(rdv.host, rdv.port)}"
+                                if isinstance(rdv, Rendezvous) else ""))
             self.finish(ch, sid, worker)
         finally:
             self.service.unroute(bytes.fromhex(sid))
@@ -127,9 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
                    help="the engine whose randomness this dealer serves: fast (default) or crypten (CrypTen's TTP, "
                         "over gloo, unencrypted: opt-in, for comparisons on a trusted network)")
-    p.add_argument("--dealer-token-file", metavar="FILE",
-                   help=f"the dealer token shared with the clients that trust this dealer (default "
-                        f"${auth.DEALER_TOKEN_ENV}); with it, each join is attested for the client")
     auth.add_arguments(p, listener=True, connector=False, default_id="dealer")
     add_limit_arguments(p)
     return p
@@ -147,18 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                                       max_session_bytes=int(args.max_session_mb * 1e6))
     security = auth.security_from_args(args, listen_host=args.host, role="dealer")
     limits = limits_from_args(args)
-    attest_key = auth.dealer_key(args.dealer_token_file)
     private_tempdir("pi-dealer")
     service = Service("pi-dealer", args.host, args.port, security, limits)
     service.install_signal_handlers()
     service.announce()
     start_fork_server()
-    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, attest_key, args.engine,
+    dealer = Dealer(service, args.read_timeout, args.session_timeout, args.max_sessions, args.engine,
                     limits_per_session)
-    service.log(f"dealer {dealer.dealer_id!r}: "
-                + ("authentication off (--no-auth)" if security.creds.no_auth else "token authentication")
-                + (", TLS" if security.server_tls else "")
-                + (", attests joins with the dealer token" if attest_key else ", no dealer token (no attestations)")
+    service.log(f"dealer {dealer.dealer_id!r}: TLS 1.3, {security.party.trust_mode}"
                 + (", crypten engine (CrypTen's TTP over gloo, unencrypted)" if args.engine == "crypten" else ""))
     service.serve(dealer.handle)
     service.log("stopped")

@@ -1,14 +1,15 @@
-"""The control-port service loop shared by server and dealer, its connection limits and port picking.
+"""The listening-port service loop shared by server and dealer, its connection limits and port picking.
 
-`Service` is the control port: TLS (optional) and the token handshake (`secure.control.auth`) on every
-connection before its handler runs, connection limits in total and per address, `busy` answers.
+`Service` is the role's one port: every connection starts with the transport's preface. A session's
+party connection is handed to that session's worker process (`route`); a control connection runs the
+TLS handshake here (`secure.control.auth.accept_control`) before its handler runs. Connection limits
+in total and per address, `busy` answers.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from secure.control import auth, protocol
 from secure.control.workers import Worker
 from secure.transport import TransportError, preface
+from secure.transport.credentials import PartyIdentity
 
 _POLL_S = 0.2
 
@@ -77,7 +79,7 @@ class Service:
                  limits: Limits | None = None):
         self.name = name
         self.role = name.removeprefix("pi-")
-        self.security = security or auth.Security(auth.Credentials(self.role, no_auth=True))
+        self.security = security or auth.Security(PartyIdentity.no_auth(self.role), self.role)
         self.limits = limits or Limits()
         self.stop = threading.Event()
         self._listener = _listen(host, port)
@@ -134,10 +136,12 @@ class Service:
                 self._per_ip[ip] += 1
         if reason:
             self.counters["refused_busy"] += 1
-            if self.security.server_tls is None:  # a TLS peer could not read a plain answer
-                sock.settimeout(0.5)
-                protocol.send_busy(sock, f"{self.name} is busy ({reason}): retry after "
-                                         f"{self.limits.busy_retry_s:g} s", self.limits.busy_retry_s)
+            # A plain frame before any TLS: the connector recognises it where it expects the ServerHello
+            # (secure.transport.preface.check_answer) and may retry.
+            sock.settimeout(0.5)
+            protocol.send_busy(sock, f"{self.name} is busy ({reason}): retry after "
+                                     f"{self.limits.busy_retry_s:g} s", self.limits.busy_retry_s)
+            _discard_input(sock)
             _close(sock)
             return
         self.counters["accepted"] += 1
@@ -148,26 +152,22 @@ class Service:
 
     def _run(self, handler, sock: socket.socket, addr) -> None:
         peer = protocol.format_address(addr[0], addr[1])
-        conn, ch = (sock if self.security.server_tls is None else None), None
+        ch = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._starts_with_preface(sock):
-                conn = None  # handed over (or refused): nothing to answer on it here
-                self._route(sock, peer)
+            got = preface.read_preface(sock, self.security.handshake_timeout, f"this {self.name}")
+            if got.purpose == preface.PARTY:
+                self._route(sock, got, peer)
                 return
-            if self.security.server_tls is not None:
-                conn = self._tls(sock)
-                with self._lock:
-                    self._socks.add(conn)
-            ch = auth.respond(conn, self.security.creds, self.role, self.security.handshake_timeout, peer)
+            ch = auth.accept_control(sock, got, self.security, self.role, peer)
+            with self._lock:
+                self._socks.add(ch)
             handler(ch)
         except protocol.PeerClosed:
             pass
-        except protocol.AuthError as exc:
+        except (protocol.AuthError, TransportError) as exc:  # refused before any session state exists
             self.counters["refused_auth"] += 1
             self._log_refusal(f"refused {peer}: {exc}")
-            if conn is not None:
-                protocol.send_error(ch or conn, str(exc))
         except Exception as exc:  # a user error goes back to the peer; a bug must not stop the service
             self.counters["errors"] += 1
             retry_after = getattr(exc, "retry_after", None)
@@ -175,14 +175,15 @@ class Service:
                 self.log(f"internal error: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
                 exc = f"internal {self.name} error ({type(exc).__name__}: {exc})"
-            if conn is not None:
-                protocol.send_error(ch or conn, str(exc), retry_after)
+            if ch is not None:
+                protocol.send_error(ch, str(exc), retry_after)
         finally:
-            _close_gracefully(conn)
+            if ch is not None:
+                ch.close()
             _close(sock)
             with self._lock:
                 self._socks.discard(sock)
-                self._socks.discard(conn)
+                self._socks.discard(ch)
                 self._open -= 1
                 self._per_ip[addr[0]] -= 1
                 if self._per_ip[addr[0]] <= 0:
@@ -199,32 +200,13 @@ class Service:
         with self._lock:
             self._sessions.pop(session_id, None)
 
-    def _starts_with_preface(self, sock: socket.socket) -> bool:
-        """A party connection starts with the transport's preface; a control connection with a length
-        frame (or a TLS ClientHello with --tls-cert). Peeking leaves the bytes for whoever reads next."""
-        sock.settimeout(self.security.handshake_timeout)
-        try:
-            first = sock.recv(1, socket.MSG_PEEK)
-        except socket.timeout:
-            raise protocol.AuthError("the peer sent nothing") from None
-        if not first:
-            raise protocol.PeerClosed("the peer closed the connection before a byte")
-        return first == preface.MAGIC[:1]
-
-    def _route(self, sock: socket.socket, peer: str) -> None:
-        try:
-            got = preface.read_preface(sock, self.security.handshake_timeout, f"this {self.name}")
-        except TransportError as exc:
-            self.counters["refused_auth"] += 1
-            self._log_refusal(f"refused {peer}: {exc}")
-            return
+    def _route(self, sock: socket.socket, got: preface.Preface, peer: str) -> None:
         with self._lock:
-            worker = self._sessions.get(got.session_id) if got.purpose == preface.PARTY else None
+            worker = self._sessions.get(got.session_id)
         if worker is None:
             self.counters["refused_auth"] += 1
-            what = "no session" if got.purpose == preface.PARTY else "a control connection with a preface"
-            self._log_refusal(f"refused {peer}: a {got.role}'s {preface.PURPOSES[got.purpose]} connection for "
-                              f"{what} {got.session_id.hex()[:12]}")
+            self._log_refusal(f"refused {peer}: a {got.role}'s party connection for no session here "
+                              f"({got.session_id.hex()[:12]})")
             return
         worker.hand_over(sock, got)
 
@@ -242,13 +224,6 @@ class Service:
                 self._skipped += 1
         if not quiet:
             self.log(text + (f" ({skipped} more refusals not logged)" if skipped else ""))
-
-    def _tls(self, sock):
-        try:
-            sock.settimeout(self.security.handshake_timeout)
-            return self.security.server_tls.wrap_socket(sock, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            raise protocol.AuthError(f"TLS handshake failed ({getattr(exc, 'reason', None) or exc})") from None
 
     def track(self, worker: Worker) -> None:
         with self._lock:
@@ -269,8 +244,8 @@ class Service:
             socks, workers = list(self._socks), list(self._workers)
         for s in socks:
             try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes threads blocked on a read
-            except OSError:
+                (s.link._sock if isinstance(s, auth.LinkControlChannel) else s).shutdown(socket.SHUT_RDWR)
+            except OSError:  # wakes threads blocked on a read
                 pass
         for w in workers:
             w.stop()
@@ -284,26 +259,16 @@ class Service:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-def _close_gracefully(sock, linger: float = 0.5) -> None:
-    """Send FIN, then read what the peer still sends (briefly) before closing: closing a socket with
-    unread input makes the kernel send RST, which can destroy our last (error) message in flight."""
-    if sock is None:
-        return
+def _discard_input(sock) -> None:
+    """Read what the peer already sent (without waiting): closing a socket with unread input makes the
+    kernel send RST, which can destroy our last answer before the peer reads it."""
     try:
-        sock.shutdown(socket.SHUT_WR)
-        deadline, total = time.monotonic() + linger, 0
-        while total < (1 << 20):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(1 << 16):
                 break
-            sock.settimeout(remaining)
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            total += len(chunk)
     except (OSError, ValueError):
         pass
-    _close(sock)
 
 
 def _close(sock) -> None:

@@ -371,6 +371,16 @@ def _peer_message(name: str, ch, read_timeout: float):
     return msg, Outcome("peer_error", peer=name, message=f"unexpected {msg['type'][:40]!r} message from the {name}")
 
 
+def peer_reason(outcome: Outcome, name: str, ch, grace_s: float = 3.0) -> Outcome:
+    """When this party failed because a peer ended its link (the dealer refused the session, another
+    party failed), that peer's error on its control connection names the cause: prefer it, waiting up
+    to `grace_s` for it."""
+    if outcome.kind not in ("failed", "died") or ch is None:
+        return outcome
+    msg, theirs = _peer_message(name, ch, grace_s)
+    return theirs if theirs is not None and theirs.kind == "peer_error" and msg is not None else outcome
+
+
 def wait_done(ch, timeout: float) -> bool:
     """Wait up to `timeout` s for a peer's {"type": "done"}; False on anything else."""
     try:

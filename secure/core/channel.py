@@ -149,6 +149,11 @@ class LinkChannel(Channel):
             raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {len(data)}")
         return torch.frombuffer(data, dtype=torch.uint8)
 
+    def wire_counts(self) -> tuple[int, int]:
+        """(sent, received) on the wire over every link: TLS records, frame headers and handshakes."""
+        return (sum(link.wire_sent for link in self.links.values()),
+                sum(link.wire_received for link in self.links.values()))
+
     def close(self) -> None:
         for link in self.links.values():
             link.close()

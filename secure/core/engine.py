@@ -556,7 +556,12 @@ def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: lis
     try:
         if rank == DEALER:
             return serve_dealer(channel, limits)
-        return run_party(rank, channel, public, batch_sizes, EngineConfig(), insecure_tfp, plan, images)
+        logits, profile = run_party(rank, channel, public, batch_sizes, EngineConfig(), insecure_tfp, plan, images)
+        profile.session_bytes_sent = sum(t.sent for t in channel.phases.values())
+        profile.session_bytes_received = sum(t.received for t in channel.phases.values())
+        if hasattr(channel, "wire_counts"):
+            profile.wire_bytes_sent, profile.wire_bytes_received = channel.wire_counts()
+        return logits, profile
     except (RuntimeError, ValueError) as exc:  # gloo timeouts and resets are RuntimeErrors
         raise SecureSessionError(f"{role}: secure session failed ({type(exc).__name__}: {exc})") from exc
     finally:

@@ -40,6 +40,12 @@ class Profile:
     offline_bytes: int = 0  # sent + received by this party before the input is used
     queries: int = 1  # batches in the session; the other figures sum over them
     engine: str = ""  # the engine that ran: "fast" or "crypten"
+    # The whole session as this party's channel counted it, all phases: payload bytes, and, over TLS links,
+    # the bytes on the wire (TLS records and frame headers, the handshakes and prefaces included).
+    session_bytes_sent: int | None = None
+    session_bytes_received: int | None = None
+    wire_bytes_sent: int | None = None
+    wire_bytes_received: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,7 +41,22 @@ def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecu
             "relu_share": statistics.median(r.relu_s / max(r.online_s, 1e-9) for r in runs),
             "mb_sent_per_image": p.bytes_sent / 1e6 / batch_size,
             "mb_received_per_image": p.bytes_received / 1e6 / batch_size,
-            "rounds": p.rounds, "relu_mb": p.relu_bytes / 1e6, "linear_mb": p.linear_bytes / 1e6}
+            "rounds": p.rounds, "relu_mb": p.relu_bytes / 1e6, "linear_mb": p.linear_bytes / 1e6,
+            **_session_traffic(p)}
+
+
+def _session_traffic(p) -> dict:
+    """The server party's whole session (all phases): payload MB, and over TLS links the MB on the wire
+    (records, frame headers, handshakes) with the overhead they add."""
+    if p.session_bytes_sent is None:
+        return {}
+    out = {"session_mb_sent": p.session_bytes_sent / 1e6, "session_mb_received": p.session_bytes_received / 1e6}
+    if p.wire_bytes_sent is not None:
+        payload = p.session_bytes_sent + p.session_bytes_received
+        wire = p.wire_bytes_sent + p.wire_bytes_received
+        out.update(wire_mb_sent=p.wire_bytes_sent / 1e6, wire_mb_received=p.wire_bytes_received / 1e6,
+                   wire_overhead=wire / payload - 1 if payload else None)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

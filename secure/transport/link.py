@@ -157,7 +157,7 @@ class Link:
             self.peer = peer_role(self._tls, trust)
             if self.peer.role not in roles:
                 raise HandshakeError(f"the {peer} is authenticated as {self.peer.role} {self.peer.id!r}, which may "
-                                     f"not connect here as a {' or '.join(roles) or 'peer'}")
+                                     + (f"not connect here as a {' or '.join(roles)}" if roles else "not connect here"))
         except HandshakeError as exc:
             self._enqueue(_REFUSED + str(exc).encode())
             self.close()
@@ -333,6 +333,19 @@ class Link:
             wait = None if deadline is None else deadline - time.monotonic()
             if (wait is not None and wait <= 0) or not self._rpoll.poll(None if wait is None else wait * 1000):
                 raise LinkTimeout(f"nothing arrived from the peer within {timeout if timeout is not None else 0:g} s")
+
+    # -- for select() users (the control plane waits on several connections at once) -----------------
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+    def buffered(self) -> bool:
+        """Input already read from the socket but not yet returned by recv (select() does not see it)."""
+        with self._lock:
+            return self._tls.pending() > 0 or self._in.pending > 0
 
     # -- ending ------------------------------------------------------------------------------------------
 

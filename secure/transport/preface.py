@@ -82,7 +82,7 @@ def read_preface(sock: socket.socket, timeout: float, us: str = "this party") ->
     parse. Another version is answered with the refusal before VersionMismatch is raised; an old
     (version 2) control client gets a version-2 error frame it can show. The caller closes `sock`."""
     deadline = time.monotonic() + timeout
-    data = _recv_exact(sock, SIZE, deadline)
+    data = _recv_exact(sock, SIZE, deadline, short_ok=True)  # a version-2 request may be shorter
     try:
         return Preface.parse(data, us)
     except VersionMismatch as exc:
@@ -113,6 +113,12 @@ def check_answer(data: bytes, peer: str = "the peer", us: str = "this party", ou
         theirs = _REFUSAL.unpack(data[:REFUSAL_SIZE])[1]
         raise VersionMismatch(f"{peer} speaks protocol version {theirs}, {us} speaks {ours}: run matching "
                               "versions", ours, theirs)
+    if data[:1] == b"\x00" and (len(data) < 6 or (data[4:6] == b'{"' and len(data) < 4 + int.from_bytes(data[:4], "big")
+                                                  <= 4 + (1 << 16))):
+        return False  # the start of a control frame (a `busy` answer): wait for the rest
+    busy = _busy_frame(data)
+    if busy is not None:  # the listener is at its connection limit (secure.control.service)
+        raise busy
     version = _v2_frame(data)
     if version is not None:
         raise VersionMismatch(f"{peer} speaks protocol version {version}, {us} speaks {ours}: run matching "
@@ -134,6 +140,24 @@ def _v2_frame(data: bytes) -> int | None:
     except (ValueError, UnicodeDecodeError, AttributeError):
         return None
     return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _busy_frame(data: bytes):
+    """A listener at its connection limit answers a plain `busy` control frame before any TLS, so that a
+    connector can wait and retry instead of failing (unauthenticated like the version refusal, and as
+    harmless: it can only make the connector give up for now)."""
+    if len(data) < 6 or data[4:6] != b'{"' or len(data) < 4 + int.from_bytes(data[:4], "big"):
+        return None
+    try:
+        msg = json.loads(data[4:4 + int.from_bytes(data[:4], "big")].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(msg, dict) or msg.get("type") != "busy":
+        return None
+    from secure.control.protocol import BusyError, one_line
+    after = msg.get("retry_after_s")
+    after = float(after) if isinstance(after, (int, float)) and not isinstance(after, bool) and 0 <= after < 1e6 else 5.0
+    return BusyError(one_line(str(msg.get("message", "the peer is busy")), 300), after)
 
 
 def _v2_error(message: str, version: int) -> bytes:
@@ -162,7 +186,8 @@ def _answer(sock: socket.socket, data: bytes, linger: float = 1.0) -> None:
         pass
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float, short_ok: bool = False) -> bytes:
+    """Exactly n bytes; with `short_ok`, fewer when the peer ends its stream after a whole JSON frame."""
     data = b""
     while len(data) < n:
         remaining = deadline - time.monotonic()
@@ -176,6 +201,8 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
         except OSError as exc:
             raise PrefaceError(f"connection lost before the preface ({exc.strerror or exc})") from None
         if not chunk:
+            if short_ok and _v2_frame(data) is not None:
+                return data
             raise PrefaceError(f"the peer closed the connection before its preface ended ({describe(data)})")
         data += chunk
     return data

@@ -36,9 +36,11 @@ def role_credentials(directory) -> dict[str, list[str]]:
             for role in roles}
 
 
-def security(identity: str = "client", token: str = TOKEN) -> auth.Security:
-    """What a test process uses to talk to the roles (the token the roles get in role_env)."""
-    return auth.Security(auth.Credentials(identity, {auth.SHARED: token.encode()}))
+def security(role: str = "client", token: str = TOKEN) -> auth.Security:
+    """What a test process uses to talk to the roles as `role` (single-operator trust from the token the
+    roles get in role_env)."""
+    from secure.transport.credentials import PartyIdentity
+    return auth.Security(PartyIdentity.from_secret(bytes.fromhex(token), role), role)
 
 
 def role_env(**extra) -> dict:
