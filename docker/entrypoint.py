@@ -146,7 +146,7 @@ def summary(paths: list[str], root: str, classes: list[str], secure: dict, plain
 def health() -> None:
     """dealer: its control port accepts connections (it is ready once it listens); server, and client
     (its server): `pi-client info` succeeds, i.e. the server has loaded its plan, checked its dealer
-    and completes a control request, token handshake included."""
+    and completes a control request, TLS handshake included."""
     try:
         with open(HEALTH_FILE) as f:
             state = json.load(f)

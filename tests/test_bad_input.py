@@ -345,6 +345,7 @@ def test_slow_peers_and_connection_floods_are_cut_off(tfp_server):
     assert 0.9 < cut_pre < 8.0 and sent < len(hello), (cut_pre, sent)
     # slowloris after authentication: a TLS record one byte every 0.2 s; --read-timeout 2 bounds one message
     with authed(address) as ch:
+        ch.link.flush(5)  # this end's own last TLS record must be out before raw bytes follow it
         raw_sock = ch.link._sock
         raw_sock.setblocking(True)
         cut_post, _ = slowloris(raw_sock, b"\x17\x03\x03\x00\x40" + bytes(64))

@@ -178,12 +178,8 @@ class LinkControlChannel(ControlChannel):
     certificate."""
 
     def __init__(self, link: Link, peer_addr: str = "", limit_key: str = ""):
-        super().__init__(None, None, True, link.peer.id, link.peer.role, peer_addr, limit_key)
+        super().__init__(None, link.peer.id, link.peer.role, peer_addr, limit_key)
         self.link = link
-
-    @property
-    def authenticated(self) -> bool:
-        return True
 
     def fileno(self) -> int:
         return self.link.fileno()

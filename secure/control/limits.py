@@ -16,10 +16,10 @@ Label-only mode
     The head costs K - 1 + K ReLUs per image and 3 ceil(log2 K) + 4 small linear layers.
 
 Query quotas
-    `QueryLimiter` counts classified images per client over a sliding window. A client is its
-    authenticated identity when it holds its own named token (a line `ID TOKEN` in the server's
-    token file), otherwise its IP address: with one shared token every holder can claim any
-    identity, so the address is the only thing a quota can hold on to.
+    `QueryLimiter` counts classified images per client over a sliding window. With role credentials
+    a client is its certificate (secure.control.auth.accept_control), otherwise its IP address: with
+    one shared token every holder can claim any identity, so the address is the only thing a quota
+    can hold on to.
 """
 
 from __future__ import annotations

@@ -1,42 +1,36 @@
-"""Control messages between pi-client, pi-server and pi-dealer: length-prefixed JSON over TCP (or TLS).
+"""Control messages between pi-client, pi-server and pi-dealer: JSON objects inside the transport's links.
 
-Frame: a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding one object
-``{"v": PROTOCOL_VERSION, "type": "...", ...}``. A length above the limit (1 MiB by default) is
-refused without reading the body; a whole frame must arrive within one read timeout, so a peer
-that sends one byte at a time is cut off.
-
-Every connection starts with the handshake of `secure.control.auth` (``hello``, ``challenge``, ``auth``,
-``ready``): a mutual HMAC challenge-response on a shared token that never crosses the wire. It
-derives a session key; every later message carries ``"seq"`` (0, 1, 2, ... per direction) and
-``"mac"`` (HMAC-SHA256 under the session key of the direction label and the message's canonical
-JSON without ``mac``), so a message that was altered, replayed, reordered or taken from another
-connection is refused. Messages (v2), after the handshake::
+Every connection to a listening role is a preface and then TLS 1.3 with role certificates
+(`secure.transport`, `secure.control.auth`); control messages travel inside it, one JSON object per
+link frame: ``{"v": PROTOCOL_VERSION, "type": "...", ...}``, at most 1 MiB, a whole message within one
+read timeout. TLS authenticates, orders and encrypts them, so they carry no MAC of their own.
 
     client -> server   {"type": "ping"}                          -> {"type": "pong", "role": "server"}
                        {"type": "info"}                          -> {"type": "info", "plan": <public plan>,
                                                                      "insecure_tfp", "max_batch", "label_only",
-                                                                     "dealer_id", "queries_left"}
-                       {"type": "session", "batch_size": n,      -> {"type": "session", "session_id", "host",
-                        "plan_hash": h, "dealer_nonce": hex}        "port", "timeout_s", "insecure_tfp",
-                                                                     "plan_hash", "label_only", "dealer_id",
-                                                                     "attestation"}
+                                                                     "engine", "dealer_id", "queries_left"}
+                       {"type": "session", "batch_sizes": [n..], -> {"type": "session", "session_id": 32 hex,
+                        "plan_hash": h, "engine"}                   "timeout_s", "insecure_tfp", "plan_hash",
+                                                                     "label_only", "engine", "dealer_id",
+                                                                     "dealer": HOST:PORT}
                                                                      ... later {"type": "done", "session_id",
                                                                      "elapsed_s"}
     server -> dealer   {"type": "ping"}                          -> {"type": "pong", "role": "dealer"}
-                       {"type": "join", "session_id", "host",    -> {"type": "joined", "session_id",
-                        "port", "timeout_s", "nonce"}               "dealer_id", "attestation"}
+                       {"type": "join", "session_id",            -> {"type": "joined", "session_id",
+                        "timeout_s", "engine"}                      "dealer_id"}
                                                                      ... later {"type": "done", "session_id"}
     any -> any         {"type": "error", "message": "..."}       (the request failed; the sender closes;
                         [, "retry_after_s": s]                     retry_after_s: trying again may work)
                        {"type": "busy", "message", "retry_after_s"}  (no capacity now: retry after s)
 
-A session lives as long as its connection: closing it (or a peer dying) cancels the session, and
-the other side stops its party and frees the rendezvous port.
+A session lives as long as its control connection: closing it (or a peer dying) cancels the session,
+and the other sides stop their parties. The framing functions below (a 4-byte length, then the JSON)
+remain for the one message sent outside TLS, the `busy` answer of a listener at its connection limit,
+and for the version-2 peers the preface answers.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import socket
 import ssl
@@ -74,7 +68,7 @@ class Unreachable(ControlError):
 
 
 class AuthError(ControlError):
-    """The handshake failed: wrong or missing token, unauthenticated peer, wrong role."""
+    """The peer could not be authenticated, or its certificate proves a role that may not connect here."""
 
 
 class RemoteError(ControlError):
@@ -157,30 +151,23 @@ def _recv_exact(sock, n: int, deadline: float, timeout: float, allow_eof: bool) 
     return b"".join(chunks)
 
 
-# -- channels: a socket plus, once authenticated, the session key and sequence numbers -------------
+# -- channels -----------------------------------------------------------------------------------------
 
 class ControlChannel:
-    """A control connection. Before the handshake (or with --no-auth) messages travel as they are;
-    with a session key every message is sequenced and MACed (see the module docstring)."""
+    """A control connection: messages framed on a socket. The roles use its subclass over a TLS link
+    (`secure.control.auth.LinkControlChannel`); this plain one frames on whatever socket it is given."""
 
-    def __init__(self, sock, key: bytes | None = None, initiator: bool = True, peer_id: str = "",
-                 peer_role: str = "", peer_addr: str = "", limit_key: str = ""):
-        self.sock, self.key = sock, key
-        self._send_label, self._recv_label = (b"i2r", b"r2i") if initiator else (b"r2i", b"i2r")
-        self.send_seq = self.recv_seq = 0
+    def __init__(self, sock, peer_id: str = "", peer_role: str = "", peer_addr: str = "", limit_key: str = ""):
+        self.sock = sock
         self.peer_id, self.peer_role, self.peer_addr = peer_id, peer_role, peer_addr
         self.limit_key = limit_key or peer_addr
-
-    @property
-    def authenticated(self) -> bool:
-        return self.key is not None
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def pending(self) -> bool:
-        """Decrypted TLS bytes already buffered (select() does not see them)."""
-        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+        """Input already buffered above the socket (select() does not see it)."""
+        return False
 
     def getsockname(self):
         return self.sock.getsockname()
@@ -197,47 +184,15 @@ class ControlChannel:
     def __exit__(self, *exc):
         self.close()
 
-    def _mac(self, label: bytes, msg: dict) -> str:
-        try:
-            body = canonical({k: v for k, v in msg.items() if k != "mac"})
-        except (RecursionError, ValueError, TypeError) as exc:
-            raise ProtocolError(f"a message that cannot be serialised again ({type(exc).__name__})") from None
-        return hmac.new(self.key, label + b"\0" + body, "sha256").hexdigest()
-
     def send(self, type_: str, **fields) -> None:
-        msg = {"v": PROTOCOL_VERSION, "type": type_, **fields}
-        if self.key is not None:
-            msg["seq"] = self.send_seq
-            msg["mac"] = self._mac(self._send_label, msg)
-            self.send_seq += 1
-        body = canonical(msg)
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"a {type_!r} message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-        write_frame(self.sock, _LENGTH.pack(len(body)) + body, repr(type_))
+        write_frame(self.sock, encode({"type": type_, **fields}), repr(type_))
 
     def recv(self, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
-        return self.check(decode(read_frame(self.sock, timeout, max_bytes)))
-
-    def check(self, msg: dict) -> dict:
-        """Verify a received message's MAC and sequence number (no-op without a session key)."""
-        if self.key is None:
-            return msg
-        mac = msg.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode("ascii", "replace"),
-                                                               self._mac(self._recv_label, msg).encode()):
-            if msg.get("type") == "error" and "mac" not in msg and self.recv_seq == 0:  # refused at the handshake
-                raise RemoteError(one_line(str(msg.get("message", "the peer refused the connection"))))
-            raise ProtocolError(f"a {msg['type'][:40]!r} message failed authentication "
-                                "(altered, or not from the authenticated peer)")
-        if msg.get("seq") != self.recv_seq:
-            raise ProtocolError(f"a {msg['type'][:40]!r} message is out of sequence (got {str(msg.get('seq'))[:20]}, "
-                                f"expected {self.recv_seq}): replayed or reordered")
-        self.recv_seq += 1
-        return msg
+        return decode(read_frame(self.sock, timeout, max_bytes))
 
 
 def send(conn, type_: str, **fields) -> None:
-    """Send on a ControlChannel, or unauthenticated on a raw socket."""
+    """Send on a ControlChannel, or framed on a raw socket."""
     if isinstance(conn, ControlChannel):
         conn.send(type_, **fields)
     else:
@@ -245,7 +200,7 @@ def send(conn, type_: str, **fields) -> None:
 
 
 def recv(conn, timeout: float, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
-    """One message; ProtocolError on timeout, a bad frame, a bad MAC or a bad version; PeerClosed on EOF."""
+    """One message; ProtocolError on timeout, a bad frame or a bad version; PeerClosed on EOF."""
     if isinstance(conn, ControlChannel):
         return conn.recv(timeout, max_bytes)
     return decode(read_frame(conn, timeout, max_bytes))

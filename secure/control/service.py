@@ -68,8 +68,9 @@ def limits_from_args(args) -> Limits:
 
 
 class Service:
-    """Accepts control connections on host:port; for each, in a thread: TLS (if configured), the
-    token handshake, then `handler(channel)`.
+    """Accepts connections on host:port; for each, in a thread: the preface, then either the hand-over
+    of a party connection to its session's worker (`route`) or, for a control connection, the TLS
+    handshake and `handler(channel)`.
 
     Connections above the limits are refused with a `busy` answer before anything is read; a peer
     that fails the handshake never reaches the handler. `stop` ends the loop (SIGTERM/SIGINT set
