@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout", type=float, default=900.0,
                    help="seconds a session may run before it is stopped (default 900)")
     p.add_argument("--rendezvous-timeout", type=float, default=60.0,
-                   help="seconds the parties wait for each other at the rendezvous and for each message "
-                        "of the secure computation (default 60)")
+                   help="seconds the parties wait for their links to each other (or, with --engine crypten, at "
+                        "the rendezvous) and for each message of the secure computation (default 60)")
     p.add_argument("--dealer-timeout", type=float, default=30.0,
                    help="seconds to wait for the dealer, at startup and per session (default 30)")
     p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
