@@ -130,26 +130,6 @@ def consumers(ops: list[Op]) -> dict[int, list[int]]:
     return out
 
 
-CLASSIC_KINDS = ("input", "conv", "scale_shift", "relu", "add", "avgpool", "linear")
-
-
-def beyond_classic(ops: list[Op]) -> tuple[Op, str] | None:
-    """The first op outside the classic graph, with what it needs: the graph a ModelSpec network
-    exports (unmasked ReLUs, plain 2-D convolutions, per-channel scale_shift on images, global average
-    pooling) is all the CrypTen reference engine runs; traced modules (deepreduce.trace) can go beyond
-    it, and the fast engine runs every kind (its own check: secure.core.engine._check_runs)."""
-    for op in ops:
-        if op.kind not in CLASSIC_KINDS:
-            return op, op.kind
-        if op.mask is not None:
-            return op, "masked relu"
-        if op.groups not in (None, 1) or op.dilation not in (None, [1, 1]):
-            return op, "conv with groups or dilation"
-        if op.kind == "scale_shift" and len(op.shape) != 3:
-            return op, f"scale_shift on shape {op.shape}"
-    return None
-
-
 def walk(ops: list[Op], x, apply):
     """Evaluate the graph: apply(op, input_values) -> value; frees values after their last use."""
     last_use = {j: op.id for op in ops for j in op.inputs}

@@ -244,6 +244,7 @@ def test_maxpool_is_exact_with_a_tournament_of_hand_counted_relus(kernel, stride
     (layer,) = [lp for lp in profile.layers if lp.op == "maxpool"]
     assert layer.rounds == 2 * len(levels) * RELU_ROUNDS
     assert layer.relu_count == 0 and profile.relu_count == 0  # comparisons are not counted as ReLUs
+    assert layer.comparison_count == profile.comparison_count == pool.comparison_count * len(x)  # but apart
 
 
 # -- traced networks ----------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ def test_traced_networks_match_plaintext_with_hand_counted_rounds(zoo, name):
     profile = session.results[Role.CLIENT][1]
     assert profile.rounds == online(session)[2] == len(x) * per_query
     assert profile.relu_count == plan.relu_count * sum(len(b) for b in x)  # kept ReLUs; not max-pool comparisons
+    assert profile.comparison_count == plan.comparison_count * sum(len(b) for b in x)  # those apart
 
 
 def test_snl_masks_send_less_than_the_same_network_unmasked(zoo):

@@ -1,12 +1,15 @@
 """Bring your own model (issue #22), phase 1: any PyTorch CNN traced into the op graph
 (deepreduce.trace), its ReLU and max-pooling comparison counts by hand, its plan (secure.export_module)
-equal to PyTorch on real CIFAR-10 images, masked ReLUs in both forms, the one-line error for what a
-plan cannot hold, `deepreduce count/export --module`, and plans of ModelSpecs unchanged byte for byte."""
+equal to PyTorch on real CIFAR-10 images, masked ReLUs in both forms, the CrypTen reference engine on every
+kind those plans hold (against plaintext, with max-pool comparisons counted apart from ReLUs), the one-line
+error for what a plan cannot hold, `deepreduce count/export --module`, and plans of ModelSpecs unchanged byte
+for byte."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -21,15 +24,18 @@ from deepreduce.checkpoint import CIFAR10_MEAN, CIFAR10_STD, random_checkpoint
 from deepreduce.cli import main as cli_main
 from deepreduce.data import normalize
 from deepreduce.errors import UserError
-from deepreduce.graph import Op
+from deepreduce.graph import OP_KINDS, Op
 from deepreduce.masks import MaskedReLU
 from deepreduce.spec import ModelSpec
 from deepreduce.trace import comparison_count, count_module, relu_count, trace
+from secure.core.correlations import tournament
 from secure.core.party import Rendezvous
 from secure.core.export import plan_from_checkpoint
 from secure.core.plaintext import run_plaintext
 from secure.core.plan import PublicPlan, SecurePlan
-from secure.reference.engine import _run_party as crypten_party
+from secure.core.profiling import LayerProfile, Profile
+from secure.reference.engine import CRYPTEN_KINDS, _run_party as crypten_party
+from secure.tools.local import run_local_parties
 from support import models as M
 from support.env import CIFAR10_CLASSES, ROOT
 
@@ -284,27 +290,138 @@ def test_plan_validation_refuses_inconsistent_new_ops(tmp_path):
         SecurePlan.load(str(tmp_path / "bad.plan"))
 
 
-def test_crypten_engine_refuses_kinds_it_cannot_run_at_session_start():
-    """The fast engine runs all of these (tests/test_engine_ops.py); the CrypTen reference engine
-    refuses them before any rendezvous."""
-    def net(*layers):
-        return nn.Sequential(nn.Conv2d(3, 4, 3), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+# -- the CrypTen reference engine on every kind (secure/reference/engine.py) ----------------------------
 
-    for model, what in [(net(nn.MaxPool2d(2)), "'1' \\(maxpool\\)"),
-                        (net(MaskedReLU(torch.tensor([1, 0, 1, 1]))), "'1' \\(masked relu\\)"),
-                        (net(nn.Conv2d(4, 4, 3, groups=4)), "'1' \\(conv with groups or dilation\\)"),
-                        (net(nn.Conv2d(4, 4, 3, dilation=2)), "conv with groups or dilation"),
-                        (net(nn.AvgPool2d(2)), "avgpool2d"),
-                        (nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.Flatten(), nn.Linear(64, 2)), "reshape"),
-                        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.ReLU(),
-                                       nn.Linear(4, 2)), "avgpool read by a non-linear op"),
-                        (nn.Sequential(net(), nn.ReLU(), nn.BatchNorm1d(2), nn.Linear(2, 2)),
-                         "scale_shift on shape \\[2\\]")]:
-        public = secure.export_module(M.randomize_bn(model), torch.randn(2, *SHAPE), None).public_info()
-        if "avgpool read" not in what:  # the CrypTen engine averages in place: that one it runs
-            with pytest.raises(ValueError, match=f"crypten engine cannot run op .*{what}"):  # before any rendezvous
-                crypten_party("client", public, public.tensor_shapes, torch.zeros(1, *SHAPE), 1,
-                              Rendezvous("127.0.0.1", 1, 1.0), False)
+class EveryKind(nn.Module):
+    """Every kind the CrypTen engine once refused, in one tiny network: max pooling with padding and an odd
+    window (9 elements: one waits a tournament level), per-channel and per-pixel ReLU masks, depthwise and
+    dilated grouped convolutions, concat on images and on flat features, a constant scale and offset, a
+    2x2 average pool, a global average pool read by a ReLU, flatten, a batch-norm on flat features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.channels = MaskedReLU(torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 0]))
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.pixels = MaskedReLU(torch.rand(16, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.5)
+        self.avg = nn.AvgPool2d(2)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16 + 16 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = self.channels(self.pool(self.stem(x)))  # 8 x 8 x 8
+        x = torch.cat([self.depthwise(x), self.dilated(x)], 1)
+        x = self.avg(self.pixels(x) * 0.5 + 0.25)  # 16 x 4 x 4
+        g = self.bn(F.relu(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+        return self.fc(torch.cat([g, torch.flatten(F.max_pool2d(x, 2), 1)], 1))
+
+
+# The largest logit error, as the CrypTen tests of tests/test_runtime.py allow on their logits of order 1;
+# relative beyond that: CrypTen's 16-bit fixed point errs in proportion to the values (random deep networks
+# such as the ResNet-50 reach logits of order 100).
+CRYPTEN_TOLERANCE = 1e-2
+
+
+def assert_crypten_matches_plaintext(plan: SecurePlan, x: torch.Tensor, logits: torch.Tensor) -> None:
+    expected = run_plaintext(plan, x)
+    assert logits.dtype == torch.float64 and logits.shape == expected.shape
+    scale = max(1.0, expected.abs().max().item())
+    assert (logits - expected).abs().max().item() <= CRYPTEN_TOLERANCE * scale
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert expected.std().item() > 0.05  # not a degenerate all-equal output
+
+
+def crypten_run(plan: SecurePlan, x: torch.Tensor):
+    run = run_local_parties(plan, x, timeout_s=120, engine="crypten")
+    assert_crypten_matches_plaintext(plan, x, run.client.logits)
+    assert run.server.profile.engine == "crypten"
+    return run
+
+
+def assert_costs_follow_the_plan(plan: SecurePlan, profile, n: int) -> None:
+    """Each layer reports the plan's ReLUs and max-pool comparisons (the latter apart from the ReLUs); a
+    masked ReLU pays for its kept positions only and a max pool for its comparisons, at the same bytes each as
+    any ReLU; a max pool takes one ReLU run of rounds per tournament level. `profile`: the client's (the
+    server's also counts its requests to the dealer)."""
+    layers = {lp.name: lp for lp in profile.layers}
+    for op in plan.ops[1:]:
+        lp = layers[op.name]
+        assert (lp.relu_count, lp.comparison_count) == (op.relu_count * n, op.comparison_count * n), op.name
+    assert (profile.relu_count, profile.comparison_count) == (plan.relu_count * n, plan.comparison_count * n)
+    relus = [lp for lp in profile.layers if lp.op == "relu"]
+    (relu_rounds,) = {lp.rounds for lp in relus}
+    (per_relu,) = {round(lp.bytes_sent / lp.relu_count) for lp in relus}
+    for op in plan.ops:
+        if op.kind == "maxpool":
+            lp = layers[op.name]
+            assert lp.rounds == len(tournament(math.prod(op.kernel))) * relu_rounds
+            assert round(lp.bytes_sent / lp.comparison_count) == per_relu
+
+
+@pytest.mark.slow
+def test_crypten_engine_runs_every_kind_and_agrees_with_plaintext(cifar_x):
+    torch.manual_seed(0)
+    plan = secure.export_module(M.randomize_bn(EveryKind()), cifar_x[:2], None)
+    kinds = {op.kind for op in plan.ops}
+    assert {"maxpool", "concat", "scale", "avgpool2d", "avgpool", "reshape", "scale_shift"} <= kinds
+    assert any(op.groups and op.dilation for op in plan.ops) and any(op.groups == 8 for op in plan.ops)
+    masks = sorted(list(plan.tensors[op.mask].shape[1:]) for op in plan.ops if op.mask)
+    assert masks == [[1, 1], [8, 8]]  # a per-channel and a per-pixel mask
+    assert any(op.kind == "scale_shift" and len(op.shape) == 1 for op in plan.ops)
+    x = cifar_x[:2]
+    run = crypten_run(plan, x)
+    assert_costs_follow_the_plan(plan, run.client.profile, len(x))
+
+
+CRYPTEN_ARCHS = {  # the architectures above at small widths (scripts/any_model_table.py: the tests' widths)
+    "resnet18-snl-masks": lambda: M.resnet18(width=4, act=M.snl_act),
+    "resnet50": lambda: M.resnet50(width=4),
+    "vgg": lambda: M.vgg(width=4),
+    "mobilenet": lambda: M.mobilenet(width=4),
+    "concat": M.concatnet,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CRYPTEN_ARCHS))
+def test_crypten_engine_agrees_with_plaintext_on_traced_architectures(cifar_x, name):
+    plan = secure.export_module(CRYPTEN_ARCHS[name](), cifar_x[:2], None)
+    x = cifar_x[2:4]
+    run = crypten_run(plan, x)
+    assert_costs_follow_the_plan(plan, run.client.profile, len(x))
+
+
+def test_profiles_written_before_comparison_counts_still_load():
+    layers = [LayerProfile("pool", "maxpool", 0.5, 10, 20, 3, 0, comparison_count=8),
+              LayerProfile("relu", "relu", 0.5, 10, 20, 3, 4)]
+    profile = Profile.from_layers(layers, 1.0, 2, False, engine="fast")
+    assert (profile.relu_count, profile.comparison_count) == (4, 8)
+    old = json.loads(json.dumps(profile.to_dict()))
+    del old["comparison_count"]
+    for layer in old["layers"]:
+        del layer["comparison_count"]
+    loaded = Profile.from_dict(old)
+    assert loaded.comparison_count == 0 and [lp.comparison_count for lp in loaded.layers] == [0, 0]
+    assert loaded.relu_count == 4 and loaded.layers[1].relu_count == 4
+
+
+def test_crypten_engine_runs_every_kind_and_still_refuses_an_unknown_one_at_session_start():
+    assert set(CRYPTEN_KINDS) == set(OP_KINDS)
+    public = secure.export_module(nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.Flatten(), nn.Linear(64, 2)),
+                                  torch.randn(2, *SHAPE), None).public_info()
+    public.ops = [*public.ops[:-1], Op(len(public.ops) - 1, "softmax", "soft", [1], [64]), public.ops[-1]]
+    with pytest.raises(ValueError, match="crypten engine cannot run op 'soft' \\(softmax\\)"):  # before any rendezvous
+        crypten_party("client", public, public.tensor_shapes, torch.zeros(1, *SHAPE), 1,
+                      Rendezvous("127.0.0.1", 1, 1.0), False)
+    masked = secure.export_module(nn.Sequential(nn.Conv2d(3, 4, 3), MaskedReLU(torch.tensor([1, 0, 1, 1])),
+                                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+                                  torch.randn(2, *SHAPE), None).public_info()
+    masked.masks = {}  # a server too old to send them
+    with pytest.raises(ValueError, match="lacks the ReLU mask"):
+        crypten_party("client", masked, masked.tensor_shapes, torch.zeros(1, *SHAPE), 1,
+                      Rendezvous("127.0.0.1", 1, 1.0), False)
 
 
 # -- value range --------------------------------------------------------------------------------

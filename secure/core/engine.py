@@ -257,9 +257,9 @@ class Party:
             t0 = time.perf_counter()
             values[op.id] = self._op(op, [values[i] for i in op.inputs], mat, batch, images)
             sent, received, rounds = _delta(self.ch, before)
-            if op.kind != "input":
+            if op.kind != "input":  # a max pool's comparisons are their own kind, not ReLUs
                 layers.append(LayerProfile(op.name, op.kind, time.perf_counter() - t0, sent, received, rounds,
-                                           op.relu_count * batch))
+                                           op.relu_count * batch, op.comparison_count * batch))
             for i in op.inputs:
                 if max(self.consumers[i]) == op.id:
                     values.pop(i, None)
@@ -517,7 +517,8 @@ def _combine(results: list[QueryResult], ch: Channel, setup_s: float, images: in
         same = [r.layers[k] for r in results]
         layers.append(LayerProfile(layer.name, layer.op, sum(x.seconds for x in same),
                                    sum(x.bytes_sent for x in same), sum(x.bytes_received for x in same),
-                                   sum(x.rounds for x in same), sum(x.relu_count for x in same)))
+                                   sum(x.rounds for x in same), sum(x.relu_count for x in same),
+                                   sum(x.comparison_count for x in same)))
     profile = Profile.from_layers(layers, setup_s, images, insecure_tfp, engine="fast")
     offline = [ch.phases.get(name) for name in ("setup", "offline") if ch.phases.get(name)]
     return dataclasses.replace(profile, offline_s=setup_s + sum(r.offline_s for r in results),

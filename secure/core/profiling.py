@@ -18,6 +18,9 @@ class LayerProfile:
     bytes_received: int
     rounds: int
     relu_count: int  # ReLUs evaluated in this layer for the whole batch
+    # Max-pool comparisons of this layer for the whole batch: a kind of its own, not counted as ReLUs
+    # (default 0: profiles written before it load unchanged)
+    comparison_count: int = 0
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Profile:
     batch_size: int
     insecure_tfp: bool
     relu_count: int = 0  # ReLUs evaluated for the whole batch
+    comparison_count: int = 0  # max-pool comparisons for the whole batch
     offline_s: float = 0.0  # everything before the input is used: set-up, dealer correlations, precomputation
     offline_bytes: int = 0  # sent + received by this party before the input is used
     queries: int = 1  # batches in the session; the other figures sum over them
@@ -67,7 +71,8 @@ class Profile:
                    relu_s=sum(lp.seconds for lp in relu), linear_s=sum(lp.seconds for lp in other),
                    relu_bytes=_traffic(relu), linear_bytes=_traffic(other),
                    batch_size=batch_size, insecure_tfp=insecure_tfp,
-                   relu_count=sum(lp.relu_count for lp in layers), offline_s=setup_s, engine=engine)
+                   relu_count=sum(lp.relu_count for lp in layers),
+                   comparison_count=sum(lp.comparison_count for lp in layers), offline_s=setup_s, engine=engine)
 
     def summary(self) -> str:
         mode = "INSECURE TFP (no dealer)" if self.insecure_tfp else "with dealer"
