@@ -50,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="batch 1, fewer repeats, the full ResNet18 and one model under 100K ReLUs")
     p.add_argument("--engine", help="this runtime's engine (default: the runtime's default)")
+    p.add_argument("--link", metavar="rtt=20ms,rate=100mbit",
+                   help="run this runtime over an EMULATED link (secure.tools.linkemu: delay and rate between the "
+                        "parties); stock CrypTen is then skipped. `lan` (default): no emulation")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds any party may wait for a peer (rendezvous, each message)")
     p.add_argument("--json-out", metavar="FILE", help="write the report as JSON")
@@ -136,9 +139,10 @@ def cmd_predict(args) -> None:
 
 def cmd_bench(args) -> None:
     from secure.tools.bench import BenchSettings, bench_command
+    from secure.tools.linkemu import parse_link
     settings = BenchSettings(frontier=args.frontier, spec_files=args.spec_files or [], full=not args.no_full,
                              batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                             quick=args.quick, engine=args.engine, timeout_s=args.timeout,
+                             quick=args.quick, engine=args.engine, link=parse_link(args.link), timeout_s=args.timeout,
                              json_out=args.json_out, plot=args.plot, progress=not args.no_progress)
     bench_command(settings, argv=getattr(args, "argv", None))
 

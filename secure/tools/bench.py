@@ -16,6 +16,12 @@ online latency per image (median over the repeats), offline time per image, onli
 online time, ``speedup`` = stock online_s / ours online_s, and LAN/WAN projections
 (`secure.tools.netmodel`). Both runtimes' logits are checked against the plaintext PyTorch model
 (``max_abs_error``).
+
+With an emulated link (`BenchSettings.link`, `deepreduce bench --link rtt=20ms,rate=100mbit`;
+`secure.tools.linkemu`) ours runs over that link and stock is skipped (CrypTen meets over gloo, whose
+sockets the relay cannot carry); the report says so in its tables and JSON ("link"), and has no
+projections (they project loopback figures; `python -m secure.measure --link` puts an emulated run next
+to its projection).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from deepreduce.spec import ModelSpec
 
 from secure.core.export import plan_from_checkpoint
 from secure.core.plan import SecurePlan
-from secure.core.runtime import ENGINES
+from secure.core.runtime import DEFAULT_ENGINE, ENGINES
+from secure.tools.linkemu import LAN, Link
 from secure.tools.stock import plaintext_logits, run_stock_local
 
 try:  # the latency model for real networks (optional: projections are skipped without it)
@@ -171,11 +178,13 @@ def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: f
 
 
 def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
-                 engine: str | None = None, warmup: int = DEFAULT_WARMUP) -> dict:
+                 engine: str | None = None, warmup: int = DEFAULT_WARMUP, link: Link = LAN) -> dict:
     """`warmup` + `repeats` sessions of the project's runtime, one batch each, the first `warmup`
-    not counted; figures of the server party."""
+    not counted; figures of the server party. `link`: an emulated link between the parties (LAN: none)."""
     from secure.tools.local import run_local_parties
     kwargs = {"engine": engine} if engine else {}
+    if link.emulated:
+        kwargs["link"] = link
     online, servers, offline, error, engines = [], [], [], 0.0, set()
     for r, x in enumerate(bench_inputs(model.spec, batch_size, warmup + repeats)):
         run = run_local_parties(model.plan, x, timeout_s=timeout_s, **kwargs)
@@ -190,7 +199,7 @@ def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: fl
         engines.add(p.engine)
     return _figures(online, servers, statistics.median(offline), batch_size, error,
                     extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1, "warmup": warmup,
-                           "online_measured_at": "server"})
+                           "online_measured_at": "server", "link": link.to_dict()})
 
 
 def _figures(online: list[float], servers: list[dict], offline_s: float, batch_size: int, error: float,
@@ -221,10 +230,18 @@ def projections(figures: dict, batch_size: int) -> dict:
             for name, link in PROJECTIONS.items()}
 
 
+STOCK_SKIPPED = ("skipped: stock CrypTen meets over gloo, whose sockets the link emulator cannot relay; "
+                 "only this runtime ran over the emulated link")
+
+
 def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, timeout_s: float = 300,
-              engine: str | None = None, progress: bool = True, log=print, warmup: int = DEFAULT_WARMUP) -> dict:
+              engine: str | None = None, progress: bool = True, log=print, warmup: int = DEFAULT_WARMUP,
+              link: Link = LAN) -> dict:
     """Measure every model at every batch size with both runtimes; returns the report document
-    (without "command" and "machine", which `bench_command` adds)."""
+    (without "command" and "machine", which `bench_command` adds). With an emulated `link`, ours runs
+    over it and stock is skipped (recorded as {"skipped": reason})."""
+    if link.emulated and (engine or DEFAULT_ENGINE) != "fast":
+        raise UserError(f"--link emulates the fast engine's links only; --engine {engine} meets over gloo")
     started = time.perf_counter()
     entries, failures = [], []
     jobs = [(m, b) for m in models for b in batch_sizes]
@@ -238,8 +255,12 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
             for runtime in RUNTIMES:
                 bar.set_description(f"{model.name} b{batch} {runtime}")
                 try:
-                    if runtime == "stock":
+                    if runtime == "stock" and link.emulated:
+                        entry[runtime] = {"skipped": STOCK_SKIPPED}
+                    elif runtime == "stock":
                         entry[runtime] = measure_stock(model, batch, repeats, timeout_s, warmup)
+                    elif link.emulated:
+                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup, link=link)
                     else:
                         entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup)
                 except (RuntimeError, OSError) as exc:  # SecureSessionError: a party failed or timed out
@@ -249,7 +270,7 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
                     log(f"warning: {model.name} batch {batch} {runtime} failed: {message[:300]}")
                 bar.update(1)
             stock, ours = entry["stock"], entry["ours"]
-            ok = "error" not in stock and "error" not in ours
+            ok = _ran(stock) and _ran(ours)
             entry["speedup"] = stock["online_s"] / ours["online_s"] if ok and ours["online_s"] > 0 else None
             entry["projections"] = {}
             if ok:
@@ -261,10 +282,14 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
     finally:
         bar.close()
     return {"format_version": BENCH_FORMAT_VERSION, "kind": BENCH_KIND,
+            "link": link.to_dict(),
             "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup, "timeout_s": timeout_s,
                          "engine": engine or "runtime default",
+                         "link": link.spec,
                          "setting": "semi-honest, 2 parties + dealer (stock: CrypTen TTP), all on 127.0.0.1, "
-                                    "one process per party",
+                                    "one process per party"
+                                    + (f"; {link.describe()} between the parties (ours only; stock skipped)"
+                                       if link.emulated else ""),
                          "stock": "crypten.nn.from_pytorch (batch-norm in), model.encrypt(src=0), input src=1; "
                                   "one session, `warmup` + `repeats` queries, the first `warmup` not counted; "
                                   "online at the client",
@@ -281,12 +306,22 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
 
 # -- reports ------------------------------------------------------------------------------------------
 
+def _ran(d: dict) -> bool:
+    return "error" not in d and "skipped" not in d
+
+
+def link_line(doc: dict) -> str:
+    """The first line of every table: which link the figures were measured on."""
+    link = doc.get("link") or LAN.to_dict()
+    return f"link: {link['description']}" + (" -- stock CrypTen skipped" if link.get("emulated") else "")
+
+
 def format_table(doc: dict) -> str:
     head = (f"{'model':<22} {'ReLUs':>9} {'batch':>5} | {'online s/img':>25} {'speedup':>8} | "
             f"{'offline s/img':>15} | {'MB/img':>15} | {'rounds/batch':>13} | {'ReLU share':>11}")
     sub = (f"{'':<22} {'':>9} {'':>5} | {'stock':>12} {'ours':>12} {'':>8} | {'stock':>7} {'ours':>7} | "
            f"{'stock':>7} {'ours':>7} | {'stock':>6} {'ours':>6} | {'stock':>5} {'ours':>5}")
-    lines = [head, sub, "-" * len(head)]
+    lines = [link_line(doc), head, sub, "-" * len(head)]
     for e in doc["models"]:
         s, o = e["stock"], e["ours"]
         lines.append(f"{e['name'][:22]:<22} {e['relu_count']:>9,} {e['batch_size']:>5} | "
@@ -300,6 +335,9 @@ def format_table(doc: dict) -> str:
 
 
 def format_projections(doc: dict) -> str:
+    if (doc.get("link") or {}).get("emulated"):
+        return ("(no LAN/WAN projections: this run was measured over an EMULATED link; "
+                "`python -m secure.measure --link ...` puts an emulated run next to its projection)")
     names = list(doc.get("links", {}))
     if not names:
         return "(no LAN/WAN projections: secure.tools.netmodel is not available)"
@@ -320,7 +358,7 @@ def format_projections(doc: dict) -> str:
 
 
 def _f(d: dict, key: str, fmt: str) -> str:
-    return "failed" if "error" in d else _num(d.get(key), fmt)
+    return "failed" if "error" in d else "skipped" if "skipped" in d else _num(d.get(key), fmt)
 
 
 def _num(value, fmt: str, suffix: str = "") -> str:
@@ -342,7 +380,7 @@ def plot_bench(doc: dict, path: str) -> None:
         color, marker = styles[runtime]
         for i, batch in enumerate(batches):
             points = sorted((max(1, e["relu_count"]), e[runtime]["online_s"], e["name"]) for e in doc["models"]
-                            if e["batch_size"] == batch and "error" not in e[runtime])
+                            if e["batch_size"] == batch and _ran(e[runtime]))
             if not points:
                 continue
             label = f"{'stock CrypTen' if runtime == 'stock' else 'this runtime'}, batch {batch}"
@@ -357,7 +395,9 @@ def plot_bench(doc: dict, path: str) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("ReLUs per image (log scale; 0 drawn at 1)")
     ax.set_ylabel("online latency per image (s, log scale)")
-    ax.set_title("Private inference: stock CrypTen vs this runtime (2 parties + dealer, loopback)")
+    link = doc.get("link") or {}
+    ax.set_title("Private inference: stock CrypTen vs this runtime (2 parties + dealer, "
+                 + (f"EMULATED link {link['spec']})" if link.get("emulated") else "loopback)"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -418,6 +458,7 @@ class BenchSettings:
     warmup: int | None = None
     quick: bool = False
     engine: str | None = None  # this runtime's engine; None: the runtime's default
+    link: Link = LAN  # an emulated link between the parties (secure.tools.linkemu); LAN: none
     timeout_s: float = 300.0
     json_out: str | None = None
     plot: str | None = None
@@ -441,6 +482,10 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
         raise UserError("pass either --frontier DIR or --spec FILE, not both")
     if args.engine and args.engine not in ENGINES:
         raise UserError(f"unknown --engine {args.engine!r}: choose one of {', '.join(ENGINES)}")
+    if not isinstance(args.link, Link):
+        raise TypeError(f"BenchSettings.link must be a secure.tools.linkemu.Link, got {type(args.link).__name__}")
+    if args.link.emulated and (args.engine or DEFAULT_ENGINE) != "fast":
+        raise UserError(f"--link emulates the fast engine's links only; --engine {args.engine} meets over gloo")
     for path in (args.json_out, args.plot):
         _check_writable(path)
     full = args.full
@@ -453,11 +498,12 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
     if not models:
         raise UserError("no models to benchmark (--no-full without --spec or --frontier)")
     log(f"benchmarking {len(models)} model(s) x batch {','.join(map(str, batch_sizes))}, {repeats} repeat(s) each "
-        f"after {warmup} warm-up: "
+        f"after {warmup} warm-up, {args.link.describe()}"
+        + (" (stock CrypTen skipped)" if args.link.emulated else "") + ": "
         + ", ".join(f"{m.name} ({m.relu_count:,} ReLUs)" for m in models))
     machine = machine_info()
     doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout_s, engine=args.engine,
-                    progress=args.progress, log=log, warmup=warmup)
+                    progress=args.progress, log=log, warmup=warmup, link=args.link)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     command = "deepreduce " + (shlex.join(argv) if argv is not None else "bench")
     doc = {"format_version": doc.pop("format_version"), "kind": doc.pop("kind"), "command": command,

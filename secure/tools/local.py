@@ -4,7 +4,12 @@ tests, `secure.measure`, `secure.agreement` and `deepreduce bench`.
 The fast engine meets over the same TLS links as the roles (`secure.transport.meeting`): this process
 listens for the server and the dealer and hands each accepted connection to that party's process, as
 pi-server and pi-dealer do; the credentials are derived from a fresh secret (single-operator trust).
-The CrypTen reference engine meets over gloo at a rendezvous port, as it does between the roles."""
+The CrypTen reference engine meets over gloo at a rendezvous port, as it does between the roles.
+
+`link=` (a `secure.tools.linkemu.Link`, e.g. `parse_link("rtt=20ms,rate=100mbit")`) puts an emulated link
+between the parties: the listeners relay each accepted connection to its party through a delaying,
+rate-limiting `linkemu.Relay` instead of handing it over as it is. Fast engine only (gloo's own sockets
+cannot be relayed here); bytes and rounds do not change, only the timing."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,15 +38,18 @@ from secure.transport import TransportError
 from secure.transport.credentials import PartyIdentity, new_secret
 from secure.transport.meeting import Meeting
 from secure.transport.preface import read_preface, send_connection
+from secure.tools.linkemu import LAN, Link, Relay, tcp_pair
 
 __all__ = ["LocalRun", "run_local", "run_local_parties", "run_processes"]
 
 
 def run_local(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False, port: int | None = None,
-              timeout_s: float = 60, engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> PartyResult:
+              timeout_s: float = 60, engine: str = DEFAULT_ENGINE, batch_size: int | None = None,
+              link: Link = LAN) -> PartyResult:
     """Run server, client and dealer (no dealer with TFP) as fresh processes on 127.0.0.1 and
     return the client's result."""
-    return run_local_parties(plan, images, insecure_tfp, port, timeout_s, engine=engine, batch_size=batch_size).client
+    return run_local_parties(plan, images, insecure_tfp, port, timeout_s, engine=engine, batch_size=batch_size,
+                             link=link).client
 
 
 @dataclass
@@ -50,17 +58,26 @@ class LocalRun:
     client: PartyResult
     dealer: dict | None  # {"bytes_sent", "bytes_received"}; None with TFP
     pids: dict  # role -> process id: every party ran in its own process
+    link: Link = LAN  # the emulated link between the parties (LAN: none)
+    relays: list = field(default_factory=list)  # with an emulated link: each relay's accounting (linkemu)
 
 
 def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False,
                       port: int | None = None, timeout_s: float = 60, client_public: PublicPlan | None = None,
-                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None) -> LocalRun:
+                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None, link: Link = LAN) -> LocalRun:
     """Like run_local, but returns every party's outcome. `client_public` gives the client another
     public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
-    `images` into several queries of one session (fast engine); by default they are one batch."""
+    `images` into several queries of one session (fast engine); by default they are one batch.
+    `link`: an emulated link between the parties (fast engine only; default LAN: none). The returned
+    `LocalRun.link` records it, `LocalRun.relays` each relayed connection's byte and time accounting."""
     get_engine(engine)  # an unknown name fails here, before any process starts
+    if not isinstance(link, Link):
+        raise TypeError(f"link must be a secure.tools.linkemu.Link, got {type(link).__name__}")
+    if link.emulated and engine != "fast":
+        raise ValueError(f"link emulation relays the fast engine's TLS links only; the {engine!r} engine meets "
+                         "over gloo (use engine='fast' or no link)")
     roles = ["server", "client"] + ([] if insecure_tfp else ["dealer"])
-    listeners = _Listeners([r for r in ("server", "dealer") if r in roles]) if engine == "fast" else None
+    listeners = _Listeners([r for r in ("server", "dealer") if r in roles], link) if engine == "fast" else None
     meet = (lambda role: listeners.meeting(role, timeout_s)) if listeners else \
         (lambda role, rdv=Rendezvous("127.0.0.1", port or free_port(), timeout_s): rdv)
     ctx = multiprocessing.get_context("spawn")
@@ -78,7 +95,8 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
                  for role in roles}
         outcomes, pids = run_processes(procs, results, timeout_s)
     return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
-                    dealer=outcomes.get("dealer"), pids=pids)
+                    dealer=outcomes.get("dealer"), pids=pids, link=link,
+                    relays=listeners.relay_stats() if listeners else [])
 
 
 def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
@@ -118,11 +136,15 @@ def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, r
 
 class _Listeners:
     """The server's and the dealer's listening sockets of one local session, on 127.0.0.1: a thread per
-    socket reads each connection's preface and hands the connection to that party's process."""
+    socket reads each connection's preface and hands the connection to that party's process. With an
+    emulated `link`, the party gets one end of a fresh TCP pair instead, and a `linkemu.Relay` carries
+    the bytes between the accepted connection and the pair's other end."""
 
-    def __init__(self, roles: list[str]):
+    def __init__(self, roles: list[str], link: Link = LAN):
         self.session_id, self.secret = secrets.token_bytes(16), new_secret()
         self.roles = roles
+        self.link = link
+        self.relays: list[tuple[str, str, Relay]] = []  # (listening role, connecting role, relay)
         self._socks = {role: socket.create_server(("127.0.0.1", 0)) for role in roles}
         self._pairs = {role: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for role in roles}
         self._stop = threading.Event()
@@ -148,9 +170,22 @@ class _Listeners:
             except (socket.timeout, OSError):
                 continue
             try:
-                send_connection(self._pairs[role][0], conn, read_preface(conn, 10.0, f"the local {role}"))
+                preface = read_preface(conn, 10.0, f"the local {role}")
+                if self.link.emulated:
+                    near, far = tcp_pair()
+                    relay = Relay(conn, near, self.link, name=f"{preface.role}->{role}")
+                    self.relays.append((role, preface.role, relay))
+                    relay.start()
+                    conn = far  # the party's end of the emulated link
+                send_connection(self._pairs[role][0], conn, preface)
             except (TransportError, OSError):
                 conn.close()
+
+    def relay_stats(self) -> list[dict]:
+        """Each relayed connection: who dialled whom, and both directions' accounting (a->b: from the
+        connecting party to the listening one)."""
+        return [{"listener": listener, "connector": connector, **relay.stats()}
+                for listener, connector, relay in self.relays]
 
     def __enter__(self) -> "_Listeners":
         return self
@@ -159,6 +194,9 @@ class _Listeners:
         self._stop.set()
         for t in self._threads:
             t.join(2.0)
+        for _, _, relay in self.relays:  # the parties have ended: their links with them
+            relay.join(2.0)
+            relay.close()
         for sock in (*self._socks.values(), *(s for pair in self._pairs.values() for s in pair)):
             sock.close()
 

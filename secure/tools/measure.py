@@ -2,9 +2,15 @@
 
     python -m secure.tools.measure --plan MODEL.plan [--batch-size B] [--repeats R] [--json-out FILE]
     python -m secure.tools.measure --alpha 1 [spec flags as in `deepreduce count`]    # random weights
+    python -m secure.tools.measure --plan MODEL.plan --link rtt=20ms,rate=100mbit --repeats 5   # emulated link
 
 Runs dealer, server and client as fresh processes on 127.0.0.1 (`run_local_parties`) on real-shaped
 random inputs (cost does not depend on pixel values) and prints the server party's figures.
+
+`--link rtt=20ms,rate=100mbit` measures over an EMULATED link (`secure.tools.linkemu`: a relay between the
+parties that delays and paces every link) and, alternating with it, on plain loopback: the report shows
+both, `secure.tools.netmodel`'s projection of the loopback profile onto that link, and the emulated
+latency's error against it. `--link lan` (the default) is no emulation.
 """
 
 from __future__ import annotations
@@ -16,25 +22,46 @@ import sys
 import torch
 
 from deepreduce.cli import add_spec_args, spec_from_args
-from deepreduce.errors import exit_status
+from deepreduce.errors import UserError, exit_status
 from deepreduce.fileio import atomic_write_json
 
 from secure.core.export import plan_from_checkpoint
 from secure.core.plan import SecurePlan
 from deepreduce.checkpoint import random_checkpoint
 from secure.core.runtime import DEFAULT_ENGINE, ENGINES
+from secure.tools.linkemu import LAN, Link, parse_link
 from secure.tools.local import run_local_parties
+from secure.tools.netmodel import predict_latency
+
+
+def _inputs(plan: SecurePlan, batch_size: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch_size, *plan.input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _timeout(link: Link) -> float:
+    """Seconds a party may wait for a peer: the harness's 60 s, more on a slow emulated link (the dealer's
+    correlations of a large plan are one message of up to a few hundred MB)."""
+    return 60.0 if link.rate_bps is None else max(60.0, 60.0 * 1e8 / link.rate_bps)
 
 
 def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecure_tfp: bool = False,
-                 engine: str = DEFAULT_ENGINE) -> dict:
-    runs = []
-    for seed in range(repeats):
-        x = torch.randn(batch_size, *plan.input_shape, generator=torch.Generator().manual_seed(seed))
-        runs.append(run_local_parties(plan, x, insecure_tfp=insecure_tfp, engine=engine).server.profile)
+                 engine: str = DEFAULT_ENGINE, link: Link = LAN) -> dict:
+    """The server party's figures, times the median of `repeats` sessions. `link`: an emulated link
+    between the parties (`secure.tools.linkemu`; default LAN: plain loopback); the result's "link" says
+    which, and whether it was emulated."""
+    runs = [run_local_parties(plan, _inputs(plan, batch_size, seed), insecure_tfp=insecure_tfp, engine=engine,
+                              link=link, timeout_s=_timeout(link)).server.profile for seed in range(repeats)]
+    return summarise(plan, runs, batch_size, insecure_tfp, engine, link)
+
+
+def summarise(plan: SecurePlan, runs: list, batch_size: int, insecure_tfp: bool, engine: str,
+              link: Link = LAN) -> dict:
+    """measure_cost's figures from the server party's profiles of several sessions."""
     p = runs[0]
+    repeats = len(runs)
     online = statistics.median(r.online_s for r in runs)
-    return {"relu_count": plan.relu_count, "batch_size": batch_size, "repeats": repeats, "insecure_tfp": insecure_tfp,
+    return {"link": link.to_dict(),
+            "relu_count": plan.relu_count, "batch_size": batch_size, "repeats": repeats, "insecure_tfp": insecure_tfp,
             "engine": engine, "offline_s": statistics.median(r.offline_s for r in runs),
             "offline_mb": p.offline_bytes / 1e6,
             "online_s_per_image": online / batch_size, "setup_s": statistics.median(r.setup_s for r in runs),
@@ -42,7 +69,54 @@ def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecu
             "mb_sent_per_image": p.bytes_sent / 1e6 / batch_size,
             "mb_received_per_image": p.bytes_received / 1e6 / batch_size,
             "rounds": p.rounds, "relu_mb": p.relu_bytes / 1e6, "linear_mb": p.linear_bytes / 1e6,
+            "online_s_runs": [r.online_s / batch_size for r in runs],
             **_session_traffic(p)}
+
+
+def measure_link(plan: SecurePlan, link: Link, batch_size: int = 1, repeats: int = 5, insecure_tfp: bool = False,
+                 engine: str = DEFAULT_ENGINE) -> dict:
+    """The cost over the emulated `link` next to its projection: `repeats` sessions on loopback and
+    `repeats` over the link, alternating (the same inputs for both), then secure.tools.netmodel's
+    projection of the loopback profile onto the link and the emulated latency's error against it.
+    Returns the emulated run's measure_cost figures plus "loopback", "projection" and
+    "same_bytes_and_rounds" (online bytes and rounds are exact counts: they must not change)."""
+    if not link.emulated:
+        raise ValueError("measure_link needs an emulated link (rtt and/or rate), not LAN")
+    loop, emu = [], []
+    for seed in range(repeats):
+        x = _inputs(plan, batch_size, seed)
+        for runs, lk in ((loop, LAN), (emu, link)) if seed % 2 == 0 else ((emu, link), (loop, LAN)):
+            runs.append(run_local_parties(plan, x, insecure_tfp=insecure_tfp, engine=engine, link=lk,
+                                          timeout_s=_timeout(lk)).server.profile)
+    loopback = summarise(plan, loop, batch_size, insecure_tfp, engine, LAN)
+    result = summarise(plan, emu, batch_size, insecure_tfp, engine, link)
+    projected = predict_latency(loopback, link.rate_bps or float("inf"), link.rtt_s) / batch_size
+    measured = result["online_s_per_image"]
+    same = all((r.bytes_sent, r.bytes_received, r.rounds) == (loop[0].bytes_sent, loop[0].bytes_received,
+                                                              loop[0].rounds) for r in loop + emu)
+    result.update(
+        loopback=loopback,
+        projection={"model": "secure.tools.netmodel.predict_latency(loopback profile, rate, rtt) / batch: "
+                             "compute + rounds x rtt + wire bytes x 8 / rate",
+                    "online_s_per_image": projected,
+                    "rounds_x_rtt_s": loopback["rounds"] * link.rtt_s,
+                    "transfer_s": projected - loopback["online_s_per_image"] - loopback["rounds"] * link.rtt_s
+                    / batch_size},
+        emulated_minus_loopback_s=measured - loopback["online_s_per_image"],
+        error=(measured - projected) / projected if projected > 0 else None,
+        same_bytes_and_rounds=same)
+    return result
+
+
+def format_result(result: dict, label: str = "") -> str:
+    return (f"{label:<10} {result['relu_count']:>9,} {result['online_s_per_image']:>12.3f} {result['setup_s']:>8.2f} "
+            f"{100 * result['relu_share']:>9.0f}% {result['mb_sent_per_image']:>8.2f} "
+            f"{result['mb_received_per_image']:>8.2f} {result['rounds']:>7}"
+            + ("   (INSECURE TFP)" if result["insecure_tfp"] else ""))
+
+
+HEADER = (f"{'link':<10} {'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} {'MB sent':>8} "
+          f"{'MB recv':>8} {'rounds':>7}")
 
 
 def _session_traffic(p) -> dict:
@@ -68,18 +142,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--insecure-tfp", action="store_true", help="no dealer (benchmark only)")
     parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+    parser.add_argument("--link", metavar="rtt=20ms,rate=100mbit",
+                        help="measure over an EMULATED link (secure.tools.linkemu), alternating with loopback "
+                             "runs, next to the latency model's projection; `lan` (default): no emulation")
     parser.add_argument("--json-out")
     return exit_status(_run, parser.parse_args(argv))
 
 
 def _run(args) -> None:
+    link = parse_link(args.link)  # a bad --link is one `error:` line, before any work
+    if link.emulated and args.engine != "fast":
+        raise UserError(f"--link emulates the fast engine's links only; --engine {args.engine} meets over gloo")
+    if args.batch_size < 1 or args.repeats < 1:
+        raise UserError("--batch-size and --repeats must be at least 1")
     plan = SecurePlan.load(args.plan) if args.plan else plan_from_checkpoint(random_checkpoint(spec_from_args(args)))
-    result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
-    print(f"{'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} {'MB sent':>8} {'MB recv':>8} {'rounds':>7}")
-    print(f"{result['relu_count']:>9,} {result['online_s_per_image']:>12.2f} {result['setup_s']:>8.2f} "
-          f"{100 * result['relu_share']:>9.0f}% {result['mb_sent_per_image']:>8.1f} "
-          f"{result['mb_received_per_image']:>8.1f} {result['rounds']:>7}"
-          + ("   (INSECURE TFP)" if args.insecure_tfp else ""))
+    if not link.emulated:
+        result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
+        print(f"link: {link.describe()}")
+        print(HEADER)
+        print(format_result(result, "loopback"))
+    else:
+        result = measure_link(plan, link, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
+        p = result["projection"]
+        print(f"link: {link.describe()}; {args.repeats} session(s) each, alternating with loopback, medians")
+        print(HEADER)
+        print(format_result(result["loopback"], "loopback"))
+        print(format_result(result, "EMULATED"))
+        error = "-" if result["error"] is None else f"{100 * result['error']:+.1f}%"
+        print(f"projected (secure.tools.netmodel, loopback profile onto {link.spec}): {p['online_s_per_image']:.3f} "
+              f"s/img (rounds x rtt {p['rounds_x_rtt_s']:.3f} s, transfer {p['transfer_s']:.3f} s); "
+              f"emulated {result['online_s_per_image']:.3f} s/img, error {error}; bytes and rounds "
+              + ("identical with and without emulation" if result["same_bytes_and_rounds"] else "DIFFER (a bug)"))
     if args.json_out:
         atomic_write_json(args.json_out, result)
 
