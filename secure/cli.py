@@ -43,6 +43,9 @@ def register(sub) -> None:
                         "--out DIR` (default: the golden DeepReDuce specs with random weights)")
     models.add_argument("--spec", dest="spec_files", action="append", metavar="FILE.json",
                         help="benchmark this ModelSpec with random weights (repeatable)")
+    models.add_argument("--plan", dest="plan_files", action="append", metavar="M.plan",
+                        help="benchmark this secure plan as it is, e.g. an exported PyTorch module (repeatable); the "
+                             "baseline is then CrypTen's MPC tensors on the plan (the reference engine)")
     p.add_argument("--no-full", action="store_true", help="leave out the full ResNet18 (alpha 1)")
     p.add_argument("--batch-sizes", type=int_list, help="default 1,8 (--quick: 1)")
     p.add_argument("--repeats", type=int, help="runs per model and batch size, median reported (default 3, --quick 2)")
@@ -140,7 +143,8 @@ def cmd_predict(args) -> None:
 def cmd_bench(args) -> None:
     from secure.tools.bench import BenchSettings, bench_command
     from secure.tools.linkemu import parse_link
-    settings = BenchSettings(frontier=args.frontier, spec_files=args.spec_files or [], full=not args.no_full,
+    settings = BenchSettings(frontier=args.frontier, spec_files=args.spec_files or [], plan_files=args.plan_files or [],
+                             full=not args.no_full,
                              batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
                              quick=args.quick, engine=args.engine, link=parse_link(args.link), timeout_s=args.timeout,
                              json_out=args.json_out, plot=args.plot, progress=not args.no_progress)

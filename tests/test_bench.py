@@ -141,6 +141,28 @@ def test_bench_command_writes_the_issue_schema(tmp_path, capsys):
     assert "tiny" in out and "speedup" in out and "LAN" in out
 
 
+@pytest.mark.slow
+def test_bench_takes_a_plan_file_with_the_reference_engine_as_baseline(tmp_path, capsys):
+    """An exported PyTorch module (max pooling: comparisons) has no ModelSpec: its baseline is CrypTen's MPC
+    tensors on the same plan, and both runtimes agree with the plan in plaintext."""
+    import secure
+    from support.models import randomize_bn, vgg
+    plan_path = tmp_path / "vgg.plan"
+    plan = secure.export_module(randomize_bn(vgg(width=4)), torch.randn(2, 3, 32, 32), str(plan_path))
+    out_json = tmp_path / "bench.json"
+    rc, out, err = run(capsys, "bench", "--plan", str(plan_path), "--batch-sizes", "1", "--repeats", "1",
+                       "--warmup", "0", "--timeout", "180", "--json-out", str(out_json), "--no-progress")
+    assert rc == 0, out + err
+    (entry,) = json.loads(out_json.read_text())["models"]
+    assert entry["name"] == "vgg" and entry["spec"] is None and entry["plan_hash"] == plan.plan_hash
+    assert entry["relu_count"] == plan.relu_count and entry["comparison_count"] == plan.comparison_count > 0
+    assert entry["stock"]["baseline"] == "reference engine" and entry["stock"]["engine"] == "crypten"
+    assert entry["ours"]["engine"] == "fast"
+    for runtime in ("stock", "ours"):
+        assert entry[runtime]["max_abs_error"] <= TOLERANCE
+    assert entry["speedup"] > 0
+
+
 # -- without processes: figures, speedup, reports, model sets, errors ----------------------------------
 
 def fake_figures(online: float, mb: float = 2.0, rounds: int = 10) -> dict:
@@ -227,6 +249,7 @@ def test_frontier_models(tmp_path):
     (["--engine", "warp"], "unknown --engine 'warp'"),
     (["--frontier", "/nonexistent/run"], "frontier.json does not exist"),
     (["--spec", "/nonexistent/spec.json"], "cannot read spec file"),
+    (["--plan", "/nonexistent/m.plan"], "plan /nonexistent/m.plan does not exist"),
     (["--json-out", "{tmp}/a-file/x.json"], "a-file is not a writable directory"),
 ])
 def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, message):

@@ -17,6 +17,10 @@ online time, ``speedup`` = stock online_s / ours online_s, and LAN/WAN projectio
 (`secure.tools.netmodel`). Both runtimes' logits are checked against the plaintext PyTorch model
 (``max_abs_error``).
 
+With `--plan M.plan` (plans from `deepreduce export`, e.g. any PyTorch CNN via `--module`) there is no
+PyTorch model for stock CrypTen's `from_pytorch`: the baseline column is then CrypTen's MPC tensors on the
+same plan (the reference engine, `engine="crypten"`), and both are checked against the plan in plaintext.
+
 With an emulated link (`BenchSettings.link`, `deepreduce bench --link rtt=20ms,rate=100mbit`;
 `secure.tools.linkemu`) ours runs over that link and stock is skipped (CrypTen meets over gloo, whose
 sockets the relay cannot carry); the report says so in its tables and JSON ("link"), and has no
@@ -47,6 +51,7 @@ from deepreduce.relus import relu_count
 from deepreduce.spec import ModelSpec
 
 from secure.core.export import plan_from_checkpoint
+from secure.core.plaintext import run_plaintext
 from secure.core.plan import SecurePlan
 from secure.core.runtime import DEFAULT_ENGINE, ENGINES
 from secure.tools.linkemu import LAN, Link
@@ -79,18 +84,30 @@ QUICK_GOLDEN = ("s2s3-thin",)
 @dataclass
 class BenchModel:
     name: str
-    checkpoint: Checkpoint  # batch-norm in: the stock path runs it as is, ours exports its plan
-    source: str  # "random weights (seed N)" or the checkpoint path
+    checkpoint: Checkpoint | None  # batch-norm in: the stock path runs it as is, ours exports its plan
+    source: str  # "random weights (seed N)", the checkpoint path, or the plan path
     accuracy: float | None = None  # frontier models: test accuracy in percent
-    _plan: SecurePlan | None = field(default=None, repr=False)
+    _plan: SecurePlan | None = field(default=None, repr=False)  # given for plan files (no checkpoint)
 
     @property
-    def spec(self) -> ModelSpec:
-        return self.checkpoint.spec
+    def spec(self) -> ModelSpec | None:
+        return self.checkpoint.spec if self.checkpoint is not None else None
 
     @property
     def relu_count(self) -> int:
-        return relu_count(self.spec)
+        return relu_count(self.spec) if self.spec is not None else self.plan.relu_count
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        if self.spec is None:
+            return tuple(self.plan.input_shape)
+        return self.spec.in_channels, self.spec.input_size, self.spec.input_size
+
+    def plaintext(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference logits: the PyTorch model, or the plan in plaintext for a plan file."""
+        if self.checkpoint is not None:
+            return plaintext_logits(self.checkpoint, x)
+        return run_plaintext(self.plan, x).double()
 
     @property
     def plan(self) -> SecurePlan:
@@ -146,6 +163,16 @@ def frontier_models(out_dir: str, quick: bool = False, full: bool = True) -> lis
     return models
 
 
+def plan_file_models(paths: list[str]) -> list[BenchModel]:
+    """Secure plans as they are (no checkpoint: the baseline is the CrypTen reference engine)."""
+    models = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"plan {path} does not exist: pass a MODEL.plan written by `deepreduce export`")
+        models.append(BenchModel(os.path.splitext(os.path.basename(path))[0], None, path, _plan=SecurePlan.load(path)))
+    return models
+
+
 def spec_file_models(paths: list[str], full: bool = True) -> list[BenchModel]:
     models = [random_model(os.path.splitext(os.path.basename(p))[0], ModelSpec.load(p), seed=i)
               for i, p in enumerate(paths, start=1)]
@@ -156,17 +183,19 @@ def spec_file_models(paths: list[str], full: bool = True) -> list[BenchModel]:
 
 # -- measurements -----------------------------------------------------------------------------------
 
-def bench_inputs(spec: ModelSpec, batch_size: int, repeats: int) -> list[torch.Tensor]:
-    """Normalised-scale random inputs, one batch per repeat (the same for both runtimes)."""
-    return [torch.randn(batch_size, spec.in_channels, spec.input_size, spec.input_size,
-                        generator=torch.Generator().manual_seed(1000 + r)) for r in range(repeats)]
+def bench_inputs(shape: tuple[int, int, int], batch_size: int, repeats: int) -> list[torch.Tensor]:
+    """Normalised-scale random inputs of C x H x W `shape`, one batch per repeat (the same for both runtimes)."""
+    return [torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(1000 + r))
+            for r in range(repeats)]
 
 
 def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
                   warmup: int = DEFAULT_WARMUP) -> dict:
     """One stock CrypTen session answering `warmup` + `repeats` queries, the first `warmup` not
     counted; online time measured at the client, traffic and rounds at the server."""
-    batches = bench_inputs(model.spec, batch_size, warmup + repeats)
+    if model.checkpoint is None:  # a plan file: CrypTen's MPC tensors on the plan (the reference engine)
+        return {**measure_ours(model, batch_size, repeats, timeout_s, "crypten", warmup), "baseline": "reference engine"}
+    batches = bench_inputs(model.input_shape, batch_size, warmup + repeats)
     run = run_stock_local(model.checkpoint, batches, timeout_s=timeout_s)
     error = max(float((got - plaintext_logits(model.checkpoint, x)).abs().max())
                 for got, x in zip(run.logits, batches))
@@ -186,9 +215,9 @@ def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: fl
     if link.emulated:
         kwargs["link"] = link
     online, servers, offline, error, engines = [], [], [], 0.0, set()
-    for r, x in enumerate(bench_inputs(model.spec, batch_size, warmup + repeats)):
+    for r, x in enumerate(bench_inputs(model.input_shape, batch_size, warmup + repeats)):
         run = run_local_parties(model.plan, x, timeout_s=timeout_s, **kwargs)
-        error = max(error, float((run.client.logits - plaintext_logits(model.checkpoint, x)).abs().max()))
+        error = max(error, float((run.client.logits - model.plaintext(x)).abs().max()))
         if r < warmup:
             continue
         p = run.server.profile
@@ -249,7 +278,8 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
     try:
         for model, batch in jobs:
             entry = {"name": model.name, "relu_count": model.relu_count, "batch_size": batch,
-                     "source": model.source, "spec": model.spec.to_dict()}
+                     "source": model.source, "spec": model.spec.to_dict() if model.spec else None,
+                     "plan_hash": model.plan.plan_hash, "comparison_count": model.plan.comparison_count}
             if model.accuracy is not None:
                 entry["accuracy"] = model.accuracy
             for runtime in RUNTIMES:
@@ -292,7 +322,8 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
                                        if link.emulated else ""),
                          "stock": "crypten.nn.from_pytorch (batch-norm in), model.encrypt(src=0), input src=1; "
                                   "one session, `warmup` + `repeats` queries, the first `warmup` not counted; "
-                                  "online at the client",
+                                  "online at the client. For a plan file (no PyTorch model): CrypTen's MPC "
+                                  "tensors on the plan (the reference engine), as `ours` is run",
                          "ours": "secure.tools.local.run_local_parties on the exported plan; one session per query, "
                                  "the first `warmup` not counted; "
                                  "figures of the server party",
@@ -452,6 +483,7 @@ class BenchSettings:
     """What `deepreduce bench` measures; None picks the default (which --quick changes)."""
     frontier: str | None = None  # an optimize run's directory: its frontier models
     spec_files: list[str] = field(default_factory=list)  # ModelSpec JSON files, random weights
+    plan_files: list[str] = field(default_factory=list)  # secure plans as they are (e.g. exported modules)
     full: bool = True  # add the full ResNet18 (alpha 1)
     batch_sizes: list[int] | None = None
     repeats: int | None = None
@@ -478,8 +510,8 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
         raise UserError(f"--batch-sizes must be positive integers, got {','.join(map(str, batch_sizes))}")
     if args.timeout_s <= 0:
         raise UserError(f"--timeout must be positive, got {args.timeout_s:g}")
-    if args.frontier and args.spec_files:
-        raise UserError("pass either --frontier DIR or --spec FILE, not both")
+    if sum(map(bool, (args.frontier, args.spec_files, args.plan_files))) > 1:
+        raise UserError("pass one of --frontier DIR, --spec FILE or --plan FILE")
     if args.engine and args.engine not in ENGINES:
         raise UserError(f"unknown --engine {args.engine!r}: choose one of {', '.join(ENGINES)}")
     if not isinstance(args.link, Link):
@@ -493,6 +525,8 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
         models = frontier_models(args.frontier, quick=args.quick, full=full)
     elif args.spec_files:
         models = spec_file_models(args.spec_files, full=full)
+    elif args.plan_files:
+        models = plan_file_models(args.plan_files)
     else:
         models = golden_models(quick=args.quick, full=full)
     if not models:
