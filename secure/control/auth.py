@@ -194,10 +194,7 @@ class LinkControlChannel(ControlChannel):
         self.link.close(timeout=0.5)
 
     def send(self, type_: str, **fields) -> None:
-        body = protocol.canonical({"v": protocol.PROTOCOL_VERSION, "type": type_, **fields})
-        if len(body) > protocol.MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"a {type_!r} message of {len(body)} bytes exceeds the "
-                                f"{protocol.MAX_MESSAGE_BYTES}-byte limit")
+        body = protocol.message_body({"type": type_, **fields})
         try:
             self.link.send(body)
         except LinkError as exc:

@@ -91,10 +91,17 @@ def canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def encode(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+def message_body(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """One message as it travels inside a link frame: canonical JSON with the version, within the limit."""
     body = canonical({"v": PROTOCOL_VERSION, **msg})
     if len(body) > max_bytes:
         raise ProtocolError(f"a {msg.get('type')!r} message of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+    return body
+
+
+def encode(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """One message framed for a plain socket: a 4-byte length, then `message_body`."""
+    body = message_body(msg, max_bytes)
     return _LENGTH.pack(len(body)) + body
 
 

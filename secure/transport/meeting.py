@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from secure.control.protocol import format_address
 from secure.core.party import ROLES
 from secure.transport import HandshakeError, TransportError
 from secure.transport.credentials import PartyIdentity, client_context, server_context
@@ -30,10 +31,6 @@ from secure.transport.link import Link
 from secure.transport.preface import PARTY, Preface, receive_connection
 
 _MAX_STRAY = 32  # connections handed over that are not (or not yet) a peer of this meeting
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
