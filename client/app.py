@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from client.inputs import load_inputs
 from client.load import LoadSettings, load_summary, print_load, run_load
-from client.session import ClientSettings, fetch_info, one_session, public_plan, records
+from client.session import ClientSettings, check_tfp, fetch_info, one_session, public_plan, records
 from secure.control import auth, protocol
 from secure.control.service import run_main
 from secure.control.workers import private_tempdir, start_fork_server
@@ -117,13 +117,6 @@ def cmd_infer(args) -> None:
     runs = [one_session(x[start:start + per_session], plan, settings, size)
             for start in range(0, len(x), per_session)]
     report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs))
-
-
-def check_tfp(tfp: bool, settings: ClientSettings) -> None:
-    """The client decides whether it runs without a dealer's protection, not the server."""
-    if tfp and not settings.allow_insecure_tfp:
-        raise protocol.ControlError("the server runs without a dealer (--insecure-tfp), so it could decrypt the "
-                                    "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
 
 
 def check_engine(engine: str, info: dict, session_size: int | None) -> None:

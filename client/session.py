@@ -93,9 +93,7 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
         sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
         tfp = protocol.field(reply, "insecure_tfp", bool)
         # Every check below comes before anything derived from the images leaves this process.
-        if tfp and not settings.allow_insecure_tfp:
-            raise protocol.ControlError("the server runs without a dealer (--insecure-tfp), so it could decrypt the "
-                                        "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
+        check_tfp(tfp, settings)
         if reply.get("engine", DEFAULT_ENGINE) != settings.engine:
             raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
                                         f"{settings.engine} engine this client asked for: refusing to share the images")
@@ -116,6 +114,13 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
             else None, "dealer": dealer, "trust": None if isinstance(rdv, Rendezvous) else rdv.identity.trust_mode,
             "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp, "engine": settings.engine,
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"), **outcome.result}
+
+
+def check_tfp(tfp: bool, settings: ClientSettings) -> None:
+    """The client decides whether it runs without a dealer's protection, not the server."""
+    if tfp and not settings.allow_insecure_tfp:
+        raise protocol.ControlError("the server runs without a dealer (--insecure-tfp), so it could decrypt the "
+                                    "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
 
 
 def _meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
