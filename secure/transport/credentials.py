@@ -227,10 +227,6 @@ class PartyIdentity:
             trust.add(identity(cert)[0], cert)
         return trust
 
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(x509.load_pem_x509_certificate(self.cert_pem))
-
 
 # -- secrets (single-operator mode) -------------------------------------------------------------------
 
