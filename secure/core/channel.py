@@ -149,8 +149,15 @@ class LinkChannel(Channel):
             raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {len(data)}")
         return torch.frombuffer(data, dtype=torch.uint8)
 
-    def wire_counts(self) -> tuple[int, int]:
-        """(sent, received) on the wire over every link: TLS records, frame headers and handshakes."""
+    def wire_counts(self, flush_timeout_s: float = 10.0) -> tuple[int, int]:
+        """(sent, received) on the wire over every link: TLS records, frame headers and handshakes.
+        Sends are queued (a writer thread per link), so the queues are flushed first: otherwise the
+        session's last message could still be on its way and missing from the count."""
+        for link in self.links.values():
+            try:
+                link.flush(flush_timeout_s)
+            except LinkError:
+                pass  # the count is then what reached the wire
         return (sum(link.wire_sent for link in self.links.values()),
                 sum(link.wire_received for link in self.links.values()))
 
