@@ -3,6 +3,7 @@
     DEEPREDUCE_TOKEN=... pi-client info  --server 127.0.0.1:7000 [--json]
     pi-client infer --server 127.0.0.1:7000 --token-file token IMAGE_OR_NPY... [--batch-size B] [--resize] [--json]
     pi-client infer ... --key client.key --cert client.crt --trust-server server.crt --trust-dealer dealer.crt
+    pi-client infer ... --relu-protocol fss       # the fast engine's ReLU protocol (default auto: picked per plan)
     pi-client load  --server 127.0.0.1:7000 --clients 4 --sessions 20 --duration 300 IMAGE... [--json-out FILE]
 
 `infer` asks the server for the public plan (input shape, classes, normalisation, op shapes),
@@ -25,11 +26,12 @@ from typing import TYPE_CHECKING
 
 from client.inputs import load_inputs
 from client.load import LoadSettings, load_summary, print_load, run_load
-from client.session import ClientSettings, check_tfp, fetch_info, one_session, public_plan, records
+from client.session import (ClientSettings, check_relu_choice, check_tfp, fetch_info, one_session, public_plan,
+                            records, relu_protocol_for)
 from secure.control import auth, protocol
 from secure.control.service import run_main
 from secure.control.workers import private_tempdir, start_fork_server
-from secure.core.party import DEFAULT_ENGINE, ENGINES
+from secure.core.party import DEFAULT_ENGINE, DEFAULT_RELU_CHOICE, ENGINES, RELU_CHOICES
 
 if TYPE_CHECKING:
     from secure.core.plan import PublicPlan
@@ -51,7 +53,10 @@ def settings_from_args(args) -> ClientSettings:
                           connect_timeout=args.connect_timeout, timeout=args.timeout, retries=args.retries,
                           retry_backoff=args.retry_backoff, engine=getattr(args, "engine", DEFAULT_ENGINE),
                           dealer=protocol.parse_address(args.dealer, "--dealer") if getattr(args, "dealer", None) else None,
-                          allow_insecure_tfp=getattr(args, "allow_insecure_tfp", False))
+                          allow_insecure_tfp=getattr(args, "allow_insecure_tfp", False),
+                          relu_protocol=getattr(args, "relu_protocol", DEFAULT_RELU_CHOICE),
+                          link_rtt_s=(getattr(args, "rtt_ms", None) or 0.0) / 1e3,
+                          link_rate_bps=None if getattr(args, "rate_mbit", None) is None else args.rate_mbit * 1e6)
 
 
 def cmd_info(args) -> None:
@@ -92,11 +97,13 @@ def cmd_infer(args) -> None:
     if args.session_size is not None and args.session_size < 1:
         raise protocol.ControlError("--session-size must be at least 1")
     settings = settings_from_args(args)
+    check_relu_choice(settings)  # before anything is sent
     info = fetch_info(settings)
     plan = public_plan(info)
     tfp = bool(info.get("insecure_tfp"))
     check_tfp(tfp, settings)
     check_engine(settings.engine, info, args.session_size)
+    relu_protocol_for(settings, plan)  # auto resolves here, before any image is read
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize,
                            args.convert)  # bad inputs fail before any process starts
@@ -116,7 +123,7 @@ def cmd_infer(args) -> None:
     per_session = max(size, args.session_size or size)
     runs = [one_session(x[start:start + per_session], plan, settings, size)
             for start in range(0, len(x), per_session)]
-    report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs))
+    report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs), settings)
 
 
 def check_engine(engine: str, info: dict, session_size: int | None) -> None:
@@ -152,14 +159,29 @@ def latency(runs: list[dict]) -> dict:
             "rounds": int(total("rounds")), "sessions": len(runs)}
 
 
-def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool) -> None:
+def relu_line(protocol_ran: str | None, settings: ClientSettings) -> str:
+    """Which ReLU protocol ran, and why (the choice, and for auto the link it assumed)."""
+    if protocol_ran is None:
+        return "ReLU protocol: CrypTen's own (crypten engine)"
+    if settings.relu_protocol != "auto":
+        return f"ReLU protocol: {protocol_ran} (--relu-protocol {settings.relu_protocol})"
+    rate = "no rate limit" if settings.link_rate_bps is None else f"{settings.link_rate_bps / 1e6:g} Mbit/s"
+    link = ("a LAN" if settings.link_rtt_s == 0 and settings.link_rate_bps is None
+            else f"rtt {settings.link_rtt_s * 1e3:g} ms, {rate}")
+    return f"ReLU protocol: {protocol_ran} (auto, for {link})"
+
+
+def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool,
+           settings: ClientSettings | None = None) -> None:
     recs = records(plan, names, runs)
+    relu = runs[0].get("relu_protocol") if runs else None
     lat = latency(runs)
     label_only = any(r.get("label_only") for r in runs)
     if args.json:
         doc = {"images": recs, "latency": lat, "insecure_tfp": tfp, "label_only": label_only,
                "trust": sorted({r["trust"] for r in runs if r.get("trust")}),
-               "engine": runs[0]["engine"] if runs else DEFAULT_ENGINE,
+               "engine": runs[0]["engine"] if runs else DEFAULT_ENGINE, "relu_protocol": relu,
+               "relu_protocol_choice": settings.relu_protocol if settings else None,
                "plan_hash": plan.plan_hash, "sessions": [_session_summary(r) for r in runs]}
         if tfp:
             doc["warning"] = INSECURE_NOTE
@@ -172,6 +194,8 @@ def report(args, plan: PublicPlan, names: list[str], runs: list[dict], tfp: bool
         shown = "(label only)" if r["probability"] is None else f"{r['probability']:.4f}"
         print(f"{r['image']:<{width}}  {r['class_name']:<14} {shown}")
     print_latency(lat, len(recs))
+    if settings is not None:
+        print(relu_line(relu, settings))
     trust = sorted({r["trust"] for r in runs if r.get("trust")})
     if trust:
         print(f"party links: TLS 1.3, {', '.join(trust)}")
@@ -183,7 +207,7 @@ def _session_summary(run: dict) -> dict:
             "trust": run.get("trust"), "images": run["images"],
             "total_s": round(run["wall_s"], 4), "setup_s": prof.get("setup_s"), "online_s": prof.get("online_s"),
             "queries": prof.get("queries", 1), "offline_s": prof.get("offline_s"),
-            "dealer_id": run.get("dealer_id")}
+            "dealer_id": run.get("dealer_id"), "relu_protocol": run.get("relu_protocol")}
 
 
 def print_latency(lat: dict, n: int) -> None:
@@ -207,17 +231,21 @@ def cmd_load(args) -> None:
     settings = settings_from_args(args)
     load = LoadSettings(clients=args.clients, sessions=args.sessions, duration_s=args.duration)
     load.check(settings.server[0])  # before anything is sent
+    check_relu_choice(settings)
     info = fetch_info(settings)
     check_tfp(bool(info.get("insecure_tfp")), settings)
     check_engine(settings.engine, info, None)
     plan = public_plan(info)
+    relu = relu_protocol_for(settings, plan)
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
     private_tempdir("pi-client")
     start_fork_server()
     results, wall = run_load(settings, plan, [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
-    doc = load_summary(args.server, load, results, wall, size)
+    doc = {**load_summary(args.server, load, results, wall, size), "relu_protocol": relu,
+           "relu_protocol_choice": settings.relu_protocol}
     print_load(doc)
+    print(relu_line(relu, settings))
     if args.json_out:
         from deepreduce.fileio import atomic_write_json
         atomic_write_json(args.json_out, doc)
@@ -264,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dealer", metavar="HOST:PORT",
                        help="the pi-dealer's address (default: as the server names it; the dealer must prove its role "
                             "with a certificate this client trusts either way)")
+        s.add_argument("--relu-protocol", metavar="{" + ",".join(RELU_CHOICES) + "}", default=DEFAULT_RELU_CHOICE,
+                       help="the fast engine's ReLU protocol: gmw (7 rounds per ReLU layer, little dealer traffic), "
+                            "fss (one round, much more dealer traffic) or auto (default: picked for the plan and "
+                            "the link, a LAN unless --rtt-ms / --rate-mbit say otherwise); the server runs the "
+                            "client's choice")
+        s.add_argument("--rtt-ms", type=float, metavar="MS",
+                       help="for --relu-protocol auto: the round-trip time to the server and dealer (default 0: LAN)")
+        s.add_argument("--rate-mbit", type=float, metavar="MBIT",
+                       help="for --relu-protocol auto: the link's rate in Mbit/s (default: no limit)")
         s.add_argument("--allow-insecure-tfp", action="store_true",
                        help="INSECURE: run with a server that has no dealer (--insecure-tfp), which could decrypt the "
                             "images; benchmarks only. Without it such a server is refused before anything is sent")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from secure.control import auth, protocol
 from secure.control.workers import PartyJob, Worker, peer_reason, supervise, wait_done
-from secure.core.party import DEFAULT_ENGINE, Rendezvous
+from secure.core.party import DEFAULT_ENGINE, DEFAULT_RELU_CHOICE, RELU_CHOICES, RELU_PROTOCOLS, Rendezvous
 from secure.transport.meeting import Meeting
 
 if TYPE_CHECKING:
@@ -29,6 +29,12 @@ class ClientSettings:
     engine: str = DEFAULT_ENGINE  # the client asks for its engine itself; a server running another one refuses
     dealer: tuple[str, int] | None = None  # the dealer's address; default: as the server names it
     allow_insecure_tfp: bool = False  # run with a dealer-less server, which could decrypt the images
+    # The fast engine's ReLU protocol: gmw, fss, or auto (resolved per plan before the session request by
+    # secure.core.costmodel.resolve_relu_protocol, for a link of `link_rtt_s` and `link_rate_bps`: by
+    # default a LAN). The crypten engine runs its own: only auto goes with it.
+    relu_protocol: str = DEFAULT_RELU_CHOICE
+    link_rtt_s: float = 0.0
+    link_rate_bps: float | None = None  # None: no rate limit assumed
 
 
 class Transient(protocol.ControlError):
@@ -81,14 +87,40 @@ def public_plan(info: dict):
         raise protocol.ProtocolError(f"the server's public plan is malformed: {exc}") from None
 
 
+def check_relu_choice(settings: ClientSettings) -> None:
+    """A ReLU protocol choice the client's engine takes (before anything is sent)."""
+    if settings.relu_protocol not in RELU_CHOICES:
+        raise protocol.ControlError(f"--relu-protocol {str(settings.relu_protocol)[:32]!r}: choose one of "
+                                    f"{', '.join(RELU_CHOICES)}")
+    if settings.engine != "fast" and settings.relu_protocol != "auto":
+        raise protocol.ControlError("the crypten engine has its own ReLU protocol; --relu-protocol applies to the "
+                                    "fast engine")
+    if not (settings.link_rtt_s >= 0 and (settings.link_rate_bps is None or settings.link_rate_bps > 0)):
+        raise protocol.ControlError("--rtt-ms must be at least 0 and --rate-mbit positive")
+
+
+def relu_protocol_for(settings: ClientSettings, plan: PublicPlan) -> str | None:
+    """The concrete ReLU protocol this client asks for: its choice, or what auto picks for `plan` and the
+    link hint (LAN unless given); None for the crypten engine (CrypTen's own)."""
+    check_relu_choice(settings)
+    if settings.engine != "fast":
+        return None
+    if settings.relu_protocol in RELU_PROTOCOLS:
+        return settings.relu_protocol
+    from secure.core.costmodel import resolve_relu_protocol
+    return resolve_relu_protocol(settings.relu_protocol, plan, settings.link_rtt_s, settings.link_rate_bps)
+
+
 def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, query_size: int | None = None) -> dict:
     """One secure session: session request, client party, the server's final word. With `query_size`
     below len(x), the images run as several queries of one session (set-up paid once)."""
     start = time.monotonic()
     queries = list(x.split(query_size)) if query_size and query_size < len(x) else [x]
+    relu = relu_protocol_for(settings, plan)
     with auth.open_channel(*settings.server, settings.security, settings.connect_timeout, settings.timeout,
                            "server") as ch:
-        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, engine=settings.engine)
+        ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, engine=settings.engine,
+                **({"relu_protocol": relu} if relu else {}))
         reply = protocol.expect(ch.recv(settings.timeout), "session")
         sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
         tfp = protocol.field(reply, "insecure_tfp", bool)
@@ -97,9 +129,12 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
         if reply.get("engine", DEFAULT_ENGINE) != settings.engine:
             raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
                                         f"{settings.engine} engine this client asked for: refusing to share the images")
+        if relu and reply.get("relu_protocol", "gmw") != relu:  # a server from before the choice runs gmw
+            raise protocol.ControlError(f"the server answered with the {str(reply.get('relu_protocol'))[:32]} ReLU "
+                                        f"protocol, not {relu} this client asked for: refusing to share the images")
         rdv, dealer = _meeting_point(reply, sid, tfp, settings)
         worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, engine=settings.engine, public=plan,
-                                  batches=queries))
+                                  batches=queries, relu_protocol=relu or "gmw"))
         outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
         if outcome.kind == "ok" and "server" not in outcome.done_peers:
             wait_done(ch, min(settings.timeout, 10.0))  # the server's party closes its links, then says done
@@ -113,6 +148,7 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
     return {"session_id": sid, "rendezvous": protocol.format_address(rdv.host, rdv.port) if isinstance(rdv, Rendezvous)
             else None, "dealer": dealer, "trust": None if isinstance(rdv, Rendezvous) else rdv.identity.trust_mode,
             "images": len(x), "wall_s": time.monotonic() - start, "insecure_tfp": tfp, "engine": settings.engine,
+            "relu_protocol": relu, "relu_protocol_choice": settings.relu_protocol,
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"), **outcome.result}
 
 

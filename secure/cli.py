@@ -53,6 +53,10 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="batch 1, fewer repeats, the full ResNet18 and one model under 100K ReLUs")
     p.add_argument("--engine", help="this runtime's engine (default: the runtime's default)")
+    p.add_argument("--relu-protocol", default="auto", metavar="{auto,gmw,fss,fss-exact,both}",
+                   help="this runtime's ReLU protocol (fast engine): auto (default: picked per model for its plan "
+                        "and --link, LAN without one), gmw, fss, or both (each in turn, one entry each; stock CrypTen "
+                        "runs once)")
     p.add_argument("--link", metavar="rtt=20ms,rate=100mbit",
                    help="run this runtime over an EMULATED link (secure.tools.linkemu: delay and rate between the "
                         "parties); stock CrypTen is then skipped. `lan` (default): no emulation")
@@ -146,7 +150,8 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(frontier=args.frontier, spec_files=args.spec_files or [], plan_files=args.plan_files or [],
                              full=not args.no_full,
                              batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                             quick=args.quick, engine=args.engine, link=parse_link(args.link), timeout_s=args.timeout,
+                             quick=args.quick, engine=args.engine, relu_protocol=args.relu_protocol,
+                             link=parse_link(args.link), timeout_s=args.timeout,
                              json_out=args.json_out, plot=args.plot, progress=not args.no_progress)
     bench_command(settings, argv=getattr(args, "argv", None))
 

@@ -115,6 +115,7 @@ class PiServer:
                                            if self.s.engine == "crypten" else "drop --engine"))
         if engine == "crypten" and len(sizes) > 1:
             raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
+        relu_protocol = _relu_protocol(msg, engine)
         n = sum(sizes)
         wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
         if wanted != self.plan.plan_hash:
@@ -131,7 +132,7 @@ class PiServer:
             if not self._acquire_slot(ch):
                 return
             try:
-                refund = self._run(ch, sizes)
+                refund = self._run(ch, sizes, relu_protocol)
             finally:
                 self.slots.release()
         finally:
@@ -191,9 +192,9 @@ class PiServer:
         return False
 
     # -- one session -----------------------------------------------------------------------------
-    def _run(self, ch, sizes: list[int]) -> bool:
-        """Run one session of len(sizes) queries; True if the client cannot have received a result (the
-        quota is refunded)."""
+    def _run(self, ch, sizes: list[int], relu_protocol: str = "gmw") -> bool:
+        """Run one session of len(sizes) queries with the client's ReLU protocol; True if the client cannot
+        have received a result (the quota is refunded)."""
         session_id = secrets.token_bytes(16)  # names the session's party connections on both ports
         sid, host = session_id.hex(), ch.getsockname()[0]
         links = self.s.engine == "fast"  # TLS links on the two ports; crypten meets over gloo at a fresh port
@@ -212,15 +213,16 @@ class PiServer:
             else:
                 rdv = Rendezvous(host, port, self.s.rendezvous_timeout)
             worker.start_job(PartyJob("server", rdv, insecure_tfp=self.s.insecure_tfp, engine=self.s.engine,
-                                      plan=self.plan, batch_sizes=sizes))
+                                      plan=self.plan, batch_sizes=sizes, relu_protocol=relu_protocol))
             ch.send("session", session_id=sid, host=None if links else host, port=port,
                     timeout_s=self.s.rendezvous_timeout, insecure_tfp=self.s.insecure_tfp,
                     plan_hash=self.plan.plan_hash, label_only=self.s.label_only, dealer_id=dealer_id,
-                    engine=self.s.engine,
+                    engine=self.s.engine, relu_protocol=relu_protocol if links else None,
                     dealer=None if self.s.insecure_tfp else protocol.format_address(*self.s.dealer))
             self.service.log(f"session {sid[:12]}: {sum(sizes)} image(s), "
                              + ("TLS links" if links else f"rendezvous {protocol.format_address(host, port)}")
                              + (f", {len(sizes)} queries" if len(sizes) > 1 else "")
+                             + (f", ReLU protocol {relu_protocol}" if links else "")
                              + (" (INSECURE TFP)" if self.s.insecure_tfp else "")
                              + (" (crypten engine)" if self.s.engine == "crypten" else "")
                              + (f", client {ch.peer_id!r} from {ch.peer_addr}" if ch.peer_addr else ""))
@@ -275,6 +277,21 @@ class PiServer:
         self.service.log(f"session {sid[:12]}: ended ({outcome.kind}) after {elapsed:.1f} s: {message}")
         if outcome.peer != "client":
             protocol.send_error(ch, message, self.s.retry_after)
+
+
+def _relu_protocol(msg: dict, engine: str) -> str:
+    """The ReLU protocol the client asked for (the fast engine's gmw or fss; the client resolved "auto"),
+    or gmw for a client that names none; an unknown one, or any with the crypten engine but its default, is
+    refused with one line naming the choices."""
+    from secure.core.runtime import DEFAULT_RELU_PROTOCOL, check_relu_protocol  # torch is loaded (the plan)
+    if "relu_protocol" not in msg:
+        return DEFAULT_RELU_PROTOCOL
+    wanted = protocol.field(msg, "relu_protocol", str, lambda p: 0 < len(p) <= 32, "a ReLU protocol name")
+    try:
+        return check_relu_protocol(wanted, engine)
+    except ValueError as exc:
+        raise protocol.ControlError(f"{exc}" + ("" if engine == "crypten" else
+                                                 " (pi-client --relu-protocol auto, gmw or fss)")) from None
 
 
 class _Stopping(Exception):

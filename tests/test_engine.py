@@ -158,20 +158,24 @@ def test_online_rounds_equal_the_hand_count(relu_plan):
     """The plan (ops in order): input, conv, relu, [conv relu conv add relu] (block 1, identity
     shortcut), then per stage 2-4 [conv relu conv, conv (shortcut on the block input), add, relu],
     avgpool, linear: 9 ReLUs and 13 linear layers. Every linear layer reads the image, a ReLU output
-    or the pool of one, none of which the client knows before the query, so each costs one round
-    (the client's X1 - B); a ReLU costs 7 (docs/PROTOCOL.md: round 1, five carry levels for
-    L = 32, the multiplexer); adds and the pool are local; the reveal is 1. Per query and party:
-    13 + 9 * 7 + 1 = 77; three queries: 231."""
+    or the pool of one, none of which the client knows before the query, so each needs the client's
+    X1 - B, one round; but a stage's shortcut conv comes right after its conv2, so the client sends
+    both in one message: one round for the two (docs/PROTOCOL.md, "Rounds"). A ReLU costs 7 (round 1,
+    five carry levels for L = 32, the multiplexer); adds and the pool are local; the reveal is 1.
+    Per query and party: (13 - 3) + 9 * 7 + 1 = 74; three queries: 222."""
     kinds = [op.kind for op in relu_plan.ops]
     assert kinds.count("relu") == 9 and kinds.count("conv") + kinds.count("linear") == 13
     session = run_session(relu_plan, images(relu_plan, seed=6))
     assert_clean(session)
     for role in (Role.SERVER, Role.CLIENT):
-        assert session.channels[role].phases["online"].rounds == 231
+        assert session.channels[role].phases["online"].rounds == 222
         profile = session.results[role][1]
-        assert profile.rounds == 231
+        assert profile.rounds == 222
         assert all(lp.rounds == 7 * len(BATCHES) for lp in profile.layers if lp.op == "relu")
-        assert all(lp.rounds == len(BATCHES) for lp in profile.layers if lp.op in ("conv", "linear", "reveal"))
+        shortcuts = [lp for lp in profile.layers if lp.name.endswith("shortcut")]
+        assert len(shortcuts) == 3 and all(lp.rounds == 0 and lp.bytes_sent + lp.bytes_received > 0 for lp in shortcuts)
+        assert all(lp.rounds == len(BATCHES) for lp in profile.layers
+                   if lp.op in ("conv", "linear", "reveal") and lp not in shortcuts)
         assert all(lp.rounds == 0 for lp in profile.layers if lp.op in ("add", "avgpool"))
     server, client = (session.channels[r].phases["online"] for r in (Role.SERVER, Role.CLIENT))
     assert (server.sent, server.received) == (client.received, client.sent)  # online: only the two talk

@@ -59,11 +59,12 @@ def test_shares_add_up_to_the_comparison(n):
 
 @pytest.mark.parametrize("n", [5, 20, 64])
 def test_payloads(n):
-    """beta * [x < alpha] for a per-element payload of one or two ring elements, mod 2^64."""
+    """beta * [x < alpha] for a per-element payload of one to three ring elements, mod 2^64 (three: the
+    engine's FSS ReLU; its third word comes from one more block of the leaf seed)."""
     rng = np.random.default_rng(100 + n)
     N = 777
     alpha = special_alphas(rng, n, N)
-    for beta in (rand(rng, 64, N), rand(rng, 64, (N, 2)), -np.arange(N, dtype=np.int64)):
+    for beta in (rand(rng, 64, N), rand(rng, 64, (N, 2)), rand(rng, 64, (N, 3)), -np.arange(N, dtype=np.int64)):
         k0, k1 = fss.keygen(alpha, n, rng, beta=beta)
         b = np.asarray(beta).astype(U64).reshape(N, -1)
         for name, x in inputs_around(rng, alpha, n).items():
@@ -76,13 +77,15 @@ def test_chunks_and_threads_change_nothing():
     rng = np.random.default_rng(7)
     n, N = 20, 1001  # not a multiple of 8: the last chunk's packed t_cw byte is shared
     alpha, x = rand(rng, n, N), rand(rng, n, N)
-    ref = fss.keygen(alpha, n, np.random.default_rng(1))
-    for chunk, threads in ((8, 1), (24, 2), (5000, 1), (200, 3)):
-        k0, k1 = fss.keygen(alpha, n, np.random.default_rng(1), chunk=chunk, threads=threads)
-        assert fss.to_bytes(k0) == fss.to_bytes(ref[0]) and fss.to_bytes(k1) == fss.to_bytes(ref[1])
-        y0, y1 = shares(k0, k1, x, chunk=chunk, threads=threads)
-        np.testing.assert_array_equal(y0, fss.eval(0, ref[0], x))
-        np.testing.assert_array_equal(y0 + y1, (x < alpha).astype(U64))
+    for beta in (None, rand(rng, 64, (N, 3))):
+        want = (x < alpha).astype(U64)[:, None] * (1 if beta is None else beta)
+        ref = fss.keygen(alpha, n, np.random.default_rng(1), beta=beta)
+        for chunk, threads in ((8, 1), (24, 2), (5000, 1), (200, 3)):
+            k0, k1 = fss.keygen(alpha, n, np.random.default_rng(1), beta=beta, chunk=chunk, threads=threads)
+            assert fss.to_bytes(k0) == fss.to_bytes(ref[0]) and fss.to_bytes(k1) == fss.to_bytes(ref[1])
+            y0, y1 = shares(k0, k1, x, chunk=chunk, threads=threads)
+            np.testing.assert_array_equal(y0, fss.eval(0, ref[0], x))
+            np.testing.assert_array_equal((y0 + y1).reshape(N, -1), want)
 
 
 def test_one_party_output_looks_uniform():
@@ -184,7 +187,7 @@ def test_bad_keys_and_inputs():
     with pytest.raises(ValueError):
         fss.keygen(np.array([256], dtype=U64), 8)
     with pytest.raises(ValueError):
-        fss.keygen(np.zeros(4, dtype=U64), 8, beta=np.zeros((4, 3), dtype=U64))
+        fss.keygen(np.zeros(4, dtype=U64), 8, beta=np.zeros((4, 4), dtype=U64))
 
 
 def test_os_randomness_by_default():

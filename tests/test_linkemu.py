@@ -223,7 +223,7 @@ def exact_counts(run) -> dict:
         p = getattr(run, role).profile
         out[role] = (p.bytes_sent, p.bytes_received, p.rounds, p.session_bytes_sent, p.session_bytes_received,
                      p.relu_bytes, p.linear_bytes)
-    out["dealer"] = run.dealer
+    out["dealer"] = {k: run.dealer[k] for k in ("bytes_sent", "bytes_received")}  # not its timings
     return out
 
 
@@ -318,11 +318,10 @@ def test_emulated_latency_against_the_projection(tiny_plan):
     print(f"\ntiny plan, {r['rounds']} rounds: loopback {r['loopback']['online_s_per_image']:.3f} s, emulated "
           f"{r['online_s_per_image']:.3f} s, projected {p:.3f} s, error {100 * r['error']:+.1f}%")
     assert r["same_bytes_and_rounds"] and r["link"]["emulated"] and r["loopback"]["link"]["emulated"] is False
-    # Each online round waits for one message from the peer: at least one one-way delay (rtt / 2). The
-    # engine's rounds are mostly exchanges, both ends sending at once, so rounds x rtt (the model's upper
-    # bound) is not a lower bound here; the model's projection is high by up to rounds x rtt / 2.
+    # Each online round is one flight of messages: at least one one-way delay (rtt / 2), which is what the
+    # model charges; so the projection is a lower bound up to the compute's spread.
     assert r["online_s_per_image"] >= 0.9 * r["rounds"] * link.one_way_s
-    assert p / 3 <= r["online_s_per_image"] <= 3 * p
+    assert p / 2 <= r["online_s_per_image"] <= 2 * p
 
 
 # -- the reports say the link was emulated ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ PROFILE = {"online_s": 2.0, "bytes_sent": 30e6, "bytes_received": 50e6, "rounds"
 def test_formula_terms():
     wire = (50e6 + OVERLAP_SHARE * 30e6) * WIRE_OVERHEAD * 8
     assert predict_latency(PROFILE, 1e9, 0.0) == pytest.approx(2.0 + wire / 1e9)
-    assert predict_latency(PROFILE, 100e6, 0.02) == pytest.approx(2.0 + 200 * 0.02 + wire / 100e6)
+    assert predict_latency(PROFILE, 100e6, 0.02) == pytest.approx(2.0 + 200 * 0.02 / 2 + wire / 100e6)  # a flight: rtt / 2
     # more bandwidth never hurts, more latency always does
     assert predict_latency(PROFILE, 1e9, 0.001) < predict_latency(PROFILE, 1e8, 0.001)
     assert predict_latency(PROFILE, 1e9, 0.001) < predict_latency(PROFILE, 1e9, 0.002)

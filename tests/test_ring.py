@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +111,18 @@ def test_dealer_message_round_trips_through_its_layout():
     assert (rings.numel(), bits.numel()) == message_sizes(spec)
     back = unpack_message(spec, rings, bits)
     assert all(torch.equal(back[k], msg[k]) for k in msg)
+
+
+def test_ring_linear_refuses_a_fan_in_beyond_exact_float64():
+    """ring_linear sums K products of 16-bit limbs (each below 2^30 in magnitude) in float64: exact while
+    K < 2^23 (2^30 * 2^23 = 2^53). The bound is checked, not assumed: a layer at it is refused."""
+    from secure.core.ring import MAX_EXACT_FAN_IN
+    assert MAX_EXACT_FAN_IN == 2 ** 23
+    a = torch.zeros(1, 1, dtype=torch.long).expand(2, MAX_EXACT_FAN_IN)  # K = 2^23, nothing allocated
+    with pytest.raises(ValueError, match="inputs per output"):
+        ring_linear("linear", a, torch.zeros(1, MAX_EXACT_FAN_IN, dtype=torch.long), {})
+    # well inside it, full-range ring values give the exact product mod 2^64
+    g = torch.Generator().manual_seed(0)
+    w, x = (torch.randint(-2 ** 63, 2 ** 63 - 1, (1, 4096), generator=g) for _ in range(2))
+    want = sum(p * q for p, q in zip(w[0].tolist(), x[0].tolist())) % 2 ** 64
+    assert ring_linear("linear", w, x, {}).item() % 2 ** 64 == want

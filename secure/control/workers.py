@@ -59,6 +59,7 @@ class PartyJob:
     public: dict | None = None
     batches: list[Any] = field(default_factory=list)
     limits: DealerLimits | None = None  # the dealer's caps on a session
+    relu_protocol: str = "gmw"  # the fast engine's ReLU protocol (server and client: the same, never "auto")
 
 
 def worker_context():
@@ -206,9 +207,11 @@ def _run_party(job: PartyJob, handoff: socket.socket | None) -> dict:
         runtime.run_dealer(job.rdv, job.engine, job.limits)
         return {"role": job.role}
     if job.role == "server":
-        result = runtime.run_server(job.plan, job.rdv, job.batch_sizes, job.insecure_tfp, job.engine)
+        result = runtime.run_server(job.plan, job.rdv, job.batch_sizes, job.insecure_tfp, job.engine,
+                                    job.relu_protocol)
     else:
-        result = runtime.run_client(job.public, job.batches, job.rdv, job.insecure_tfp, job.engine)
+        result = runtime.run_client(job.public, job.batches, job.rdv, job.insecure_tfp, job.engine,
+                                    job.relu_protocol)
     return result.to_dict()
 
 

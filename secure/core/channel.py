@@ -33,30 +33,43 @@ class Traffic:
 @dataclass
 class Channel:
     """One party's end: `send`, `recv` and `exchange` tensors with the peer of rank `dst`/`src`/`peer`.
-    Bytes and rounds are counted per `phase` (the engine sets it: setup, offline, online)."""
+    Bytes and rounds are counted per `phase` (the engine sets it: setup, offline, online).
+
+    A round is one flight of messages between this party and a peer: a point where one of them must
+    wait for the other's message before it can go on. Messages one party sends the other in one step
+    (several sends with no receive between them) travel together and are one round; so are several
+    receives in a row; an exchange (both send, then both receive) is one round."""
     rank: int
     timeout_s: float
     phases: dict[str, Traffic] = field(default_factory=dict)
     phase: str = "setup"
+    _last: dict = field(default_factory=dict)  # peer -> "send" | "recv" | "exchange": the previous step
 
     @property
     def traffic(self) -> Traffic:
         return self.phases.setdefault(self.phase, Traffic())
 
-    def send(self, dst: int, tensors: list[torch.Tensor], rounds: int = 1, timeout_s: float | None = None) -> None:
-        """Returns once the peer has taken the message (a busy peer may take up to `timeout_s`)."""
+    def _step(self, peer: int, kind: str) -> None:
+        """Count a round unless this step continues the previous flight in the same direction."""
+        if kind == "exchange" or self._last.get(peer) != kind:
+            self.traffic.rounds += 1
+        self._last[peer] = kind
+
+    def send(self, dst: int, tensors: list[torch.Tensor], timeout_s: float | None = None) -> None:
+        """Returns once the message is on its way (a transport may queue it; a busy peer may take up to
+        `timeout_s` to take it)."""
         buf = _to_bytes(tensors)
         if buf.numel():
             self._send(dst, buf, timeout_s or self.timeout_s)
         self.traffic.sent += buf.numel()
-        self.traffic.rounds += rounds
+        self._step(dst, "send")
 
-    def recv(self, src: int, specs: list[tuple[torch.dtype, int]], rounds: int = 1,
+    def recv(self, src: int, specs: list[tuple[torch.dtype, int]],
              timeout_s: float | None = None) -> list[torch.Tensor]:
         n = _nbytes(specs)
         buf = self._recv(src, n, timeout_s or self.timeout_s) if n else torch.zeros(0, dtype=torch.uint8)
         self.traffic.received += buf.numel()
-        self.traffic.rounds += rounds
+        self._step(src, "recv")
         return _from_bytes(buf, specs)
 
     def exchange(self, peer: int, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, int]],
@@ -66,8 +79,12 @@ class Channel:
         buf = self._exchange(peer, out, n, timeout_s or self.timeout_s)
         self.traffic.sent += out.numel()
         self.traffic.received += buf.numel()
-        self.traffic.rounds += 1
+        self._step(peer, "exchange")
         return _from_bytes(buf, specs)
+
+    def flush(self, peer: int, timeout_s: float | None = None) -> None:
+        """Wait until what was sent to `peer` has left this process (a transport that queues sends
+        overrides this): the dealer's backpressure, so that it holds one query's keys at a time."""
 
     def close(self) -> None:
         """Leave the session (idempotent)."""
@@ -148,6 +165,12 @@ class LinkChannel(Channel):
         if len(data) != nbytes:
             raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {len(data)}")
         return torch.frombuffer(data, dtype=torch.uint8)
+
+    def flush(self, peer, timeout_s=None):
+        try:
+            self.links[peer].flush(timeout_s or self.timeout_s)
+        except LinkError as exc:
+            raise RuntimeError(f"rank {self.rank}: link to rank {peer} failed: {exc}") from exc
 
     def wire_counts(self, flush_timeout_s: float = 10.0) -> tuple[int, int]:
         """(sent, received) on the wire over every link: TLS records, frame headers and handshakes.

@@ -18,6 +18,13 @@ Per query q (a batch of N images):
             arithmetic shares of r (rA0 = r - rA1) and of r * m (rm0 = r * m - rm1)
   A masked relu draws these for its kept positions only (N * relu_count elements); a maxpool draws
   them once per tournament level t (key "<op>.t<t>"): max(a, b) = a + ReLU(b - a) over the window.
+
+With the FSS ReLU (`Layout.protocol == "fss"`, docs/PROTOCOL.md), per run of the ReLU over n elements
+instead: an input mask r = r0 + r1 (r0 = prg_s, r1 = prg_c); with D the bits the ReLU drops (`drop`)
+and w = fss_bits, Rr = (r >> D) mod 2^w, m = bit w-1 of Rr, rho = Rr mod 2^(w-1); one DCF on w - 1 bits
+with alpha = rho and payload (1 - 2m, (1 - 2m) Rr, m); additive shares of m, Rr and m Rr (the
+server's from prg_s, the client's from the dealer). Both parties get their key from the dealer: the
+server in its message, the client in a message of its own (`client_message_spec`).
 """
 
 from __future__ import annotations
@@ -27,10 +34,16 @@ from dataclasses import dataclass
 
 import torch
 
-from deepreduce.graph import Op
-from secure.core.ring import Prg, from_plane, linear_params, packed_size, ring_linear
+from deepreduce.graph import Op, consumers
+import numpy as np
+
+from secure.core import fss
+from secure.core.ring import WEIGHT_BITS, Prg, from_plane, linear_params, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
+FSS_BITS = 20  # the FSS ReLU's window w: |x| < 2^(w - 1 - ACT_BITS) = 128 (docs/PROTOCOL.md)
+FSS_PAYLOAD = 3  # words of the DCF payload: 1 - 2m, (1 - 2m) Rr, m
+GATE_PAYLOAD = 2  # a truncation gate's: m, 1 - m
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,42 @@ class Layout:
     ops: list[Op]
     weight_shapes: dict[str, list[int]]
     relu: ReluParams
+    protocol: str = "gmw"  # the ReLU protocol: gmw or fss
+    fss_bits: int = FSS_BITS
+    exact_truncation: bool = False  # fss only: truncation gates where local truncation could do harm
+
+    def __post_init__(self):
+        if self.protocol not in ("gmw", "fss"):
+            raise ValueError(f"unknown ReLU protocol {self.protocol!r}: gmw or fss")
+        if not 2 <= self.fss_bits <= 31:
+            raise ValueError(f"fss_bits must be in 2..31, got {self.fss_bits}")
+        if self.exact_truncation and self.protocol != "fss":
+            raise ValueError("exact truncation needs the fss ReLU protocol")
+        # values kept at ACT_BITS + WEIGHT_BITS fractional bits: the FSS ReLU truncates them exactly
+        self.wide = wide_values(self.ops) if self.protocol == "fss" else set()
+        # linear layers whose truncation is a gate (an FSS opening), the others are truncated locally
+        self.gates = truncation_gates(self.ops, self.wide) if self.exact_truncation else set()
 
     @classmethod
-    def from_public(cls, public: dict, relu: ReluParams) -> "Layout":
-        return cls(ops=public.ops, weight_shapes=public.tensor_shapes, relu=relu)
+    def for_protocol(cls, ops: list[Op], weight_shapes: dict, relu: ReluParams, relu_protocol: str,
+                     fss_bits: int = FSS_BITS) -> "Layout":
+        """The layout of a session run with `relu_protocol` (gmw, fss or fss-exact)."""
+        if relu_protocol not in ("gmw", "fss", "fss-exact"):
+            raise ValueError(f"unknown ReLU protocol {relu_protocol!r}: gmw, fss or fss-exact")
+        return cls(ops=ops, weight_shapes=weight_shapes, relu=relu, protocol=relu_protocol.split("-")[0],
+                   fss_bits=fss_bits, exact_truncation=relu_protocol == "fss-exact")
+
+    def gate_sites(self, op: Op, batch: int) -> list[tuple[str, int]]:
+        """(key, elements) of the truncation gate of a linear op, if it has one."""
+        return [(f"{op.id}.g", batch * math.prod(op.shape))] if op.id in self.gates else []
+
+    def drop(self, op: Op) -> int:
+        """Bits the FSS ReLU of `op` drops from its input: WEIGHT_BITS for an untruncated (wide) input,
+        which it thereby truncates exactly; 0 for an input at ACT_BITS (max pools, masked relus)."""
+        return WEIGHT_BITS if op.kind == "relu" and op.inputs[0] in self.wide else 0
+
+    def fss_key_bytes(self, n: int, payload: int = FSS_PAYLOAD) -> int:
+        return fss.key_size(n, self.fss_bits - 1, payload)
 
     def input_shape(self, op: dict) -> list[int]:
         return self.ops[op.inputs[0]].shape
@@ -84,13 +129,31 @@ class Layout:
 
     def server_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
         """(key, "ring" | "bits", shape) of the dealer's per-query message to the server, in order;
-        bits are packed planes (`secure.core.ring.to_planes`), shape [planes, bytes]."""
+        bits are packed planes (`secure.core.ring.to_planes`), shape [planes, bytes], or raw bytes
+        (an FSS key, shape [bytes])."""
         spec = []
         for op in self.ops:
             if op.kind in LINEAR_OPS:
                 spec.append((f"{op.id}.C0", "ring", [batch, *op.shape]))
             for key, n in self.relu_sites(op, batch):
-                spec += self._relu_spec(key, n)
+                spec += ([(f"{key}.k0", "bits", [self.fss_key_bytes(n)])] if self.protocol == "fss"
+                         else self._relu_spec(key, n))
+            for key, n in self.gate_sites(op, batch):
+                spec.append((f"{key}.k0", "bits", [self.fss_key_bytes(n, GATE_PAYLOAD)]))
+        return spec
+
+    def client_message_spec(self, batch: int) -> list[tuple[str, str, list[int]]]:
+        """The dealer's per-query message to the client: empty for gmw (the client's seed is all it
+        needs); for fss its shares of m, Rr, m Rr and its key, per ReLU run."""
+        spec = []
+        if self.protocol == "fss":
+            for op in self.ops:
+                for key, n in self.relu_sites(op, batch):
+                    spec += [(f"{key}.m1", "ring", [n]), (f"{key}.R1", "ring", [n]), (f"{key}.mR1", "ring", [n]),
+                             (f"{key}.k1", "bits", [self.fss_key_bytes(n)])]
+                for key, n in self.gate_sites(op, batch):
+                    spec += [(f"{key}.m1", "ring", [n]), (f"{key}.R1", "ring", [n]),
+                             (f"{key}.k1", "bits", [self.fss_key_bytes(n, GATE_PAYLOAD)])]
         return spec
 
     def _relu_spec(self, key: str, n: int) -> list[tuple[str, str, list[int]]]:
@@ -134,9 +197,19 @@ def party_randomness(prg: Prg, party: int, layout: Layout, query: int, batch: in
         if op.kind in LINEAR_OPS and party == 1:
             out[f"{i}.B"] = prg.ring(f"{tag}.{i}.B", [batch, *layout.input_shape(op)])
             out[f"{i}.C1"] = prg.ring(f"{tag}.{i}.C1", [batch, *op.shape])
-        for key, n in layout.relu_sites(op, batch):
-            _relu_randomness(out, prg, party, layout.relu, f"{tag}.{key}", key, n)
+        for key, n in layout.relu_sites(op, batch) + layout.gate_sites(op, batch):
+            if layout.protocol == "fss":
+                _fss_randomness(out, prg, party, f"{tag}.{key}", key, n)
+            else:
+                _relu_randomness(out, prg, party, layout.relu, f"{tag}.{key}", key, n)
     return out
+
+
+def _fss_randomness(out: dict, prg: Prg, party: int, label: str, key: str, n: int) -> None:
+    out[f"{key}.r"] = prg.ring(f"{label}.fss.r", [n])  # this party's share of the input mask
+    if party == 0:  # the server's shares of m, Rr, m Rr (the client's come from the dealer)
+        for name in ("m0", "R0", "mR0"):
+            out[f"{key}.{name}"] = prg.ring(f"{label}.fss.{name}", [n])
 
 
 def _relu_randomness(out: dict, prg: Prg, party: int, relu: ReluParams, label: str, key: str, n: int) -> None:
@@ -155,16 +228,122 @@ def _relu_randomness(out: dict, prg: Prg, party: int, relu: ReluParams, label: s
         out[f"{key}.rm1"] = prg.ring(f"{label}.rm1", [n])
 
 
-def server_message(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: dict, batch: int) -> dict:
-    """The dealer's complement for the server, from both parties' randomness `s` and `c`."""
-    msg = {}
+def dealer_messages(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: dict,
+                    batch: int) -> tuple[dict, dict]:
+    """The dealer's messages for the server and for the client (empty for gmw), from both parties'
+    randomness `s` and `c`."""
+    to_server, to_client = {}, {}
     for op in layout.ops:
         i = op.id
         if op.kind in LINEAR_OPS:
-            msg[f"{i}.C0"] = ring_linear(op.kind, masks[i], c[f"{i}.B"], linear_params(op)) - c[f"{i}.C1"]
+            to_server[f"{i}.C0"] = ring_linear(op.kind, masks[i], c[f"{i}.B"], linear_params(op)) - c[f"{i}.C1"]
         for key, n in layout.relu_sites(op, batch):
-            _relu_complement(msg, len(layout.relu.levels), s, c, key, n)
-    return msg
+            if layout.protocol == "fss":
+                _fss_keys(to_server, to_client, s, c, key, layout.drop(op), layout.fss_bits)
+            else:
+                _relu_complement(to_server, len(layout.relu.levels), s, c, key, n)
+        for key, _ in layout.gate_sites(op, batch):
+            _fss_keys(to_server, to_client, s, c, key, WEIGHT_BITS, layout.fss_bits, gate=True)
+    return to_server, to_client
+
+
+def _fss_keys(to_server: dict, to_client: dict, s: dict, c: dict, i: str, drop: int, bits: int,
+              gate: bool = False) -> None:
+    """One FSS ReLU run (or truncation gate): the DCF keys and the client's shares (module docstring)."""
+    r = s[f"{i}.r"] + c[f"{i}.r"]
+    window = (r >> drop) & ((1 << bits) - 1)  # Rr: the low bits of r >> drop (the shift's sign bits are cut)
+    m = window >> (bits - 1)
+    sign = 1 - 2 * m
+    beta = torch.stack([m, 1 - m] if gate else [sign, sign * window, m], dim=1)
+    k0, k1 = fss.keygen((window & ((1 << (bits - 1)) - 1)).numpy(), bits - 1, beta=_u64(beta))
+    to_server[f"{i}.k0"] = _key_tensor(k0)
+    to_client[f"{i}.k1"] = _key_tensor(k1)
+    to_client[f"{i}.m1"] = m - s[f"{i}.m0"]
+    to_client[f"{i}.R1"] = window - s[f"{i}.R0"]
+    if not gate:
+        to_client[f"{i}.mR1"] = m * window - s[f"{i}.mR0"]
+
+
+def _u64(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy().view(np.uint64)
+
+
+def _key_tensor(key: fss.DcfKey) -> torch.Tensor:
+    return torch.frombuffer(bytearray(fss.to_bytes(key)), dtype=torch.uint8)
+
+
+def truncation_gates(ops: list[Op], wide: set[int]) -> set[int]:
+    """The linear ops whose truncation must be a gate for no wrap of a local truncation to do harm.
+
+    A local truncation (`ring.truncate_share`) errs, rarely, by a multiple of 2^(64 - WEIGHT_BITS) = 2^48
+    ("dirty"); linear layers and adds keep it a multiple of 2^48; the FSS ReLU (its window lies below
+    bit 48), a gate and the 48-bit reveal drop it. A second local truncation of a dirty value would turn
+    it into a multiple of 2^32, which they read: so a linear output that is to be truncated while its
+    input may be dirty gets a gate instead (one FSS opening, exact), which leaves it clean."""
+    dirty: dict[int, bool] = {}
+    gates: set[int] = set()
+    for op in ops:
+        before = any(dirty[i] for i in op.inputs)
+        if op.kind in LINEAR_OPS and op.id != ops[-1].id and op.id not in wide:
+            if before:
+                gates.add(op.id)
+            dirty[op.id] = not before  # a gate's output is clean, a local truncation's may be dirty
+        elif op.kind == "relu" and op.mask is None:
+            dirty[op.id] = False
+        else:  # wide or last linear layers, adds, pools, pass-through positions of masked relus, max pools
+            dirty[op.id] = before
+    return gates
+
+
+def harmful_truncations(ops: list[Op], protocol: str, wide: set[int], gates: set[int]) -> dict[int, int]:
+    """{op id: elements per image} of the local truncations whose rare wrap can garble the logits: with
+    gmw every one (nothing reads a window); with fss those whose error (a multiple of 2^48) can reach a
+    second local truncation before a ReLU, a gate or the reveal drops it (`truncation_gates` places
+    gates so that only the scales and average pools that divide, `ring.mul_public`, can be such a
+    second truncation). The failure bound of docs/PROTOCOL.md sums these elements."""
+    truncated = {op.id for op in ops[:-1] if op.kind in LINEAR_OPS and op.id not in wide and op.id not in gates}
+    truncated |= {op.id for op in ops if op.kind == "scale" and float(op.factor) != int(op.factor)}
+    truncated |= {op.id for op in ops if op.kind in ("avgpool", "avgpool2d")} - folded_pools(ops)  # these divide
+    if protocol != "fss":
+        return {i: math.prod(ops[i].shape) for i in truncated if ops[i].kind in LINEAR_OPS + ("scale",)}
+    sources: dict[int, set[int]] = {}
+    harmful: set[int] = set()
+    for op in ops:
+        before = set().union(*(sources[i] for i in op.inputs)) if op.inputs else set()
+        if op.id in truncated:
+            harmful |= before
+            sources[op.id] = {op.id}
+        elif op.id in gates or (op.kind == "relu" and op.mask is None):
+            sources[op.id] = set()
+        else:
+            sources[op.id] = before
+    return {i: math.prod(ops[i].shape) for i in harmful}
+
+
+def folded_pools(ops: list[Op]) -> set[int]:
+    """The average pools whose division the readers' weights take: those read by linear layers only
+    (w * (sum / k) = (w / k) * sum). Any other reader needs the average itself, so the pool divides."""
+    readers = consumers(ops)
+    return {op.id for op in ops if op.kind in ("avgpool", "avgpool2d") and readers[op.id]
+            and all(ops[r].kind in LINEAR_OPS for r in readers[op.id])}
+
+
+def wide_values(ops: list[Op]) -> set[int]:
+    """The linear and add ops whose output the FSS protocol keeps untruncated (ACT_BITS + WEIGHT_BITS
+    fractional bits): those read only by unmasked relus (which truncate exactly, folded into their
+    opening) and by adds that are themselves wide. The last op (the logits) is not counted: it is
+    never truncated. Everything else is truncated locally, as with gmw."""
+    readers: dict[int, list[int]] = {op.id: [] for op in ops}
+    for op in ops:
+        for j in op.inputs:
+            readers[j].append(op.id)
+    wide: set[int] = set()
+    for op in reversed(ops[:-1]):
+        if op.kind in LINEAR_OPS or op.kind == "add":
+            rs = [ops[r] for r in readers[op.id]]
+            if rs and all((r.kind == "relu" and r.mask is None) or (r.kind == "add" and r.id in wide) for r in rs):
+                wide.add(op.id)
+    return wide
 
 
 def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int) -> None:

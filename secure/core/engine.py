@@ -33,17 +33,21 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from deepreduce.errors import ProjectError
 from deepreduce.graph import Op, consumers
+from secure.core import fss
 from secure.core.channel import Channel, like
-from secure.core.correlations import (LINEAR_OPS, Layout, ReluParams, bias_name, message_sizes, pack_message,
-                           party_randomness, server_message, tournament, unpack_message, weight_masks, weight_name)
-from secure.core.party import DealerLimits, Rendezvous, Role, SecureSessionError
+from secure.core.correlations import (FSS_BITS, LINEAR_OPS, Layout, ReluParams, bias_name, dealer_messages,
+                                      folded_pools, message_sizes, pack_message, party_randomness, tournament, unpack_message,
+                                      weight_masks, weight_name)
+from secure.core.party import RELU_PROTOCOLS, DealerLimits, Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
 from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, linear_params, mul_public, plan_limbs,
@@ -52,6 +56,7 @@ from secure.core.ring import (ACT_BITS, WEIGHT_BITS, Prg, encode, from_plane, li
 
 SERVER, CLIENT, DEALER = Role.SERVER, Role.CLIENT, Role.DEALER
 ENGINE_VERSION = 1
+REVEAL_BITS = 64 - WEIGHT_BITS  # the logits are read modulo 2^REVEAL_BITS (`Party._reveal`)
 
 
 class EngineError(ProjectError, RuntimeError):
@@ -66,6 +71,8 @@ def _server_threads() -> int:
 @dataclass
 class EngineConfig:
     relu: ReluParams = field(default_factory=ReluParams)
+    relu_protocol: str = "gmw"  # one of secure.core.party.RELU_PROTOCOLS ("auto" is resolved before)
+    fss_bits: int = FSS_BITS  # the FSS ReLU's window (secure.core.correlations)
     # Intra-op threads of the server's online convolutions (DEEPREDUCE_SERVER_THREADS, default 2): the
     # client and dealer wait meanwhile; on a machine busy with other work each parallel call can cost
     # ~15 ms more, so set 1 there.
@@ -83,28 +90,55 @@ def serve_dealer(ch: Channel, limits: DealerLimits | None = None) -> dict:
     (raw,) = ch.recv(SERVER, [(torch.uint8, int(length))])
     desc = json.loads(bytes(raw.tolist()).decode())
     ops = [Op.from_dict(op) for op in desc["ops"]]
-    layout = Layout(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]))
-    limits.check_session([int(b) for b in desc["batch_sizes"]],
-                         sum(_message_bytes(layout, int(b)) for b in desc["batch_sizes"]))
+    layout = Layout.for_protocol(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]),
+                                 desc.get("relu_protocol", "gmw"), int(desc.get("fss_bits", FSS_BITS)))
+    batches = [int(b) for b in desc["batch_sizes"]]
+    streamed = layout.protocol == "fss"
+    per_query = [_message_bytes(layout, b) for b in batches]
+    limits.check_session(batches, max(per_query) if streamed else sum(per_query))
     seed_s, seed_c = os.urandom(32), os.urandom(32)
     ch.send(SERVER, [_seed_tensor(seed_s)])
     ch.send(CLIENT, [_seed_tensor(seed_c)])
     prg_s, prg_c = Prg(seed_s), Prg(seed_c)
     masks = weight_masks(prg_s, layout)
-    # Everything first, so that the dealer never computes while the parties are online; the server
-    # takes query q's message just before query q.
-    messages = [_dealer_query(layout, masks, prg_s, prg_c, q, batch) for q, batch in enumerate(desc["batch_sizes"])]
-    wait = session_timeout(ch.timeout_s, len(messages))
-    for message in messages:
-        ch.send(SERVER, list(message), timeout_s=wait)
+    wait = session_timeout(ch.timeout_s, len(batches))
+    made_s = 0.0
+    if streamed:
+        # FSS keys are large (hundreds of bytes per ReLU): one query's at a time, made while the parties
+        # work on the previous one; a flush waits until both parties have taken a query's keys.
+        for q, batch in enumerate(batches):
+            start = time.perf_counter()
+            message = _dealer_query(layout, masks, prg_s, prg_c, q, batch)
+            made_s += time.perf_counter() - start
+            _send_query(ch, message, wait)
+            del message
+    else:
+        # Everything first, so that the dealer never computes while the parties are online; the server
+        # takes query q's message just before query q.
+        start = time.perf_counter()
+        messages = [_dealer_query(layout, masks, prg_s, prg_c, q, b) for q, b in enumerate(batches)]
+        made_s = time.perf_counter() - start
+        for message in messages:
+            _send_query(ch, message, wait)
     ch.recv(SERVER, [(torch.uint8, 1)], timeout_s=wait)  # the server is done with us
-    return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received}
+    return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received, "relu_protocol": layout.protocol,
+            "correlations_s": made_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _send_query(ch: Channel, message, wait: float) -> None:
+    to_server, to_client = message
+    ch.send(SERVER, list(to_server), timeout_s=wait)
+    if to_client is not None:
+        ch.send(CLIENT, list(to_client), timeout_s=wait)
+        ch.flush(CLIENT, wait)
+    ch.flush(SERVER, wait)
 
 
 def _message_bytes(layout: Layout, batch: int) -> int:
-    """The size of one query's correlations for the server, from the layout alone (nothing allocated)."""
+    """The size of one query's correlations for both parties, from the layout alone (nothing allocated)."""
     rings, bits = message_sizes(layout.server_message_spec(batch))
-    return 8 * rings + bits
+    c_rings, c_bits = message_sizes(layout.client_message_spec(batch))
+    return 8 * (rings + c_rings) + bits + c_bits
 
 
 def session_timeout(timeout_s: float, queries: int) -> float:
@@ -115,9 +149,13 @@ def session_timeout(timeout_s: float, queries: int) -> float:
 
 
 def _dealer_query(layout, masks, prg_s, prg_c, q, batch):
+    """Query q's messages: (server's, client's or None), each packed as (rings, bytes)."""
     s = party_randomness(prg_s, SERVER, layout, q, batch)
     c = party_randomness(prg_c, CLIENT, layout, q, batch)
-    return pack_message(layout.server_message_spec(batch), server_message(layout, masks, s, c, batch))
+    to_server, to_client = dealer_messages(layout, masks, s, c, batch)
+    client_spec = layout.client_message_spec(batch)
+    return (pack_message(layout.server_message_spec(batch), to_server),
+            pack_message(client_spec, to_client) if client_spec else None)
 
 
 def _seed_tensor(seed: bytes) -> torch.Tensor:
@@ -146,11 +184,15 @@ class Party:
         _check_runs(public.ops)
         self.j, self.ch, self.public, self.batch_sizes = role, ch, public, batch_sizes
         self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
-        self.layout = Layout.from_public(public, config.relu)
+        self.layout = Layout.for_protocol(public.ops, public.tensor_shapes, config.relu, config.relu_protocol,
+                                          config.fss_bits)
+        self.fss = self.layout.protocol == "fss"
+        self.wide = self.layout.wide  # values the FSS ReLU truncates: kept untruncated until then
         self.ops = public.ops
         self.consumers = consumers(self.ops)
-        self.offline_known = _offline_known(self.ops)
-        self.folded = _folded_pools(self.ops)
+        self.gates = self.layout.gates
+        self.offline_known = _offline_known(self.ops, self.gates)
+        self.folded = folded_pools(self.ops)
         self.keep = _kept_positions(public)
         self.windows = {op.id: pool_windows(*self.ops[op.inputs[0]].shape[1:], op.kernel, op.stride, op.padding)
                         for op in self.ops if op.kind == "maxpool"}
@@ -170,11 +212,13 @@ class Party:
     def _agree(self) -> None:
         c, h, w = self.public.input_shape
         mine = torch.tensor([int(self.public.plan_hash[:15], 16), len(self.batch_sizes), c, h, w,
-                             self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp)])
+                             self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp),
+                             RELU_PROTOCOLS.index(self.cfg.relu_protocol), self.cfg.fss_bits])
         (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
         if not torch.equal(mine, theirs):
             raise EngineError(f"server and client disagree on the session (plan hash, query count, input shape, "
-                              f"ReLU parameters, engine version, dealer mode): {mine.tolist()} vs {theirs.tolist()}")
+                              f"ReLU parameters, engine version, dealer mode, ReLU protocol and window): "
+                              f"{mine.tolist()} vs {theirs.tolist()}")
         sizes = torch.tensor(self.batch_sizes)
         (theirs,) = self.ch.exchange(1 - self.j, [sizes], like([sizes]))
         if not torch.equal(sizes, theirs):
@@ -188,7 +232,8 @@ class Party:
         else:
             desc = json.dumps({"ops": [op.to_dict() for op in self.ops], "tensor_shapes": self.public.tensor_shapes,
                                "batch_sizes": self.batch_sizes, "relu_bits": self.cfg.relu.relu_bits,
-                               "drop_bits": self.cfg.relu.drop_bits}).encode()
+                               "drop_bits": self.cfg.relu.drop_bits, "relu_protocol": self.cfg.relu_protocol,
+                               "fss_bits": self.cfg.fss_bits}).encode()
             self.ch.send(DEALER, [torch.tensor([len(desc)])])
             self.ch.send(DEALER, [torch.frombuffer(bytearray(desc), dtype=torch.uint8)])
             (seed,) = self.ch.recv(DEALER, [(torch.uint8, 32)])
@@ -226,15 +271,24 @@ class Party:
         self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
 
     def _dealer_message(self, q: int) -> dict:
-        """Server: query q's correlations from the dealer (made here in TFP mode)."""
+        """Query q's correlations from the dealer (made by the server in TFP mode, which then sends the
+        client its part); {} for a client that gets nothing (gmw)."""
         batch = self.batch_sizes[q]
-        spec = self.layout.server_message_spec(batch)
-        if self.tfp:
-            rings, bits = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+        spec = (self.layout.server_message_spec if self.j == SERVER else self.layout.client_message_spec)(batch)
+        if not spec:
+            return {}
+        if self.tfp and self.j == SERVER:
+            (rings, bits), to_client = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+            if to_client is not None:
+                self.ch.send(CLIENT, list(to_client), timeout_s=self.wait)
         else:
             n_ring, n_bits = message_sizes(spec)
-            rings, bits = self.ch.recv(DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)], timeout_s=self.wait)
-        return unpack_message(spec, rings, bits)
+            rings, bits = self.ch.recv(SERVER if self.tfp else DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)],
+                                       timeout_s=self.wait)
+        msg = unpack_message(spec, rings, bits)
+        for key in [k for k in msg if k.endswith((".k0", ".k1"))]:  # FSS keys: parsed once, not copied
+            msg[key] = fss.from_bytes(msg[key].numpy())
+        return msg
 
     def goodbye(self) -> None:
         if self.j == SERVER and not self.tfp:
@@ -280,13 +334,14 @@ class Party:
             mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
             return mat
         own = party_randomness(self.prg_c, CLIENT, self.layout, q, batch)
-        mat = {"own": own, "outputs": {}, "early": {}}
+        mat = {"own": own, "outputs": {}, "early": {}, "dealer": self._dealer_message(q)}
         known = {}
         for op in self.ops:  # the client's shares that do not depend on the input
             i = op.id
             if op.kind in LINEAR_OPS:
                 y = ring_linear(op.kind, self.masked_weights[i], own[f"{i}.B"], linear_params(op)) + own[f"{i}.C1"]
-                known[i] = y if i == self.last else truncate_share(y, WEIGHT_BITS, CLIENT)
+                known[i] = y if i == self.last or i in self.wide or i in self.gates else \
+                    truncate_share(y, WEIGHT_BITS, CLIENT)
                 mat["outputs"][i] = known[i]
                 if self.offline_known[op.inputs[0]]:
                     mat["early"][i] = known[op.inputs[0]] - own[f"{i}.B"]
@@ -316,10 +371,13 @@ class Party:
         fractional bits: `scale` multiplies by its factor (`mul_public`: exact for an integer, else
         fixed point and a local truncation) and only the server adds the offset; a pool sums its
         windows and divides by the window size (`mul_public` again) unless every reader is a linear
-        layer, which then takes the division into its weights (`_folded_pools`: the activations are
+        layer, which then takes the division into its weights (`folded_pools`: the activations are
         not rounded, as for the classic global average pool)."""
         kind, x = op.kind, xs[0]
-        if kind == "add":
+        if kind == "add":  # a wide add lifts a narrow input to its scale (exact: a shift of small values)
+            if op.id in self.wide:
+                x, y = [v if j in self.wide else v << WEIGHT_BITS for v, j in zip(xs, op.inputs)]
+                return x + y
             return x + xs[1]
         if kind == "concat":
             return torch.cat(xs, dim=1)
@@ -336,7 +394,8 @@ class Party:
         if self.j == CLIENT:
             if i not in mat["early"]:
                 self.ch.send(SERVER, [x - mat["own"][f"{i}.B"]])
-            return mat["outputs"][i]
+            y = mat["outputs"][i]
+            return self._gate(f"{i}.g", y, mat) if i in self.gates else y
         if i in mat["early"]:
             masked = x + mat["early"][i]
         else:
@@ -352,14 +411,16 @@ class Party:
         if i in self.biases:
             b = self.biases[i]
             y = y + (b.view(1, -1, *([1] * (y.dim() - 2))))
-        return y if i == self.last else truncate_share(y, WEIGHT_BITS, SERVER)
+        if i in self.gates:
+            return self._gate(f"{i}.g", y, mat)
+        return y if i == self.last or i in self.wide else truncate_share(y, WEIGHT_BITS, SERVER)
 
     def _masked_relu(self, op, x, mat):
         """A relu op: the ReLU protocol on every position, or on the kept ones of a masked relu while
         the others keep their shares (no comparison, no traffic)."""
         keep = self.keep.get(op.id)
         if keep is None:
-            return self._relu(str(op.id), x, mat)
+            return self._relu(str(op.id), x, mat, drop=self.layout.drop(op))
         flat = x.reshape(len(x), -1)
         out = flat.clone()
         out[:, keep] = self._relu(str(op.id), flat[:, keep], mat)
@@ -376,9 +437,42 @@ class Party:
             t = torch.cat([a + self._relu(f"{op.id}.t{level}", b - a, mat), t[..., 2 * pairs:]], dim=-1)
         return t.reshape(n, *op.shape)
 
-    def _relu(self, i, x, mat):
-        """x * [x >= 0] for every element of x: the sign from a carry tree over packed bit planes, then
-        one multiplexer round. `i`: the key of this run's correlations (`Layout.relu_sites`)."""
+    def _relu(self, i, x, mat, drop: int = 0):
+        """x * [x >= 0] for every element of x, by the session's ReLU protocol. `i`: the key of this
+        run's correlations (`Layout.relu_sites`); `drop`: bits of x the FSS ReLU truncates exactly
+        (its input is wide); the gmw ReLU gets narrow inputs only."""
+        if self.fss:
+            return self._relu_fss(i, x, mat, drop)
+        return self._relu_gmw(i, x, mat)
+
+    def _relu_fss(self, i, x, mat, drop: int):
+        """One round: open the window of x + r, evaluate the DCF key, combine locally (`fss_open`,
+        `fss_combine`; PROTOCOL.md, "FSS ReLU")."""
+        X, t, shares = self._fss_open(i, x, mat, drop)
+        return fss_combine(self.j, X, t, *(shares[f"{i}.{name}{self.j}"] for name in ("m", "R", "mR")),
+                           self.cfg.fss_bits).view(x.shape)
+
+    def _gate(self, i, y, mat):
+        """Exact truncation of a linear output by WEIGHT_BITS: the FSS ReLU's opening without the ReLU
+        (`fss_truncate`; PROTOCOL.md, "Faithful truncation")."""
+        X, t, shares = self._fss_open(i, y, mat, WEIGHT_BITS)
+        return fss_truncate(self.j, X, t, shares[f"{i}.m{self.j}"], shares[f"{i}.R{self.j}"],
+                            self.cfg.fss_bits).view(y.shape)
+
+    def _fss_open(self, i, x, mat, drop: int):
+        """The one round of an FSS gate: both halves of the window of x + r; the public X, this party's
+        DCF outputs at X mod 2^(w-1), and where its shares of the dealer's values are."""
+        j, w = self.j, self.cfg.fss_bits
+        own, dealer = mat["own"], mat["dealer"]
+        mine = fss_open(x.reshape(-1), own[f"{i}.r"], drop, w)
+        (theirs,) = self.ch.exchange(1 - j, [mine], like([mine]))
+        X = (mine.long() + theirs.long()) & ((1 << w) - 1)
+        u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
+        t = torch.from_numpy(fss.eval(j, dealer[f"{i}.k{j}"], u).view(np.int64))
+        return X, t, (own if j == SERVER else dealer)  # the server's shares come from its seed
+
+    def _relu_gmw(self, i, x, mat):
+        """The sign from a carry tree over packed bit planes, then one multiplexer round."""
         j, p = self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
         dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
@@ -431,7 +525,46 @@ class Party:
             self.ch.send(CLIENT, [y])
             return None
         (theirs,) = self.ch.recv(SERVER, [(torch.int64, y.numel())])
-        return (y + theirs.view_as(y)).double() / (1 << (ACT_BITS + WEIGHT_BITS))
+        s = y + theirs.view_as(y)
+        if self.fss:  # the logits as signed 48-bit values (|logit| < 2^(47 - ACT_BITS - WEIGHT_BITS) = 2^19):
+            # a local truncation's rare wrap error is a multiple of 2^(64 - WEIGHT_BITS) and vanishes here
+            s = (s << (64 - REVEAL_BITS)) >> (64 - REVEAL_BITS)
+        return s.double() / (1 << (ACT_BITS + WEIGHT_BITS))
+
+
+# -- the FSS ReLU's local steps ----------------------------------------------------------------------
+
+def fss_open(x: torch.Tensor, r: torch.Tensor, drop: int, w: int) -> torch.Tensor:
+    """A party's half of the opening: bits [drop, drop + w) of its share of x + r (int32). The sum of
+    both halves mod 2^w is X = (x + r) >> drop mod 2^w, up to the carry out of the low bits (-1 at most)."""
+    return (((x + r) >> drop) & ((1 << w) - 1)).to(torch.int32)
+
+
+def fss_combine(j: int, X: torch.Tensor, t: torch.Tensor, m: torch.Tensor, R: torch.Tensor, mR: torch.Tensor,
+                w: int) -> torch.Tensor:
+    """Party j's share of ReLU(Y) for Y = X - Rr mod 2^w read as a signed w-bit value (= x >> drop, up to
+    one unit in the last place). With c the top bit of the public X, t = [X mod 2^(w-1) < Rr mod 2^(w-1)]
+    the DCF's comparison, m the top bit of Rr and d = [Y >= 0] = 1 ^ c ^ m ^ t:
+        ReLU(Y) = d (X - Rr + 2^w [X < Rr]) = X [d] - [d Rr] + 2^w [d t_w]
+        c = 0: [d] = (1 - [m]) - [b1 t], [d Rr] = [Rr] - [m Rr] - [b2 t], [d t_w] = [b3 t]
+        c = 1: [d] = [m] + [b1 t],       [d Rr] = [m Rr] + [b2 t],       [d t_w] = 0
+    where t = (b1 t, b2 t, b3 t) are this party's DCF outputs for the payload (1 - 2m, (1 - 2m) Rr, m)
+    and m, R, mR its shares of m, Rr and m Rr. Exact in Z_2^64: no truncation, no second round."""
+    one = 1 if j == SERVER else 0
+    low = X * (one - m - t[:, 0]) - R + mR + t[:, 1] + (t[:, 2] << w)  # c = 0
+    high = X * (m + t[:, 0]) - mR - t[:, 1]  # c = 1
+    return torch.where((X >> (w - 1)).bool(), high, low)
+
+
+def fss_truncate(j: int, X: torch.Tensor, t: torch.Tensor, m: torch.Tensor, R: torch.Tensor, w: int) -> torch.Tensor:
+    """Party j's share of Y = X - Rr mod 2^w as a signed w-bit value lifted to Z_2^64 (= x >> drop, to one
+    unit): Y = X - Rr + 2^w (t_w + d - 1) with t_w = [X < Rr] and d = [Y >= 0], which is
+        c = 0: X - [Rr] + 2^w [m t]
+        c = 1: X - [Rr] + 2^w ([m] - 1 + [(1 - m) t])
+    for the DCF payload (m, 1 - m) (`fss_combine` has the names)."""
+    one = 1 if j == SERVER else 0
+    base = one * X - R
+    return torch.where((X >> (w - 1)).bool(), base + ((m - one + t[:, 1]) << w), base + (t[:, 0] << w))
 
 
 # Ops every party computes on its own share (`Party._local`), and every kind this engine runs.
@@ -446,26 +579,18 @@ def _check_runs(ops: list[Op]) -> None:
         raise EngineError(f"the fast engine cannot run op {problem[0].name!r} ({problem[1]}) of this plan yet")
 
 
-def _offline_known(ops: list[Op]) -> dict[int, bool]:
+def _offline_known(ops: list[Op], gates: set[int] = frozenset()) -> dict[int, bool]:
     """Whether the client's share of each value is independent of the input (known before it)."""
     known = {}
     for op in ops:
         kind = op.kind
         if kind in LINEAR_OPS:
-            known[op.id] = True  # E * B + C1: no input needed
+            known[op.id] = op.id not in gates  # E * B + C1: no input needed; a truncation gate changes it
         elif kind in LOCAL_OPS:
             known[op.id] = all(known[i] for i in op.inputs)
         else:  # the input itself, ReLU and max-pool outputs
             known[op.id] = False
     return known
-
-
-def _folded_pools(ops: list[Op]) -> set[int]:
-    """The average pools whose division the readers' weights take: those read by linear layers only
-    (w * (sum / k) = (w / k) * sum). Any other reader needs the average itself, so the pool divides."""
-    readers = consumers(ops)
-    return {op.id for op in ops if op.kind in ("avgpool", "avgpool2d") and readers[op.id]
-            and all(ops[r].kind in LINEAR_OPS for r in readers[op.id])}
 
 
 def _pool_divisor(ops: list[Op], op: Op) -> int:
@@ -532,13 +657,16 @@ class FastEngine:
     """This project's dealer-assisted protocol; several queries (batches) per session."""
     name = "fast"
 
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+
     def run_server(self, plan, rdv: Rendezvous, batch_sizes: list[int], insecure_tfp: bool) -> Profile:
-        _, profile = _run("server", rdv, plan.public_info(), batch_sizes, insecure_tfp, plan=plan)
+        _, profile = _run("server", rdv, plan.public_info(), batch_sizes, insecure_tfp, plan=plan, config=self.config)
         return profile
 
     def run_client(self, public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous, insecure_tfp: bool):
         logits, profile = _run("client", rdv, public, [len(b) for b in batches], insecure_tfp,
-                               images=[b.float() for b in batches])
+                               images=[b.float() for b in batches], config=self.config)
         return torch.cat(logits), profile
 
     def run_dealer(self, rdv: Rendezvous, limits: DealerLimits) -> dict:
@@ -546,7 +674,8 @@ class FastEngine:
 
 
 def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: list[int] | None, insecure_tfp: bool,
-         plan=None, images: list[torch.Tensor] | None = None, limits: DealerLimits | None = None):
+         plan=None, images: list[torch.Tensor] | None = None, limits: DealerLimits | None = None,
+         config: EngineConfig | None = None):
     torch.set_num_threads(1)  # the server raises its own count for the online convolutions
     rank = Role[role.upper()]
     try:  # gloo for a Rendezvous, TLS links for a Meeting (secure.transport.meeting)
@@ -557,7 +686,8 @@ def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: lis
     try:
         if rank == DEALER:
             return serve_dealer(channel, limits)
-        logits, profile = run_party(rank, channel, public, batch_sizes, EngineConfig(), insecure_tfp, plan, images)
+        logits, profile = run_party(rank, channel, public, batch_sizes, config or EngineConfig(), insecure_tfp, plan,
+                                    images)
         profile.session_bytes_sent = sum(t.sent for t in channel.phases.values())
         profile.session_bytes_received = sum(t.received for t in channel.phases.values())
         if hasattr(channel, "wire_counts"):

@@ -3,7 +3,7 @@ one-round ReLU with function secret sharing (docs/FSS.md). Not wired into the en
 
 What it computes
 ----------------
-For the dealer's secret alpha in [0, 2^n) and payload beta in (Z_2^64)^k (k = 1 or 2; default
+For the dealer's secret alpha in [0, 2^n) and payload beta in (Z_2^64)^k (k = 1, 2 or 3; default
 beta = 1), `keygen` returns two keys k0, k1 such that for every n-bit x
 
     eval(0, k0, x) + eval(1, k1, x) = beta * [x < alpha]        (mod 2^64, per word, exactly)
@@ -25,12 +25,12 @@ construction step by step (names as there: Keep/Lose, V_alpha, ...).
 PRG
 ---
 G(s) for a 128-bit seed s, per direction d in {L=0, R=1}: B = 1 + (64k + 1 + 127) // 128 blocks
-(2 for k = 1, 3 for k = 2),
+(2 for k = 1, 3 for k = 2 and k = 3),
 
     block_{d,j} = AES_K(s ^ c_{d,j}) ^ s ^ c_{d,j},   c_{d,j} = (2j + d) * (1 + 2^64)  (in both words)
 
 block_{d,0} is the child seed s^d (all 128 bits), the following blocks give v^d (k words) and t^d (the
-low bit of word k). K is a fixed public AES-128 key (`FIXED_KEY`, a hash of a label). This is the
+low bit of word k; for k = 3 the leaf seed gets a third word from one more block). K is a fixed public AES-128 key (`FIXED_KEY`, a hash of a label). This is the
 fixed-key Matyas-Meyer-Oseas construction with distinct tweaks (Google's distributed_point_functions
 uses the same kind of fixed-key hash, after Guo, Katz, Wang, Yu, "Efficient and Secure Multiparty
 Computation from Fixed-Key Block Ciphers", S&P 2020). With a *public* key it is a PRG in the
@@ -209,7 +209,7 @@ def keygen(alpha, n_bits: int, rng=None, beta=None, chunk: int | None = None,
            threads: int = 1) -> tuple[DcfKey, DcfKey]:
     """Keys of f(x) = beta * [x < alpha] for N comparisons at once (BCGGIK21, Gen<).
 
-    alpha: N integers in [0, 2^n_bits); beta: None (= 1), N ring elements, or [N, k] with k <= 2;
+    alpha: N integers in [0, 2^n_bits); beta: None (= 1), N ring elements, or [N, k] with k <= 3;
     rng: None for os.urandom, else see `_random_bytes`. The root seeds are the only randomness.
     Like `eval`, every level is vectorised over a chunk of comparisons (default `CHUNK`), chunks
     optionally spread over `threads` threads."""
@@ -222,8 +222,8 @@ def keygen(alpha, n_bits: int, rng=None, beta=None, chunk: int | None = None,
         beta = np.asarray(beta)
         beta = _as_u64(beta, "beta").reshape(N, 1 if beta.ndim < 2 else beta.shape[1])
     k = beta.shape[1]
-    if k not in (1, 2):
-        raise ValueError("payloads of 1 or 2 ring elements are supported")
+    if k not in (1, 2, 3):
+        raise ValueError("payloads of 1 to 3 ring elements are supported")
     root = np.frombuffer(_random_bytes(rng, 2 * N * 16), dtype=np.uint8).reshape(2, N, 16)
     s_cw = np.empty((n, N, 16), dtype=np.uint8)
     v_cw = np.empty((n, N, k), dtype=np.uint64)
@@ -246,7 +246,6 @@ def _keygen_chunk(alpha, beta, root, n, lo, hi, s_cw, v_cw, t_cw, cw_last):
     """Gen< for comparisons lo..hi: both parties' paths along alpha, all levels (names as in the paper)."""
     C, k = hi - lo, beta.shape[1]
     B = _blocks(k)
-    tw, tb = (1, 1) if k == 1 else (0, 2)  # t = low bit of word tw of block tb
     one = np.uint64(1)
     al = alpha[lo:hi]
     be = beta[lo:hi]
@@ -270,12 +269,14 @@ def _keygen_chunk(alpha, beta, root, n, lo, hi, s_cw, v_cw, t_cw, cw_last):
         np.bitwise_xor(s[:, None, None], tweak[None, :, :, None, None], out=inp)
         aes.mmo(inp, out)
         seed = out[:, :, 0]                                             # [b, d, C, 2]
-        v = out[:, :, 1, :, :k]                                         # [b, d, C, k]
-        tt = out[:, :, tb, :, tw] & one                                 # [b, d, C]
+        # the words after the seed block, in order: v is words 0..k-1, t the low bit of word k
+        words = out[:, :, 1] if B == 2 else np.moveaxis(out[:, :, 1:], 2, -2).reshape(2, 2, C, 2 * (B - 1))
+        v = words[..., :k]                                              # [b, d, C, k]
+        tt = words[..., k] & one                                        # [b, d, C]
         # Keep = R where alpha_i = 1, else L: y ^ ((y ^ z) & mask) picks z under the mask
         d = (seed[:, 0] ^ seed[:, 1]) & am2
         s_keep, s_lose = seed[:, 0] ^ d, seed[:, 1] ^ d                 # [b, C, 2]
-        d = (v[:, 0] ^ v[:, 1]) & (am[:, None] if k == 1 else am2)
+        d = (v[:, 0] ^ v[:, 1]) & (am2 if k == 2 else am[:, None])
         v_keep, v_lose = v[:, 0] ^ d, v[:, 1] ^ d                       # [b, C, k]
         scw = s_cw64[i, lo:hi]
         np.bitwise_xor(s_lose[0], s_lose[1], out=scw)                   # s_CW = s_0^Lose ^ s_1^Lose
@@ -296,7 +297,18 @@ def _keygen_chunk(alpha, beta, root, n, lo, hi, s_cw, v_cw, t_cw, cw_last):
         np.bitwise_xor(s_keep, m2, out=s)
         t = t_keep ^ (t_keep_cw & t)
     # CW^(n+1) = (-1)^t1 [Convert(s_1^(n)) - Convert(s_0^(n)) - V_alpha]; Convert = the seed's first k words
-    cw_last[lo:hi] = _signed(s[1, :, :k] - s[0, :, :k] - v_alpha, np.negative(t[1])[:, None])
+    cw_last[lo:hi] = _signed(_convert(s[1], k) - _convert(s[0], k) - v_alpha, np.negative(t[1])[:, None])
+
+
+def _convert(s: np.ndarray, k: int) -> np.ndarray:
+    """Convert a leaf seed (uint64 [C, 2]) to k ring words: the seed's words for k <= 2; for k = 3 a
+    third word from one more fixed-key block under a tweak no tree level uses (c = 2B)."""
+    if k <= 2:
+        return s[:, :k]
+    inp = np.ascontiguousarray(s) ^ np.uint64(2 * _blocks(k))
+    out = _Aes.buffer(inp.shape)
+    _aes().mmo(inp, out)
+    return np.concatenate([s, out[:, :1]], axis=1)
 
 
 def eval(party: int, key: DcfKey, x, chunk: int = CHUNK, threads: int = 1) -> np.ndarray:  # noqa: A001
@@ -350,7 +362,7 @@ class _EvalSpace:
 def _eval_chunk(party: int, key: DcfKey, x: np.ndarray, lo: int, hi: int, acc: np.ndarray, ws: _EvalSpace):
     n, k, C = key.n_bits, key.k, hi - lo
     B = _blocks(k)
-    tw, tb = (1, 1) if k == 1 else (0, 2)
+    tb, tw = 1 + k // 2, k % 2  # t: the low bit of word k after the seed block (block 1 + k // 2)
     aes = _aes()
     # Per-element scalars (x_i, the mask of t) are used "doubled", one copy per 64-bit word of a
     # seed, so that every pass over the [C, 2] seed arrays is a contiguous elementwise operation:
@@ -386,9 +398,13 @@ def _eval_chunk(party: int, key: DcfKey, x: np.ndarray, lo: int, hi: int, acc: n
         if k == 1:
             np.add(acc_v, out[1, :, 0], out=acc_v)
             np.bitwise_and(key.v_cw[i, lo:hi, 0], t64, out=tmp_v)
-        else:
+        elif k == 2:
             np.add(acc_v, out[1], out=acc_v)
             np.bitwise_and(key.v_cw[i, lo:hi], m2, out=tmp_v)
+        else:  # words 0, 1 of block 1 and word 0 of block 2
+            np.add(acc_v[:, :2], out[1], out=acc_v[:, :2])
+            np.add(acc_v[:, 2], out[2, :, 0], out=acc_v[:, 2])
+            np.bitwise_and(key.v_cw[i, lo:hi], t64[:, None], out=tmp_v)
         np.add(acc_v, tmp_v, out=acc_v)
         # t <- t^x ^ t * t_CW^{x_i}
         np.copyto(bit8, bit2[:, 0], casting="unsafe")
@@ -403,7 +419,7 @@ def _eval_chunk(party: int, key: DcfKey, x: np.ndarray, lo: int, hi: int, acc: n
     # V <- V + Convert(s^(n)) + t^(n) * CW^(n+1)
     np.copyto(t64, t8)
     np.negative(t64, out=t64)
-    np.add(a, s[:, :k], out=a)
+    np.add(a, _convert(s, k), out=a)
     np.add(a, key.cw_last[lo:hi] & t64[:, None], out=a)
 
 
@@ -428,7 +444,7 @@ def from_bytes(buf) -> DcfKey:
         raise ValueError("not a DCF key")
     party, n, k, _ = mv[4], mv[5], mv[6], mv[7]
     N = int.from_bytes(mv[8:16], "little")
-    if party not in (0, 1) or not 1 <= n <= 64 or k not in (1, 2):
+    if party not in (0, 1) or not 1 <= n <= 64 or k not in (1, 2, 3):
         raise ValueError("bad DCF key header")
     if len(mv) != key_size(N, n, k):
         raise ValueError(f"DCF key of {len(mv)} bytes, expected {key_size(N, n, k)}")

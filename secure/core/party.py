@@ -36,6 +36,16 @@ ROLE_NAMES = tuple(ROLES)
 # protocol, crypten = CrypTen's MPC tensors, the reference. Here so that torch-free processes know them.
 ENGINES = ("fast", "crypten")
 DEFAULT_ENGINE = "fast"
+# The fast engine's ReLU protocols (docs/PROTOCOL.md): gmw = the bit-packed carry tree (7 rounds per ReLU
+# layer, little dealer traffic), fss = one-round comparison from the dealer's DCF keys (large dealer
+# traffic), fss-exact = fss with truncation gates wherever a local truncation's wrap could do harm (more
+# rounds, no wrap failure). "auto" is resolved before a session starts, by
+# `secure.core.costmodel.resolve_relu_protocol` from the public plan and the link, between gmw and fss;
+# the engine itself only ever sees a concrete protocol.
+RELU_PROTOCOLS = ("gmw", "fss", "fss-exact")
+AUTO_CANDIDATES = ("gmw", "fss")
+RELU_CHOICES = ("auto",) + RELU_PROTOCOLS
+DEFAULT_RELU_CHOICE = "auto"
 
 
 @dataclass

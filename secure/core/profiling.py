@@ -44,6 +44,7 @@ class Profile:
     offline_bytes: int = 0  # sent + received by this party before the input is used
     queries: int = 1  # batches in the session; the other figures sum over them
     engine: str = ""  # the engine that ran: "fast" or "crypten"
+    relu_protocol: str = ""  # the fast engine's ReLU protocol that ran: "gmw", "fss" or "fss-exact" ("": crypten's own)
     # The whole session as this party's channel counted it, all phases: payload bytes, and, over TLS links,
     # the bytes on the wire (TLS records and frame headers, the handshakes and prefaces included).
     session_bytes_sent: int | None = None
@@ -79,7 +80,7 @@ class Profile:
         return (f"batch {self.batch_size}, {mode}: setup {self.setup_s:.2f} s, online {self.online_s:.2f} s "
                 f"(ReLU {self.relu_s:.2f} s / linear {self.linear_s:.2f} s), "
                 f"sent {self.bytes_sent / 1e6:.1f} MB, received {self.bytes_received / 1e6:.1f} MB, "
-                f"{self.rounds} rounds")
+                f"{self.rounds} rounds" + (f", ReLU protocol {self.relu_protocol}" if self.relu_protocol else ""))
 
 
 def _traffic(layers: list[LayerProfile]) -> int:

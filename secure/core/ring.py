@@ -154,9 +154,16 @@ def prefer_channels_last(input_shape) -> bool:
     return input_shape[-1] * input_shape[-2] <= 16 * 16
 
 
+MAX_EXACT_FAN_IN = 1 << 23  # ring_linear: K products of 16-bit limbs sum exactly in float64 while K < 2^23
+
+
 def ring_linear(kind: str, a: torch.Tensor, b: torch.Tensor, params: dict) -> torch.Tensor:
     """a * b mod 2^64 for arbitrary ring a (weight-shaped) and b (input-shaped): 16-bit limbs of
     both, the 10 limb products that survive mod 2^64 (|sum| < 2^15 * 2^15 * K < 2^53 for K < 2^23)."""
+    fan_in = 1 if kind == "scale_shift" else a[0].numel()  # K: the terms of one output's dot product
+    if fan_in >= MAX_EXACT_FAN_IN:
+        raise ValueError(f"a {kind} layer with {fan_in:,} inputs per output is beyond the exact float64 "
+                         f"limb products (at most {MAX_EXACT_FAN_IN - 1:,}): split the layer")
     al = _balanced_limbs(a, 16, 4)
     bl = torch.cat(_balanced_limbs(b, 16, 4)).double()
     out = None

@@ -26,6 +26,11 @@ With an emulated link (`BenchSettings.link`, `deepreduce bench --link rtt=20ms,r
 sockets the relay cannot carry); the report says so in its tables and JSON ("link"), and has no
 projections (they project loopback figures; `python -m secure.measure --link` puts an emulated run next
 to its projection).
+
+`--relu-protocol` (`BenchSettings.relu_protocol`) picks ours' ReLU protocol (fast engine): auto (default:
+picked per model for its plan and the link, LAN without --link; each pick is logged), gmw, fss, or both:
+each model and batch size then has one entry per protocol, with the same stock figures (measured once).
+Every entry records "relu_protocol" (null for the crypten engine), the tables have a column for it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from secure.core.plaintext import run_plaintext
 from secure.core.plan import SecurePlan
 from secure.core.runtime import DEFAULT_ENGINE, ENGINES
 from secure.tools.linkemu import LAN, Link
+from secure.tools.local import (DEFAULT_TOOL_RELU_CHOICE, check_relu_choice, relu_choice_note, relu_protocols)
 from secure.tools.stock import plaintext_logits, run_stock_local
 
 try:  # the latency model for real networks (optional: projections are skipped without it)
@@ -207,14 +213,18 @@ def measure_stock(model: BenchModel, batch_size: int, repeats: int, timeout_s: f
 
 
 def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: float = 300,
-                 engine: str | None = None, warmup: int = DEFAULT_WARMUP, link: Link = LAN) -> dict:
+                 engine: str | None = None, warmup: int = DEFAULT_WARMUP, link: Link = LAN,
+                 relu_protocol: str | None = None) -> dict:
     """`warmup` + `repeats` sessions of the project's runtime, one batch each, the first `warmup`
-    not counted; figures of the server party. `link`: an emulated link between the parties (LAN: none)."""
+    not counted; figures of the server party. `link`: an emulated link between the parties (LAN: none).
+    `relu_protocol`: the fast engine's ReLU protocol (None: the harness's default)."""
     from secure.tools.local import run_local_parties
     kwargs = {"engine": engine} if engine else {}
     if link.emulated:
         kwargs["link"] = link
-    online, servers, offline, error, engines = [], [], [], 0.0, set()
+    if relu_protocol is not None:
+        kwargs["relu_protocol"] = relu_protocol
+    online, servers, offline, error, engines, relus = [], [], [], 0.0, set(), set()
     for r, x in enumerate(bench_inputs(model.input_shape, batch_size, warmup + repeats)):
         run = run_local_parties(model.plan, x, timeout_s=timeout_s, **kwargs)
         error = max(error, float((run.client.logits - model.plaintext(x)).abs().max()))
@@ -226,8 +236,10 @@ def measure_ours(model: BenchModel, batch_size: int, repeats: int, timeout_s: fl
         servers.append({k: getattr(p, k) for k in ("online_s", "bytes_sent", "bytes_received", "rounds",
                                                     "relu_s", "linear_s")})
         engines.add(p.engine)
+        relus.add(p.relu_protocol)
     return _figures(online, servers, statistics.median(offline), batch_size, error,
-                    extra={"engine": ",".join(sorted(engines)), "queries_per_session": 1, "warmup": warmup,
+                    extra={"engine": ",".join(sorted(engines)), "relu_protocol": ",".join(sorted(relus)) or None,
+                           "queries_per_session": 1, "warmup": warmup,
                            "online_measured_at": "server", "link": link.to_dict()})
 
 
@@ -265,56 +277,44 @@ STOCK_SKIPPED = ("skipped: stock CrypTen meets over gloo, whose sockets the link
 
 def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, timeout_s: float = 300,
               engine: str | None = None, progress: bool = True, log=print, warmup: int = DEFAULT_WARMUP,
-              link: Link = LAN) -> dict:
+              link: Link = LAN, relu_protocol: str | None = None) -> dict:
     """Measure every model at every batch size with both runtimes; returns the report document
     (without "command" and "machine", which `bench_command` adds). With an emulated `link`, ours runs
-    over it and stock is skipped (recorded as {"skipped": reason})."""
+    over it and stock is skipped (recorded as {"skipped": reason}). `relu_protocol`: ours' ReLU protocol
+    choice, auto, gmw, fss, fss-exact or both (one entry per protocol, stock measured once); None: the harness's
+    default, unchanged."""
     if link.emulated and (engine or DEFAULT_ENGINE) != "fast":
         raise UserError(f"--link emulates the fast engine's links only; --engine {engine} meets over gloo")
+    if relu_protocol is not None:
+        check_relu_choice(relu_protocol, engine or DEFAULT_ENGINE)
     started = time.perf_counter()
     entries, failures = [], []
     jobs = [(m, b) for m in models for b in batch_sizes]
-    bar = tqdm(total=len(jobs) * 2, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    per_job = 1 + (2 if relu_protocol == "both" else 1)
+    bar = tqdm(total=len(jobs) * per_job, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    picked: dict[str, list] = {}  # model name -> its ReLU protocols (auto: resolved once per model)
     try:
         for model, batch in jobs:
-            entry = {"name": model.name, "relu_count": model.relu_count, "batch_size": batch,
-                     "source": model.source, "spec": model.spec.to_dict() if model.spec else None,
-                     "plan_hash": model.plan.plan_hash, "comparison_count": model.plan.comparison_count}
-            if model.accuracy is not None:
-                entry["accuracy"] = model.accuracy
-            for runtime in RUNTIMES:
-                bar.set_description(f"{model.name} b{batch} {runtime}")
-                try:
-                    if runtime == "stock" and link.emulated:
-                        entry[runtime] = {"skipped": STOCK_SKIPPED}
-                    elif runtime == "stock":
-                        entry[runtime] = measure_stock(model, batch, repeats, timeout_s, warmup)
-                    elif link.emulated:
-                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup, link=link)
-                    else:
-                        entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup)
-                except (RuntimeError, OSError) as exc:  # SecureSessionError: a party failed or timed out
-                    message = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
-                    entry[runtime] = {"error": message}
-                    failures.append(f"{model.name} batch {batch} {runtime}")
-                    log(f"warning: {model.name} batch {batch} {runtime} failed: {message[:300]}")
-                bar.update(1)
-            stock, ours = entry["stock"], entry["ours"]
-            ok = _ran(stock) and _ran(ours)
-            entry["speedup"] = stock["online_s"] / ours["online_s"] if ok and ours["online_s"] > 0 else None
-            entry["projections"] = {}
-            if ok:
-                ps, po = projections(stock, batch), projections(ours, batch)
-                entry["projections"] = {name: {"stock_s": ps[name], "ours_s": po[name],
-                                               "speedup": ps[name] / po[name] if po[name] > 0 else None}
-                                        for name in ps}
-            entries.append(entry)
+            if model.name not in picked:
+                picked[model.name] = [None] if relu_protocol is None else relu_protocols(
+                    relu_protocol, model.plan.public_info(), engine or DEFAULT_ENGINE, link)
+                note = relu_choice_note(relu_protocol or "", picked[model.name], link, what=model.name)
+                if note:
+                    log(note)
+            protocols = picked[model.name]
+            stock_figures = None
+            for protocol in protocols:
+                entry = _bench_entry(model, batch, protocol, stock_figures, repeats, timeout_s, engine, warmup, link,
+                                     failures, log, bar, several=len(protocols) > 1)
+                stock_figures = entry["stock"]
+                entries.append(entry)
     finally:
         bar.close()
     return {"format_version": BENCH_FORMAT_VERSION, "kind": BENCH_KIND,
             "link": link.to_dict(),
             "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup, "timeout_s": timeout_s,
                          "engine": engine or "runtime default",
+                         "relu_protocol": relu_protocol or "runtime default",
                          "link": link.spec,
                          "setting": "semi-honest, 2 parties + dealer (stock: CrypTen TTP), all on 127.0.0.1, "
                                     "one process per party"
@@ -335,6 +335,59 @@ def run_bench(models: list[BenchModel], batch_sizes: list[int], repeats: int, ti
             "models": entries, "failures": failures, "wall_s": time.perf_counter() - started}
 
 
+def _bench_entry(model: BenchModel, batch: int, protocol: str | None, stock_figures: dict | None, repeats: int,
+                 timeout_s: float, engine: str | None, warmup: int, link: Link, failures: list, log, bar,
+                 several: bool) -> dict:
+    """One model at one batch size with ours on one ReLU protocol (None: the harness default); stock is
+    measured unless `stock_figures` (the same model and batch, another protocol) are given."""
+    entry = {"name": model.name, "relu_count": model.relu_count, "batch_size": batch,
+             "source": model.source, "spec": model.spec.to_dict() if model.spec else None,
+             "plan_hash": model.plan.plan_hash, "comparison_count": model.plan.comparison_count,
+             "relu_protocol": protocol}
+    if model.accuracy is not None:
+        entry["accuracy"] = model.accuracy
+    for runtime in RUNTIMES:
+        if runtime == "stock" and stock_figures is not None:
+            entry[runtime] = dict(stock_figures)
+            continue
+        label = f"{model.name} batch {batch} {runtime}" + (f" ({protocol})" if runtime == "ours" and several else "")
+        bar.set_description(f"{model.name} b{batch} {runtime}" + (f" {protocol}" if runtime == "ours" and protocol
+                                                                   else ""))
+        extra = {} if protocol is None else {"relu_protocol": protocol}
+        try:
+            if runtime == "stock" and link.emulated:
+                entry[runtime] = {"skipped": STOCK_SKIPPED}
+            elif runtime == "stock":
+                entry[runtime] = measure_stock(model, batch, repeats, timeout_s, warmup)
+            elif link.emulated:
+                entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup, link=link, **extra)
+            else:
+                entry[runtime] = measure_ours(model, batch, repeats, timeout_s, engine, warmup, **extra)
+        except (RuntimeError, OSError) as exc:  # SecureSessionError: a party failed or timed out
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+            entry[runtime] = {"error": message}
+            failures.append(label)
+            log(f"warning: {label} failed: {message[:300]}")
+        bar.update(1)
+    if protocol is None:  # the harness's default: what the profiles say ran
+        entry["relu_protocol"] = entry["ours"].get("relu_protocol")
+    _compare(entry, batch)
+    return entry
+
+
+def _compare(entry: dict, batch: int) -> None:
+    """The entry's speedup and projections, from its stock and ours figures."""
+    stock, ours = entry["stock"], entry["ours"]
+    ok = _ran(stock) and _ran(ours)
+    entry["speedup"] = stock["online_s"] / ours["online_s"] if ok and ours["online_s"] > 0 else None
+    entry["projections"] = {}
+    if ok:
+        ps, po = projections(stock, batch), projections(ours, batch)
+        entry["projections"] = {name: {"stock_s": ps[name], "ours_s": po[name],
+                                       "speedup": ps[name] / po[name] if po[name] > 0 else None}
+                                for name in ps}
+
+
 # -- reports ------------------------------------------------------------------------------------------
 
 def _ran(d: dict) -> bool:
@@ -348,14 +401,15 @@ def link_line(doc: dict) -> str:
 
 
 def format_table(doc: dict) -> str:
-    head = (f"{'model':<22} {'ReLUs':>9} {'batch':>5} | {'online s/img':>25} {'speedup':>8} | "
+    head = (f"{'model':<22} {'ReLUs':>9} {'batch':>5} {'ReLU':>5} | {'online s/img':>25} {'speedup':>8} | "
             f"{'offline s/img':>15} | {'MB/img':>15} | {'rounds/batch':>13} | {'ReLU share':>11}")
-    sub = (f"{'':<22} {'':>9} {'':>5} | {'stock':>12} {'ours':>12} {'':>8} | {'stock':>7} {'ours':>7} | "
+    sub = (f"{'':<22} {'':>9} {'':>5} {'proto':>5} | {'stock':>12} {'ours':>12} {'':>8} | {'stock':>7} {'ours':>7} | "
            f"{'stock':>7} {'ours':>7} | {'stock':>6} {'ours':>6} | {'stock':>5} {'ours':>5}")
     lines = [link_line(doc), head, sub, "-" * len(head)]
     for e in doc["models"]:
         s, o = e["stock"], e["ours"]
-        lines.append(f"{e['name'][:22]:<22} {e['relu_count']:>9,} {e['batch_size']:>5} | "
+        lines.append(f"{e['name'][:22]:<22} {e['relu_count']:>9,} {e['batch_size']:>5} "
+                     f"{e.get('relu_protocol') or '-':>5} | "
                      f"{_f(s, 'online_s', '.3f'):>12} {_f(o, 'online_s', '.3f'):>12} "
                      f"{_num(e['speedup'], '.1f', 'x'):>8} | "
                      f"{_f(s, 'offline_s', '.2f'):>7} {_f(o, 'offline_s', '.2f'):>7} | "
@@ -375,11 +429,11 @@ def format_projections(doc: dict) -> str:
     lines = ["projected online latency per image (secure.tools.netmodel: compute + rounds x RTT + bytes / bandwidth):"]
     for name, link in doc["links"].items():
         lines.append(f"  {name}: {link['description']}")
-    head = f"{'model':<22} {'batch':>5} " + " ".join(f"| {name + ' stock':>11} {name + ' ours':>10} {'speedup':>8} "
-                                                      for name in names)
+    head = f"{'model':<22} {'batch':>5} {'proto':>5} " + " ".join(
+        f"| {name + ' stock':>11} {name + ' ours':>10} {'speedup':>8} " for name in names)
     lines += [head, "-" * len(head)]
     for e in doc["models"]:
-        row = f"{e['name'][:22]:<22} {e['batch_size']:>5} "
+        row = f"{e['name'][:22]:<22} {e['batch_size']:>5} {e.get('relu_protocol') or '-':>5} "
         for name in names:
             p = e.get("projections", {}).get(name)
             row += (f"| {p['stock_s']:>10.3f}s {p['ours_s']:>9.3f}s {_num(p['speedup'], '.1f', 'x'):>8} " if p
@@ -397,8 +451,8 @@ def _num(value, fmt: str, suffix: str = "") -> str:
 
 
 def plot_bench(doc: dict, path: str) -> None:
-    """Online latency per image against ReLU count, both runtimes, one line per batch size; log
-    axes (a model without ReLUs is drawn at 1 ReLU)."""
+    """Online latency per image against ReLU count, both runtimes, one line per batch size (and, for
+    ours, per ReLU protocol when the report has several); log axes (a model without ReLUs is drawn at 1 ReLU)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
@@ -407,14 +461,20 @@ def plot_bench(doc: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     styles = {"stock": ("tab:red", "s"), "ours": ("tab:blue", "o")}
     batches = sorted({e["batch_size"] for e in doc["models"]})
-    for runtime in RUNTIMES:
-        color, marker = styles[runtime]
+    protocols = sorted({e.get("relu_protocol") or "" for e in doc["models"]}, key=lambda p: (p != "gmw", p))
+    ours_colors = ("tab:blue", "tab:green", "tab:purple")
+    lines = [("stock", None, *styles["stock"])] + [
+        ("ours", proto if len(protocols) > 1 else None, ours_colors[k % len(ours_colors)], "o")
+        for k, proto in enumerate(protocols)]
+    for runtime, proto, color, marker in lines:
         for i, batch in enumerate(batches):
-            points = sorted((max(1, e["relu_count"]), e[runtime]["online_s"], e["name"]) for e in doc["models"]
-                            if e["batch_size"] == batch and _ran(e[runtime]))
+            points = sorted({(max(1, e["relu_count"]), e[runtime]["online_s"], e["name"]) for e in doc["models"]
+                             if e["batch_size"] == batch and _ran(e[runtime])
+                             and (proto is None or (e.get("relu_protocol") or "") == proto)})
             if not points:
                 continue
-            label = f"{'stock CrypTen' if runtime == 'stock' else 'this runtime'}, batch {batch}"
+            label = (f"{'stock CrypTen' if runtime == 'stock' else 'this runtime'}"
+                     + (f" ({proto or 'default'} ReLU)" if proto is not None else "") + f", batch {batch}")
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color,
                     linestyle="-" if i == 0 else "--", alpha=1.0 if i == 0 else 0.6, label=label)
             if runtime == "stock" and i == 0:
@@ -490,6 +550,7 @@ class BenchSettings:
     warmup: int | None = None
     quick: bool = False
     engine: str | None = None  # this runtime's engine; None: the runtime's default
+    relu_protocol: str = DEFAULT_TOOL_RELU_CHOICE  # ours' ReLU protocol: auto, gmw, fss, fss-exact or both
     link: Link = LAN  # an emulated link between the parties (secure.tools.linkemu); LAN: none
     timeout_s: float = 300.0
     json_out: str | None = None
@@ -518,6 +579,7 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
         raise TypeError(f"BenchSettings.link must be a secure.tools.linkemu.Link, got {type(args.link).__name__}")
     if args.link.emulated and (args.engine or DEFAULT_ENGINE) != "fast":
         raise UserError(f"--link emulates the fast engine's links only; --engine {args.engine} meets over gloo")
+    check_relu_choice(args.relu_protocol, args.engine or DEFAULT_ENGINE)
     for path in (args.json_out, args.plot):
         _check_writable(path)
     full = args.full
@@ -532,12 +594,12 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
     if not models:
         raise UserError("no models to benchmark (--no-full without --spec or --frontier)")
     log(f"benchmarking {len(models)} model(s) x batch {','.join(map(str, batch_sizes))}, {repeats} repeat(s) each "
-        f"after {warmup} warm-up, {args.link.describe()}"
+        f"after {warmup} warm-up, {args.link.describe()}, --relu-protocol {args.relu_protocol}"
         + (" (stock CrypTen skipped)" if args.link.emulated else "") + ": "
         + ", ".join(f"{m.name} ({m.relu_count:,} ReLUs)" for m in models))
     machine = machine_info()
     doc = run_bench(models, batch_sizes, repeats, timeout_s=args.timeout_s, engine=args.engine,
-                    progress=args.progress, log=log, warmup=warmup, link=args.link)
+                    progress=args.progress, log=log, warmup=warmup, link=args.link, relu_protocol=args.relu_protocol)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     command = "deepreduce " + (shlex.join(argv) if argv is not None else "bench")
     doc = {"format_version": doc.pop("format_version"), "kind": doc.pop("kind"), "command": command,
@@ -555,7 +617,8 @@ def bench_command(args: BenchSettings, argv: list[str] | None = None, log=print)
         plot_bench(doc, args.plot)
         log(f"wrote {args.plot}")
     if doc["failures"]:
-        raise UserError(f"{len(doc['failures'])} of {2 * len(doc['models'])} runs failed "
+        runs = len(doc["models"]) + len({(e["name"], e["batch_size"]) for e in doc["models"]})  # stock once
+        raise UserError(f"{len(doc['failures'])} of {runs} runs failed "
                         f"({'; '.join(doc['failures'])}); the messages are in the report above"
                         + (f" and in {args.json_out}" if args.json_out else ""))
     return doc

@@ -9,7 +9,12 @@ The CrypTen reference engine meets over gloo at a rendezvous port, as it does be
 `link=` (a `secure.tools.linkemu.Link`, e.g. `parse_link("rtt=20ms,rate=100mbit")`) puts an emulated link
 between the parties: the listeners relay each accepted connection to its party through a delaying,
 rate-limiting `linkemu.Relay` instead of handing it over as it is. Fast engine only (gloo's own sockets
-cannot be relayed here); bytes and rounds do not change, only the timing."""
+cannot be relayed here); bytes and rounds do not change, only the timing.
+
+`relu_protocol=` picks the fast engine's ReLU protocol for both parties: gmw (default), fss, or auto
+(`secure.core.costmodel.resolve_relu_protocol` for the plan and `link`: LAN without one). The tools' choice
+`--relu-protocol {auto,gmw,fss,fss-exact,both}` goes through `relu_protocols` (which protocols to run) and
+`relu_choice_note` (what to print about it)."""
 
 from __future__ import annotations
 
@@ -29,27 +34,73 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from deepreduce.errors import UserError
 from secure.control.protocol import free_port
-from secure.core.party import PartyResult, Rendezvous, SecureSessionError
+from secure.core.party import AUTO_CANDIDATES, RELU_CHOICES, RELU_PROTOCOLS, PartyResult, Rendezvous, SecureSessionError
 from secure.core.plan import PublicPlan, SecurePlan
 from secure.core.profiling import Profile
-from secure.core.runtime import DEFAULT_ENGINE, get_engine, run_client, run_dealer, run_server
+from secure.core.runtime import (CRYPTEN_RELU_REFUSAL, DEFAULT_ENGINE, DEFAULT_RELU_PROTOCOL, check_relu_protocol,
+                                  get_engine, run_client, run_dealer, run_server)
 from secure.transport import TransportError
 from secure.transport.credentials import PartyIdentity, new_secret
 from secure.transport.meeting import Meeting
 from secure.transport.preface import read_preface, send_connection
 from secure.tools.linkemu import LAN, Link, Relay, tcp_pair
 
-__all__ = ["LocalRun", "run_local", "run_local_parties", "run_processes"]
+__all__ = ["LocalRun", "RELU_TOOL_CHOICES", "check_relu_choice", "relu_choice_note", "relu_protocols", "resolve_relu",
+           "run_local", "run_local_parties", "run_processes"]
+
+# The tools' --relu-protocol: a protocol, auto, or both (each protocol in turn, reported side by side).
+RELU_TOOL_CHOICES = RELU_CHOICES + ("both",)
+DEFAULT_TOOL_RELU_CHOICE = "auto"
+
+
+def resolve_relu(choice: str, public: PublicPlan, link: Link = LAN) -> str:
+    """A concrete ReLU protocol: `choice` itself, or what auto picks for `public` on `link` (LAN: a LAN)."""
+    if choice in RELU_PROTOCOLS:
+        return choice
+    if choice != "auto":
+        raise ValueError(f"unknown ReLU protocol {str(choice)[:32]!r}: one of {', '.join(RELU_CHOICES)}")
+    from secure.core.costmodel import resolve_relu_protocol
+    return resolve_relu_protocol("auto", public, rtt_s=link.rtt_s, rate_bps=link.rate_bps)
+
+
+def check_relu_choice(choice: str, engine: str = DEFAULT_ENGINE) -> str | None:
+    """A tool's --relu-protocol `choice` checked against `engine` (a UserError, one `error:` line, if it does
+    not fit); None for the crypten engine, which runs its own and takes only auto."""
+    if choice not in RELU_TOOL_CHOICES:
+        raise UserError(f"--relu-protocol {str(choice)[:32]!r}: choose one of {', '.join(RELU_TOOL_CHOICES)}")
+    if engine != "fast":
+        if choice != "auto":
+            raise UserError(CRYPTEN_RELU_REFUSAL)
+        return None
+    return choice
+
+
+def relu_protocols(choice: str, public: PublicPlan, engine: str = DEFAULT_ENGINE, link: Link = LAN) -> list[str | None]:
+    """The ReLU protocols a tool runs for its --relu-protocol `choice` (auto, gmw, fss, fss-exact or both): gmw
+    and fss for "both", auto resolved for `public` on `link`; [None] for the crypten engine (CrypTen's own
+    comparison), which takes only auto. A bad choice is a UserError (one `error:` line)."""
+    if check_relu_choice(choice, engine) is None:
+        return [None]
+    return list(AUTO_CANDIDATES) if choice == "both" else [resolve_relu(choice, public, link)]
+
+
+def relu_choice_note(choice: str, protocols: list[str | None], link: Link = LAN, what: str = "") -> str | None:
+    """The line a tool prints when auto picked the protocol (None otherwise)."""
+    if choice != "auto" or protocols == [None]:
+        return None
+    where = "a LAN (no link given)" if not link.emulated else f"the emulated link {link.spec}"
+    return f"--relu-protocol auto picked {', '.join(p for p in protocols if p)}{' for ' + what if what else ''} on {where}"
 
 
 def run_local(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False, port: int | None = None,
               timeout_s: float = 60, engine: str = DEFAULT_ENGINE, batch_size: int | None = None,
-              link: Link = LAN) -> PartyResult:
+              link: Link = LAN, relu_protocol: str = DEFAULT_RELU_PROTOCOL) -> PartyResult:
     """Run server, client and dealer (no dealer with TFP) as fresh processes on 127.0.0.1 and
     return the client's result."""
     return run_local_parties(plan, images, insecure_tfp, port, timeout_s, engine=engine, batch_size=batch_size,
-                             link=link).client
+                             link=link, relu_protocol=relu_protocol).client
 
 
 @dataclass
@@ -60,17 +111,27 @@ class LocalRun:
     pids: dict  # role -> process id: every party ran in its own process
     link: Link = LAN  # the emulated link between the parties (LAN: none)
     relays: list = field(default_factory=list)  # with an emulated link: each relay's accounting (linkemu)
+    relu_protocol: str | None = None  # the fast engine's ReLU protocol that ran (None: crypten's own)
 
 
 def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool = False,
                       port: int | None = None, timeout_s: float = 60, client_public: PublicPlan | None = None,
-                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None, link: Link = LAN) -> LocalRun:
+                      engine: str = DEFAULT_ENGINE, batch_size: int | None = None, link: Link = LAN,
+                      relu_protocol: str = DEFAULT_RELU_PROTOCOL) -> LocalRun:
     """Like run_local, but returns every party's outcome. `client_public` gives the client another
     public description than `plan`'s (tests: a client holding a stale plan). `batch_size` splits
     `images` into several queries of one session (fast engine); by default they are one batch.
     `link`: an emulated link between the parties (fast engine only; default LAN: none). The returned
-    `LocalRun.link` records it, `LocalRun.relays` each relayed connection's byte and time accounting."""
+    `LocalRun.link` records it, `LocalRun.relays` each relayed connection's byte and time accounting.
+    `relu_protocol`: the fast engine's ReLU protocol, gmw (default), fss or auto (resolved here for `plan`
+    and `link`); the crypten engine takes gmw or auto and runs its own. `LocalRun.relu_protocol` and each
+    party's profile say which ran."""
     get_engine(engine)  # an unknown name fails here, before any process starts
+    if engine == "fast":
+        relu_protocol = resolve_relu(relu_protocol, plan.public_info(), link)
+    elif relu_protocol == "auto":
+        relu_protocol = DEFAULT_RELU_PROTOCOL  # crypten runs its own: nothing to pick
+    check_relu_protocol(relu_protocol, engine)  # ValueError before any process starts
     if not isinstance(link, Link):
         raise TypeError(f"link must be a secure.tools.linkemu.Link, got {type(link).__name__}")
     if link.emulated and engine != "fast":
@@ -91,12 +152,13 @@ def run_local_parties(plan: SecurePlan, images: torch.Tensor, insecure_tfp: bool
         procs = {role: ctx.Process(target=_local_party, name=f"secure-{role}", daemon=True,
                                    args=(role, plan_path, public, pixels_path, meet(role), insecure_tfp, results,
                                          engine, batch_size or len(images),
-                                         listeners.child_end(role) if listeners else None))
+                                         listeners.child_end(role) if listeners else None, relu_protocol))
                  for role in roles}
         outcomes, pids = run_processes(procs, results, timeout_s)
     return LocalRun(server=_party_result(outcomes["server"]), client=_party_result(outcomes["client"]),
                     dealer=outcomes.get("dealer"), pids=pids, link=link,
-                    relays=listeners.relay_stats() if listeners else [])
+                    relays=listeners.relay_stats() if listeners else [],
+                    relu_protocol=relu_protocol if engine == "fast" else None)
 
 
 def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
@@ -116,7 +178,7 @@ def run_processes(procs: dict, results, timeout_s: float) -> tuple[dict, dict]:
 
 
 def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, results, engine, batch_size,
-                 handoff=None) -> None:
+                 handoff=None, relu_protocol: str = DEFAULT_RELU_PROTOCOL) -> None:
     try:
         if handoff is not None:
             rdv.handoff = handoff
@@ -126,9 +188,11 @@ def _local_party(role, plan_path, public_json, pixels_path, rdv, insecure_tfp, r
             return
         batches = list(torch.from_numpy(np.load(pixels_path)).split(batch_size))
         if role == "server":
-            outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine)
+            outcome = run_server(SecurePlan.load(plan_path), rdv, [len(b) for b in batches], insecure_tfp, engine,
+                                 relu_protocol)
         else:
-            outcome = run_client(PublicPlan.from_dict(json.loads(public_json)), batches, rdv, insecure_tfp, engine)
+            outcome = run_client(PublicPlan.from_dict(json.loads(public_json)), batches, rdv, insecure_tfp, engine,
+                                 relu_protocol)
         results.put((role, "ok", {"pid": os.getpid(), **outcome.to_dict()}))
     except BaseException as exc:
         results.put((role, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

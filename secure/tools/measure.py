@@ -3,6 +3,7 @@
     python -m secure.tools.measure --plan MODEL.plan [--batch-size B] [--repeats R] [--json-out FILE]
     python -m secure.tools.measure --alpha 1 [spec flags as in `deepreduce count`]    # random weights
     python -m secure.tools.measure --plan MODEL.plan --link rtt=20ms,rate=100mbit --repeats 5   # emulated link
+    python -m secure.tools.measure --plan MODEL.plan --relu-protocol both     # gmw and fss, side by side
 
 Runs dealer, server and client as fresh processes on 127.0.0.1 (`run_local_parties`) on real-shaped
 random inputs (cost does not depend on pixel values) and prints the server party's figures.
@@ -11,6 +12,10 @@ random inputs (cost does not depend on pixel values) and prints the server party
 parties that delays and paces every link) and, alternating with it, on plain loopback: the report shows
 both, `secure.tools.netmodel`'s projection of the loopback profile onto that link, and the emulated
 latency's error against it. `--link lan` (the default) is no emulation.
+
+`--relu-protocol` picks the fast engine's ReLU protocol: auto (default: picked for the plan and the --link,
+a LAN without one; the pick is printed), gmw, fss, or both (each in turn, one row each). The JSON is one
+result with "relu_protocol"; with both, {"relu_protocol": "both", "results": [one per protocol]}.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from secure.core.plan import SecurePlan
 from deepreduce.checkpoint import random_checkpoint
 from secure.core.runtime import DEFAULT_ENGINE, ENGINES
 from secure.tools.linkemu import LAN, Link, parse_link
-from secure.tools.local import run_local_parties
+from secure.tools.local import (DEFAULT_TOOL_RELU_CHOICE, RELU_TOOL_CHOICES, check_relu_choice, relu_choice_note,
+                                relu_protocols, run_local_parties)
 from secure.tools.netmodel import predict_latency
 
 
@@ -45,12 +51,14 @@ def _timeout(link: Link) -> float:
 
 
 def measure_cost(plan: SecurePlan, batch_size: int = 1, repeats: int = 1, insecure_tfp: bool = False,
-                 engine: str = DEFAULT_ENGINE, link: Link = LAN) -> dict:
+                 engine: str = DEFAULT_ENGINE, link: Link = LAN, relu_protocol: str = "gmw") -> dict:
     """The server party's figures, times the median of `repeats` sessions. `link`: an emulated link
     between the parties (`secure.tools.linkemu`; default LAN: plain loopback); the result's "link" says
-    which, and whether it was emulated."""
+    which, and whether it was emulated. `relu_protocol`: the fast engine's (gmw, fss or auto; the
+    result's "relu_protocol" says which ran, None for the crypten engine)."""
     runs = [run_local_parties(plan, _inputs(plan, batch_size, seed), insecure_tfp=insecure_tfp, engine=engine,
-                              link=link, timeout_s=_timeout(link)).server.profile for seed in range(repeats)]
+                              link=link, timeout_s=_timeout(link), relu_protocol=relu_protocol).server.profile
+            for seed in range(repeats)]
     return summarise(plan, runs, batch_size, insecure_tfp, engine, link)
 
 
@@ -60,7 +68,7 @@ def summarise(plan: SecurePlan, runs: list, batch_size: int, insecure_tfp: bool,
     p = runs[0]
     repeats = len(runs)
     online = statistics.median(r.online_s for r in runs)
-    return {"link": link.to_dict(),
+    return {"link": link.to_dict(), "relu_protocol": p.relu_protocol or None,
             "relu_count": plan.relu_count, "batch_size": batch_size, "repeats": repeats, "insecure_tfp": insecure_tfp,
             "engine": engine, "offline_s": statistics.median(r.offline_s for r in runs),
             "offline_mb": p.offline_bytes / 1e6,
@@ -74,20 +82,24 @@ def summarise(plan: SecurePlan, runs: list, batch_size: int, insecure_tfp: bool,
 
 
 def measure_link(plan: SecurePlan, link: Link, batch_size: int = 1, repeats: int = 5, insecure_tfp: bool = False,
-                 engine: str = DEFAULT_ENGINE) -> dict:
+                 engine: str = DEFAULT_ENGINE, relu_protocol: str = "gmw") -> dict:
     """The cost over the emulated `link` next to its projection: `repeats` sessions on loopback and
     `repeats` over the link, alternating (the same inputs for both), then secure.tools.netmodel's
     projection of the loopback profile onto the link and the emulated latency's error against it.
     Returns the emulated run's measure_cost figures plus "loopback", "projection" and
-    "same_bytes_and_rounds" (online bytes and rounds are exact counts: they must not change)."""
+    "same_bytes_and_rounds" (online bytes and rounds are exact counts: they must not change). Both sides
+    run the same `relu_protocol` (auto: resolved once, for `link`)."""
     if not link.emulated:
         raise ValueError("measure_link needs an emulated link (rtt and/or rate), not LAN")
+    if relu_protocol == "auto" and engine == "fast":  # one pick for both sides: the emulated link's
+        from secure.tools.local import resolve_relu
+        relu_protocol = resolve_relu(relu_protocol, plan.public_info(), link)
     loop, emu = [], []
     for seed in range(repeats):
         x = _inputs(plan, batch_size, seed)
         for runs, lk in ((loop, LAN), (emu, link)) if seed % 2 == 0 else ((emu, link), (loop, LAN)):
             runs.append(run_local_parties(plan, x, insecure_tfp=insecure_tfp, engine=engine, link=lk,
-                                          timeout_s=_timeout(lk)).server.profile)
+                                          timeout_s=_timeout(lk), relu_protocol=relu_protocol).server.profile)
     loopback = summarise(plan, loop, batch_size, insecure_tfp, engine, LAN)
     result = summarise(plan, emu, batch_size, insecure_tfp, engine, link)
     projected = predict_latency(loopback, link.rate_bps or float("inf"), link.rtt_s) / batch_size
@@ -109,14 +121,15 @@ def measure_link(plan: SecurePlan, link: Link, batch_size: int = 1, repeats: int
 
 
 def format_result(result: dict, label: str = "") -> str:
-    return (f"{label:<10} {result['relu_count']:>9,} {result['online_s_per_image']:>12.3f} {result['setup_s']:>8.2f} "
+    return (f"{label:<10} {result.get('relu_protocol') or '-':<8} {result['relu_count']:>9,} "
+            f"{result['online_s_per_image']:>12.3f} {result['setup_s']:>8.2f} "
             f"{100 * result['relu_share']:>9.0f}% {result['mb_sent_per_image']:>8.2f} "
             f"{result['mb_received_per_image']:>8.2f} {result['rounds']:>7}"
             + ("   (INSECURE TFP)" if result["insecure_tfp"] else ""))
 
 
-HEADER = (f"{'link':<10} {'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} {'MB sent':>8} "
-          f"{'MB recv':>8} {'rounds':>7}")
+HEADER = (f"{'link':<10} {'protocol':<8} {'ReLUs':>9} {'online s/img':>12} {'setup s':>8} {'ReLU share':>10} "
+          f"{'MB sent':>8} {'MB recv':>8} {'rounds':>7}")
 
 
 def _session_traffic(p) -> dict:
@@ -142,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--insecure-tfp", action="store_true", help="no dealer (benchmark only)")
     parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+    parser.add_argument("--relu-protocol", default=DEFAULT_TOOL_RELU_CHOICE,
+                        metavar="{" + ",".join(RELU_TOOL_CHOICES) + "}",
+                        help="the fast engine's ReLU protocol: auto (default: picked for the plan and --link), gmw, "
+                             "fss, or both (each in turn)")
     parser.add_argument("--link", metavar="rtt=20ms,rate=100mbit",
                         help="measure over an EMULATED link (secure.tools.linkemu), alternating with loopback "
                              "runs, next to the latency model's projection; `lan` (default): no emulation")
@@ -155,26 +172,44 @@ def _run(args) -> None:
         raise UserError(f"--link emulates the fast engine's links only; --engine {args.engine} meets over gloo")
     if args.batch_size < 1 or args.repeats < 1:
         raise UserError("--batch-size and --repeats must be at least 1")
+    check_relu_choice(args.relu_protocol, args.engine)  # before the plan is built
     plan = SecurePlan.load(args.plan) if args.plan else plan_from_checkpoint(random_checkpoint(spec_from_args(args)))
+    protocols = relu_protocols(args.relu_protocol, plan.public_info(), args.engine, link)
+    note = relu_choice_note(args.relu_protocol, protocols, link)
+    if note:
+        print(note)
     if not link.emulated:
-        result = measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
+        results = [measure_cost(plan, args.batch_size, args.repeats, args.insecure_tfp, args.engine,
+                                **_relu_kwargs(p)) for p in protocols]
         print(f"link: {link.describe()}")
         print(HEADER)
-        print(format_result(result, "loopback"))
+        for result in results:
+            print(format_result(result, "loopback"))
     else:
-        result = measure_link(plan, link, args.batch_size, args.repeats, args.insecure_tfp, args.engine)
-        p = result["projection"]
+        results = [measure_link(plan, link, args.batch_size, args.repeats, args.insecure_tfp, args.engine,
+                                **_relu_kwargs(p)) for p in protocols]
         print(f"link: {link.describe()}; {args.repeats} session(s) each, alternating with loopback, medians")
         print(HEADER)
-        print(format_result(result["loopback"], "loopback"))
-        print(format_result(result, "EMULATED"))
-        error = "-" if result["error"] is None else f"{100 * result['error']:+.1f}%"
-        print(f"projected (secure.tools.netmodel, loopback profile onto {link.spec}): {p['online_s_per_image']:.3f} "
-              f"s/img (rounds x rtt {p['rounds_x_rtt_s']:.3f} s, transfer {p['transfer_s']:.3f} s); "
-              f"emulated {result['online_s_per_image']:.3f} s/img, error {error}; bytes and rounds "
-              + ("identical with and without emulation" if result["same_bytes_and_rounds"] else "DIFFER (a bug)"))
+        for result in results:
+            print(format_result(result["loopback"], "loopback"))
+            print(format_result(result, "EMULATED"))
+        for result in results:
+            p = result["projection"]
+            error = "-" if result["error"] is None else f"{100 * result['error']:+.1f}%"
+            print((f"[{result['relu_protocol']}] " if len(results) > 1 else "")
+                  + f"projected (secure.tools.netmodel, loopback profile onto {link.spec}): "
+                  f"{p['online_s_per_image']:.3f} s/img (rounds x rtt {p['rounds_x_rtt_s']:.3f} s, transfer "
+                  f"{p['transfer_s']:.3f} s); emulated {result['online_s_per_image']:.3f} s/img, error {error}; "
+                  "bytes and rounds "
+                  + ("identical with and without emulation" if result["same_bytes_and_rounds"] else "DIFFER (a bug)"))
     if args.json_out:
-        atomic_write_json(args.json_out, result)
+        atomic_write_json(args.json_out, results[0] if len(results) == 1 else
+                          {"relu_protocol": args.relu_protocol, "results": results})
+
+
+def _relu_kwargs(protocol: str | None) -> dict:
+    """measure_cost's / measure_link's relu_protocol for one protocol of relu_protocols (None: crypten's own)."""
+    return {} if protocol is None else {"relu_protocol": protocol}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Latency of a secure inference on another network, projected from a profile measured on loopback.
 
-    latency = compute_s + rounds * rtt_s + wire_bytes * 8 / bandwidth_bps
+    latency = compute_s + rounds * rtt_s / 2 + wire_bytes * 8 / bandwidth_bps
     wire_bytes = (max(sent, received) + OVERLAP_SHARE * min(sent, received)) * WIRE_OVERHEAD
 
 * ``compute_s``: the profile's online time (``Profile.online_s``), measured with all parties on one
   machine, where the network costs next to nothing.
-* ``rounds``: the profile's communication rounds; each is charged one round-trip time (an upper
-  bound: CrypTen counts a request to the dealer and its answer as two rounds).
+* ``rounds``: the profile's communication rounds. The fast engine counts a round per flight of
+  messages (`secure.core.channel.Channel`: several messages one party sends in one step are one
+  round, a simultaneous exchange is one round), so each costs one one-way delay, rtt / 2. CrypTen
+  counts each send and each receive of its communicator as a round, which is no fewer flights.
+  Checked against emulated delay (`--link rtt=..`, docs/RESULTS.md "Emulated WAN"): charging a whole
+  rtt per round overestimated the shipped plan's 20 ms latency by 80 %.
 * ``wire_bytes``: what crosses the busiest link, the server's: the server party's profile counts its
   traffic with the client and with the dealer. The link is full duplex, but the two directions overlap
   only partly (the parties open shares to each other at once, the dealer's triples flow one way, and
@@ -104,7 +108,7 @@ def predict_latency(profile, bandwidth_bps: float, rtt_s: float) -> float:
     if bandwidth_bps <= 0 or rtt_s < 0:
         raise ValueError("bandwidth_bps must be positive and rtt_s not negative")
     c = cost_of(profile)
-    return c.compute_s + c.rounds * rtt_s + c.wire_bytes * 8 / bandwidth_bps
+    return c.compute_s + c.rounds * rtt_s / 2 + c.wire_bytes * 8 / bandwidth_bps
 
 
 def project(profile, links: dict[str, Link] | None = None) -> dict[str, float]:
@@ -121,7 +125,7 @@ def format_projections(profile, links: dict[str, Link] | None = None) -> str:
              f"{'network':<8} {'latency':>9} {'compute':>9} {'rounds':>9} {'transfer':>9}  link"]
     for name, link in (links or PROJECTIONS).items():
         total = predict_latency(profile, link.bandwidth_bps, link.rtt_s)
-        lines.append(f"{name:<8} {total:>8.2f}s {c.compute_s:>8.2f}s {c.rounds * link.rtt_s:>8.2f}s "
+        lines.append(f"{name:<8} {total:>8.2f}s {c.compute_s:>8.2f}s {c.rounds * link.rtt_s / 2:>8.2f}s "
                      f"{c.wire_bytes * 8 / link.bandwidth_bps:>8.2f}s  {link.description}")
     return "\n".join(lines)
 

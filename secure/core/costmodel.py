@@ -1,0 +1,103 @@
+"""The fast engine's cost model: which ReLU protocol answers a query sooner on a given link.
+
+Per query of one image, for each protocol, from the public plan alone (`protocol_costs`):
+
+    online_s = rounds * rtt / 2  +  max(bytes each way) / rate  +  ReLU compute  +  linear compute
+
+Rounds and bytes are exact counts of the protocol (the engine's tests assert the same counts against
+its channels): a round is one flight of messages (`secure.core.channel.Channel`), so it costs one
+one-way delay, rtt / 2. The compute terms are per-element constants measured on this project's
+2-core development VM (docs/RESULTS.md, "ReLU protocols"): the gmw ReLU's bit-sliced carry tree is
+cheap per element but pays a local turnaround per round; the FSS ReLU's DCF evaluation walks
+fss_bits - 1 AES levels per element. The linear layers cost the same under both protocols, so they do
+not enter the choice. `resolve_relu_protocol("auto", ...)` picks the smaller predicted time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from secure.core.correlations import FSS_BITS, LINEAR_OPS, Layout, ReluParams
+from secure.core.party import AUTO_CANDIDATES, RELU_CHOICES, RELU_PROTOCOLS
+from secure.core.plan import PublicPlan
+from secure.core.ring import WEIGHT_BITS, packed_size
+
+# Measured constants (docs/RESULTS.md "ReLU protocols", `python scripts/relu_protocol_costs.py`):
+GMW_S_PER_ELEMENT = 0.55e-6  # one party's share of the carry tree and multiplexer, per ReLU element
+FSS_S_PER_ELEMENT = 0.20e-6 * (FSS_BITS - 1)  # DCF evaluation, per element and level, plus the combine
+LOCAL_S_PER_ROUND = 0.5e-3  # a round's turnaround on localhost (TLS records, wake-ups), either protocol
+
+
+@dataclass(frozen=True)
+class ProtocolCost:
+    protocol: str
+    rounds: int
+    client_bytes: int  # client -> server, online
+    server_bytes: int  # server -> client, online
+    relu_elements: int
+    compute_s: float
+
+    def online_s(self, rtt_s: float = 0.0, rate_bps: float | None = None) -> float:
+        wire = 0.0 if not rate_bps else 8 * max(self.client_bytes, self.server_bytes) / rate_bps
+        return self.rounds * (rtt_s / 2 + LOCAL_S_PER_ROUND) + wire + self.compute_s
+
+
+def protocol_costs(public: PublicPlan, batch: int = 1) -> dict[str, ProtocolCost]:
+    """The online rounds, bytes and ReLU compute of one query of `batch` images, per protocol."""
+    return {p: query_cost(public, p, batch) for p in RELU_PROTOCOLS}
+
+
+def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCost:
+    """One query's online cost under `protocol` (gmw, fss, or fss-exact with truncation gates): one
+    round per ReLU run (fss) or 2 + log2(relu_bits) (gmw), one per truncation gate; the client's X1 - B
+    for a linear layer whose input it cannot know before the query, one round unless its previous step
+    was such a message too; the reveal. Bytes: 4 per element and direction for an FSS opening, the
+    gmw planes (`_gmw_bytes`), 8 per element of X1 - B and of the logits."""
+    from secure.core.engine import _offline_known  # the engine decides which X1 - B go offline
+    relu = ReluParams()
+    layout = Layout.for_protocol(public.ops, public.tensor_shapes, relu, protocol)
+    ops, known = public.ops, _offline_known(public.ops, layout.gates)
+    rounds, sent, received, sending, elements = 1, 0, 8 * batch * math.prod(ops[-1].shape), False, 0
+    fss = layout.protocol == "fss"
+    per_run = 1 if fss else 2 + len(relu.levels)
+    for op in ops[1:]:
+        if op.kind in LINEAR_OPS and not known[op.inputs[0]]:
+            rounds += not sending  # the client's X1 - B; consecutive ones travel as one message
+            sending = True
+            sent += 8 * batch * math.prod(ops[op.inputs[0]].shape)
+        for _, n in layout.relu_sites(op, batch) + layout.gate_sites(op, batch):
+            rounds += per_run
+            each_way = 4 * n if fss else _gmw_bytes(relu, n)
+            sent, received, elements, sending = sent + each_way, received + each_way, elements + n, False
+    per_element = FSS_S_PER_ELEMENT * (layout.fss_bits - 1) / (FSS_BITS - 1) if fss else GMW_S_PER_ELEMENT
+    return ProtocolCost(protocol, rounds, sent, received, elements, elements * per_element)
+
+
+def wrap_bound(public: PublicPlan, protocol: str) -> tuple[int, float]:
+    """(elements, probability): the local truncations per image whose rare wrap can garble the logits
+    (`correlations.harmful_truncations`), and the bound on that happening for one image, each element
+    failing with probability |v| / 2^64 < 2^(fss_bits - 1 + WEIGHT_BITS - 64) for |v| inside the window
+    (|x| < 128 at the default, docs/PROTOCOL.md "Faithful truncation")."""
+    from secure.core.correlations import harmful_truncations
+    layout = Layout.for_protocol(public.ops, public.tensor_shapes, ReluParams(), protocol)
+    elements = sum(harmful_truncations(public.ops, layout.protocol, layout.wide, layout.gates).values())
+    return elements, elements * 2.0 ** (layout.fss_bits - 1 + WEIGHT_BITS - 64)
+
+
+def _gmw_bytes(relu: ReluParams, n: int) -> int:
+    """One party's bytes in one gmw ReLU run over n elements: round 1's bit planes and x - m, three planes
+    per pair at each carry level (two at the last), the multiplexer's plane."""
+    planes = relu.relu_bits + sum(3 * p for p in relu.levels[:-1]) + 2 * relu.levels[-1] + 1
+    return planes * packed_size(n) + 8 * n
+
+
+def resolve_relu_protocol(choice: str, public: PublicPlan, rtt_s: float = 0.0, rate_bps: float | None = None) -> str:
+    """A concrete protocol: `choice` itself, or for "auto" the one with the smaller predicted online time
+    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited)."""
+    if choice not in RELU_CHOICES:
+        raise ValueError(f"unknown ReLU protocol {choice!r}: one of {', '.join(RELU_CHOICES)}")
+    if choice != "auto":
+        return choice
+    costs = protocol_costs(public)
+    return min(AUTO_CANDIDATES, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), p != "gmw"))
