@@ -2,6 +2,7 @@
 
     python scripts/ab_latency.py --a 743dd1b --b . --plan demo/model.plan --alternations 20 --json-out ab.json
     python scripts/ab_latency.py --a main~3 --b . --alpha 1 --alternations 20      # random-weight full ResNet18
+    python scripts/ab_latency.py --a 743dd1b --b . --plan demo/model.plan --b-args "--relu-protocol fss"
 
 Single runs on a shared machine spread by 25% or more, so a speed target is a ratio measured in one run:
 each alternation runs `python -m secure.measure` once in each checkout (order A B, then B A, so that
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alternations", type=int, default=20)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one measurement may take")
     p.add_argument("--json-out")
+    p.add_argument("--b-args", default="", help="more secure.measure flags for B only, e.g. \"--relu-protocol fss\" "
+                   "(flags the baseline does not know)")
     args, measure_args = p.parse_known_args(argv)  # the rest goes to secure.measure (--plan, spec flags, ...)
     if args.alternations < 1:
         print("error: --alternations must be at least 1", file=sys.stderr)
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"a": checkout(args.a, tmp), "b": checkout(args.b, tmp)}
         runs = {"a": [], "b": []}
         for i, side in enumerate(order(args.alternations)):
-            runs[side].append(measure_once(trees[side], measure_args, tmp / f"run-{i}.json", args.timeout))
+            extra = shlex.split(args.b_args) if side == "b" else []
+            runs[side].append(measure_once(trees[side], measure_args + extra, tmp / f"run-{i}.json", args.timeout))
             print(f"{i + 1}/{2 * args.alternations} {side}: {runs[side][-1]['online_s_per_image']:.4f} s online",
                   file=sys.stderr, flush=True)
     finally:
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
     doc = {"a": args.a, "b": args.b, "alternations": args.alternations, "measure_args": measure_args,
+           "b_args": args.b_args,
            **summary(runs), "runs": runs}
     print(f"{'figure':<24} {'A ' + args.a:>16} {'B ' + args.b:>16} {'B / A':>8}")
     for f in FIGURES:

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", nargs="+", default=["shipped", "resnet18"], choices=["shipped", "resnet18"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--links", nargs="+", default=["lan", WAN])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     doc = {"repeats": args.repeats, "batch_size": 1, "emulated_links": [lk for lk in args.links if lk != "lan"],
@@ -66,9 +67,9 @@ def main(argv=None) -> int:
             link = LAN if spec == "lan" else parse_link(spec)
             rtt, rate = (0.0, None) if spec == "lan" else (link.rtt_s, link.rate_bps)
             entry.setdefault("auto", {})[spec] = resolve_relu_protocol("auto", public, rtt, rate)
-            runs = {v: [] for v in VARIANTS}
+            runs = {v: [] for v in args.variants}
             for _ in range(args.repeats):
-                for v in VARIANTS:
+                for v in args.variants:
                     runs[v].append(one_run(plan, v, link))
                     print(name, spec, v, {k: round(val, 4) for k, val in runs[v][-1].items()}, flush=True)
             for key, rs in runs.items():

@@ -14,7 +14,7 @@ import torch
 
 from secure.core import fss
 from secure.core.correlations import FSS_BITS, FSS_PAYLOAD, Layout, ReluParams, _fss_keys, tournament
-from secure.core.costmodel import query_cost, wrap_bound
+from secure.core.costmodel import protocol_costs, query_cost, resolve_relu_protocol, wrap_bound
 from secure.core.engine import EngineConfig, fss_combine, fss_open, fss_truncate
 from secure.core.party import DealerLimits, Role
 from secure.core.plan import SecurePlan
@@ -219,3 +219,33 @@ def test_gate_truncates_exactly_where_local_truncation_fails():
     y = fss_truncate(0, X, t[0], s["k.m0"], s["k.R0"], w) + fss_truncate(1, X, t[1], to_client["k.m1"],
                                                                           to_client["k.R1"], w)
     assert (y - (x >> drop)).abs().max().item() <= 1
+
+
+def test_auto_weighs_rounds_bytes_and_compute():
+    """`auto` (secure.core.costmodel): the cost model's rounds and bytes are the engine's (asserted above);
+    on a slow link the protocol with fewer rounds wins, on localhost the one with less ReLU compute."""
+    shipped = SecurePlan.load("demo/model.plan").public_info()
+    costs = protocol_costs(shipped)
+    assert (costs["gmw"].rounds, costs["fss"].rounds) == (50, 14)
+    assert costs["fss"].compute_s > costs["gmw"].compute_s  # 19 AES levels a ReLU against a carry tree
+    assert resolve_relu_protocol("auto", shipped, rtt_s=0.1) == "fss"  # 36 rounds fewer: 1.8 s less waiting
+    full = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=1.0), seed=0)).public_info()
+    assert resolve_relu_protocol("auto", full) == "gmw"  # 557,056 ReLUs of compute, no link to save on
+    for choice in ("gmw", "fss", "fss-exact"):
+        assert resolve_relu_protocol(choice, full) == choice
+    with pytest.raises(ValueError, match="unknown ReLU protocol"):
+        resolve_relu_protocol("fast", full)
+
+
+def test_fss_refuses_a_plan_whose_activations_leave_its_window(relu_plan):
+    """A plan exported with calibration images records its largest activation (`spec["value_range"]`): at
+    or beyond the fss window (128) auto never picks fss, and a session asked to run fss is refused by
+    both parties with the reason, before anything is opened."""
+    spec = {**relu_plan.spec, "value_range": 200.0}
+    wide = SecurePlan(relu_plan.ops, relu_plan.tensors, relu_plan.input_shape, relu_plan.classes, relu_plan.mean,
+                      relu_plan.std, spec, relu_plan.relu_count)
+    assert resolve_relu_protocol("auto", relu_plan.public_info(), rtt_s=1.0) == "fss"
+    assert resolve_relu_protocol("auto", wide.public_info(), rtt_s=1.0) == "gmw"
+    session = run_session(wide, images(wide, batches=[1]), config=FSS)
+    for role in (Role.SERVER, Role.CLIENT):
+        assert "beyond the fss ReLU's window (128): run it with --relu-protocol gmw" in str(session.errors[role])

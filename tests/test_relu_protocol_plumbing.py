@@ -312,8 +312,7 @@ def test_the_client_choice_travels_in_the_session_request(plan_file, plan):
 
 @pytest.mark.slow
 def test_fss_session_matches_plaintext(plan):
-    # EXPECTED TO FAIL until the fast engine's "fss" ReLU protocol lands (secure/core/engine.py, the engine side
-    # of EngineConfig.relu_protocol, another change): this plumbing already asks for it. Not skipped on purpose.
+    # the plumbing end to end with the engine's one-round ReLU: real processes, two queries of one session
     from secure.tools.local import run_local_parties
     x = demo_batch(plan, 3)
     run = run_local_parties(plan, x, timeout_s=180, batch_size=2, relu_protocol="fss")  # two queries, one session

@@ -2,14 +2,16 @@
 
 Per query of one image, for each protocol, from the public plan alone (`protocol_costs`):
 
-    online_s = rounds * rtt / 2  +  max(bytes each way) / rate  +  ReLU compute  +  linear compute
+    online_s = rounds * (rtt / 2 + local turnaround)  +  max(bytes each way) / rate  +  ReLU compute
+
+(+ the linear layers' compute, the same under both protocols and left out).
 
 Rounds and bytes are exact counts of the protocol (the engine's tests assert the same counts against
 its channels): a round is one flight of messages (`secure.core.channel.Channel`), so it costs one
 one-way delay, rtt / 2. The compute terms are per-element constants measured on this project's
 2-core development VM (docs/RESULTS.md, "ReLU protocols"): the gmw ReLU's bit-sliced carry tree is
 cheap per element but pays a local turnaround per round; the FSS ReLU's DCF evaluation walks
-fss_bits - 1 AES levels per element. The linear layers cost the same under both protocols, so they do
+fss_bits - 1 AES levels per element. The model predicts the ReLUs and the link, not the linear layers. The linear layers cost the same under both protocols, so they do
 not enter the choice. `resolve_relu_protocol("auto", ...)` picks the smaller predicted time.
 """
 
@@ -21,12 +23,16 @@ from dataclasses import dataclass
 from secure.core.correlations import FSS_BITS, LINEAR_OPS, Layout, ReluParams
 from secure.core.party import AUTO_CANDIDATES, RELU_CHOICES, RELU_PROTOCOLS
 from secure.core.plan import PublicPlan
-from secure.core.ring import WEIGHT_BITS, packed_size
+from secure.core.ring import ACT_BITS, WEIGHT_BITS, packed_size
 
-# Measured constants (docs/RESULTS.md "ReLU protocols", `python scripts/relu_protocol_costs.py`):
-GMW_S_PER_ELEMENT = 0.55e-6  # one party's share of the carry tree and multiplexer, per ReLU element
-FSS_S_PER_ELEMENT = 0.20e-6 * (FSS_BITS - 1)  # DCF evaluation, per element and level, plus the combine
-LOCAL_S_PER_ROUND = 0.5e-3  # a round's turnaround on localhost (TLS records, wake-ups), either protocol
+# Fitted on localhost, a quiet 2-core VM, medians of 5 runs of the shipped plan and the full ResNet18 under
+# both protocols (docs/RESULTS.md "ReLU protocols", `python scripts/relu_protocol_costs.py`): the gmw terms
+# to its ReLU layers' time, the fss terms to the difference in whole online time between the protocols
+# (an FSS run also slows the linear layers around it: three processes share two cores).
+LOCAL_S_PER_ROUND = 0.7e-3  # a round's turnaround on localhost (TLS records, wake-ups), either protocol
+GMW_S_PER_ELEMENT = 0.07e-6  # the carry tree and multiplexer over bit planes, per ReLU element
+FSS_S_PER_LEVEL = 0.052e-6  # DCF evaluation and the combine, per element and level (w - 1 levels)
+FSS_S_PER_RUN = 3.8e-3  # per run of the FSS ReLU or gate: buffers, conversions, both parties' turns
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCos
     relu = ReluParams()
     layout = Layout.for_protocol(public.ops, public.tensor_shapes, relu, protocol)
     ops, known = public.ops, _offline_known(public.ops, layout.gates)
-    rounds, sent, received, sending, elements = 1, 0, 8 * batch * math.prod(ops[-1].shape), False, 0
+    rounds, sent, received, sending, elements, runs = 1, 0, 8 * batch * math.prod(ops[-1].shape), False, 0, 0
     fss = layout.protocol == "fss"
     per_run = 1 if fss else 2 + len(relu.levels)
     for op in ops[1:]:
@@ -68,10 +74,12 @@ def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCos
             sent += 8 * batch * math.prod(ops[op.inputs[0]].shape)
         for _, n in layout.relu_sites(op, batch) + layout.gate_sites(op, batch):
             rounds += per_run
+            runs += 1
             each_way = 4 * n if fss else _gmw_bytes(relu, n)
             sent, received, elements, sending = sent + each_way, received + each_way, elements + n, False
-    per_element = FSS_S_PER_ELEMENT * (layout.fss_bits - 1) / (FSS_BITS - 1) if fss else GMW_S_PER_ELEMENT
-    return ProtocolCost(protocol, rounds, sent, received, elements, elements * per_element)
+    compute = (elements * FSS_S_PER_LEVEL * (layout.fss_bits - 1) + runs * FSS_S_PER_RUN if fss
+               else elements * GMW_S_PER_ELEMENT)
+    return ProtocolCost(protocol, rounds, sent, received, elements, compute)
 
 
 def wrap_bound(public: PublicPlan, protocol: str) -> tuple[int, float]:
@@ -92,12 +100,27 @@ def _gmw_bytes(relu: ReluParams, n: int) -> int:
     return planes * packed_size(n) + 8 * n
 
 
+def fss_window_problem(public: PublicPlan, fss_bits: int = FSS_BITS) -> str | None:
+    """Why the fss protocols cannot run this plan, or None: the FSS ReLU reads a w-bit window, so its
+    inputs must stay below 2^(w - 1 - ACT_BITS) = 128 in magnitude. A plan exported with calibration
+    images records the largest activation it saw (`spec["value_range"]`, `secure.core.export`); one
+    that records none is not checked (documented: docs/DEPLOY.md)."""
+    seen = public.spec.get("value_range")
+    window = 2.0 ** (fss_bits - 1 - ACT_BITS)
+    if seen is not None and float(seen) >= window:
+        return (f"the plan's activations reach {float(seen):.4g} on its calibration images, beyond the fss ReLU's "
+                f"window ({window:g}): run it with --relu-protocol gmw")
+    return None
+
+
 def resolve_relu_protocol(choice: str, public: PublicPlan, rtt_s: float = 0.0, rate_bps: float | None = None) -> str:
     """A concrete protocol: `choice` itself, or for "auto" the one with the smaller predicted online time
-    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited)."""
+    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited); never fss for a
+    plan whose recorded activations leave its window."""
     if choice not in RELU_CHOICES:
         raise ValueError(f"unknown ReLU protocol {choice!r}: one of {', '.join(RELU_CHOICES)}")
     if choice != "auto":
         return choice
     costs = protocol_costs(public)
-    return min(AUTO_CANDIDATES, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), p != "gmw"))
+    candidates = [p for p in AUTO_CANDIDATES if p == "gmw" or fss_window_problem(public) is None]
+    return min(candidates, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), p != "gmw"))

@@ -187,6 +187,11 @@ class Party:
         self.layout = Layout.for_protocol(public.ops, public.tensor_shapes, config.relu, config.relu_protocol,
                                           config.fss_bits)
         self.fss = self.layout.protocol == "fss"
+        if self.fss:
+            from secure.core.costmodel import fss_window_problem
+            problem = fss_window_problem(public, config.fss_bits)
+            if problem:
+                raise EngineError(problem)
         self.wide = self.layout.wide  # values the FSS ReLU truncates: kept untruncated until then
         self.ops = public.ops
         self.consumers = consumers(self.ops)

@@ -72,12 +72,14 @@ class Rendezvous:
 
 @dataclass(frozen=True)
 class DealerLimits:
-    """What one session may ask of the dealer, which precomputes every query's correlations in memory
-    before the parties go online: checked before anything is allocated, refused with the reason."""
+    """What one session may ask of the dealer: checked before anything is allocated, refused with the
+    reason. With gmw the dealer precomputes every query's correlations before the parties go online, so
+    `max_session_bytes` bounds the session's total; with fss it makes and sends one query's keys at a
+    time, so it bounds the largest query's."""
     max_description_bytes: int = 8_000_000  # the public session description the server sends
     max_images: int = 256  # images in all the session's queries
     max_queries: int = 64
-    max_session_bytes: int = 4_000_000_000  # the correlations held for the session
+    max_session_bytes: int = 4_000_000_000  # the correlations held at once (see above)
 
     def check_description(self, length: int) -> None:
         if not 0 < length <= self.max_description_bytes:
