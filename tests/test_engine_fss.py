@@ -15,7 +15,7 @@ import torch
 from secure.core import fss
 from secure.core.correlations import FSS_BITS, FSS_PAYLOAD, Layout, ReluParams, _fss_keys, tournament
 from secure.core.costmodel import protocol_costs, query_cost, resolve_relu_protocol, wrap_bound
-from secure.core.engine import EngineConfig, fss_combine, fss_open, fss_truncate
+from secure.core.engine import EngineConfig, fss_combine, fss_open, fss_truncate, gmw_folded_output
 from secure.core.party import DealerLimits, Role
 from secure.core.plan import SecurePlan
 from secure.core.ring import ACT_BITS, WEIGHT_BITS, truncate_share
@@ -167,17 +167,20 @@ def test_folded_truncation_is_exact_where_local_truncation_fails():
 def test_wrap_risk_of_the_shipped_plan_by_hand():
     """Which local truncations can garble the logits (`wrap_bound`), counted by hand on the shipped plan
     (20 linear layers before the fc; per image 8,192 / 4,096 / 2,048 / 1,024 outputs per layer in stages
-    1-4). gmw: every one of them, 5 per stage: 76,800 elements. fss: the 6 convs before a ReLU truncate
-    exactly in its opening; a wrap elsewhere is a multiple of 2^48, dropped at the next ReLU window or
-    the 48-bit reveal unless a second local truncation comes first: the stem, the 4 stage-1 convs, and
-    per stage 2-3 the three convs that feed the next stage's shortcut through the residual stream:
-    5 x 8,192 + 3 x 4,096 + 3 x 2,048 = 59,392. With exact truncation: none."""
+    1-4). Both protocols fold the truncation of the 6 convs before a ReLU into its opening. gmw: every
+    other one can garble (nothing drops a wrap's error): the stem and 4 stage-1 convs, then per stage
+    2-4 conv2, the shortcut and the second block's conv2: 5 x 8,192 + 3 x (4,096 + 2,048 + 1,024) = 62,464.
+    fss: a wrap's error is a multiple of 2^48, dropped at the next ReLU window or the 48-bit reveal unless
+    a second local truncation comes first: the stem, the 4 stage-1 convs, and per stage 2-3 the three
+    convs that feed the next stage's shortcut through the residual stream: 5 x 8,192 + 3 x 4,096 +
+    3 x 2,048 = 59,392. With exact truncation: none."""
     public = SecurePlan.load("demo/model.plan").public_info()
-    assert wrap_bound(public, "gmw")[0] == 5 * (8192 + 4096 + 2048 + 1024) == 76_800
+    assert wrap_bound(public, "gmw")[0] == 5 * 8192 + 3 * (4096 + 2048 + 1024) == 62_464
     assert wrap_bound(public, "fss")[0] == 5 * 8192 + 3 * 4096 + 3 * 2048 == 59_392
     assert wrap_bound(public, "fss-exact") == (0, 0.0)
     full = plan_from_checkpoint(random_checkpoint(ModelSpec(**TINY), seed=4)).public_info()
-    assert wrap_bound(full, "fss") == (0, 0.0)  # every truncation is folded into a ReLU's opening
+    for protocol in ("gmw", "fss"):  # every truncation is folded into a ReLU's opening
+        assert wrap_bound(full, protocol) == (0, 0.0)
 
 
 def test_exact_truncation_gates_on_the_shipped_plan():
@@ -249,3 +252,27 @@ def test_fss_refuses_a_plan_whose_activations_leave_its_window(relu_plan):
     session = run_session(wide, images(wide, batches=[1]), config=FSS)
     for role in (Role.SERVER, Role.CLIENT):
         assert "beyond the fss ReLU's window (128): run it with --relu-protocol gmw" in str(session.errors[role])
+
+
+def test_gmw_folds_the_truncation_into_its_multiplexer_exactly():
+    """gmw's ReLU of a wide input (`gmw_folded_output`): from the public F = x - m (round 1's opening) and
+    e = d ^ r, the dealer's shares of r, M = m >> 16, r M, b = msb(m), r b give d (x >> 16) to one unit
+    for every m, including the masks where F + m wraps around 2^64 (about half of them for negative x),
+    i.e. without the local truncation that fails on the magnifier's shares above."""
+    g = torch.Generator().manual_seed(5)
+    n, drop = 8192, WEIGHT_BITS
+    rand = lambda: torch.randint(-2 ** 63, 2 ** 63 - 1, (n,), generator=g)  # noqa: E731
+    x = torch.randint(-2 ** 34, 2 ** 34, (n,), generator=g)
+    m = rand()
+    F = x - m
+    d = (x >= 0).long()
+    r = torch.randint(0, 2, (n,), generator=g)
+    e = d ^ r
+    M, b = (m >> drop) & ((1 << (64 - drop)) - 1), (m >> 63) & 1
+    shares = {}
+    for name, value in (("r", r), ("M", M), ("rM", r * M), ("b", b), ("rb", r * b)):
+        other = rand()
+        shares[name] = (value - other, other)
+    y = sum(gmw_folded_output(j, e, F, *(shares[k][j] for k in ("r", "M", "rM", "b", "rb")), drop) for j in (0, 1))
+    assert ((F.double() + m.double()) != x.double()).any()  # some masks do wrap
+    assert (y - d * (x >> drop)).abs().max().item() <= 1

@@ -44,6 +44,7 @@ LINEAR_OPS = ("conv", "scale_shift", "linear")
 FSS_BITS = 20  # the FSS ReLU's window w: |x| < 2^(w - 1 - ACT_BITS) = 128 (docs/PROTOCOL.md)
 FSS_PAYLOAD = 3  # words of the DCF payload: 1 - 2m, (1 - 2m) Rr, m
 GATE_PAYLOAD = 2  # a truncation gate's: m, 1 - m
+FOLD_NAMES = ("M", "rM", "b", "rb")  # gmw ReLU of a wide input: shares of m >> drop, r (m >> drop), msb(m), r msb(m)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class Layout:
             raise ValueError(f"fss_bits must be in 2..31, got {self.fss_bits}")
         if self.exact_truncation and self.protocol != "fss":
             raise ValueError("exact truncation needs the fss ReLU protocol")
-        # values kept at ACT_BITS + WEIGHT_BITS fractional bits: the FSS ReLU truncates them exactly
-        self.wide = wide_values(self.ops) if self.protocol == "fss" else set()
+        # values kept at ACT_BITS + WEIGHT_BITS fractional bits: their ReLU truncates them exactly
+        self.wide = wide_values(self.ops)
         # linear layers whose truncation is a gate (an FSS opening), the others are truncated locally
         self.gates = truncation_gates(self.ops, self.wide) if self.exact_truncation else set()
 
@@ -137,7 +138,7 @@ class Layout:
                 spec.append((f"{op.id}.C0", "ring", [batch, *op.shape]))
             for key, n in self.relu_sites(op, batch):
                 spec += ([(f"{key}.k0", "bits", [self.fss_key_bytes(n)])] if self.protocol == "fss"
-                         else self._relu_spec(key, n))
+                         else self._relu_spec(key, n, self.drop(op) > 0))
             for key, n in self.gate_sites(op, batch):
                 spec.append((f"{key}.k0", "bits", [self.fss_key_bytes(n, GATE_PAYLOAD)]))
         return spec
@@ -156,14 +157,15 @@ class Layout:
                              (f"{key}.k1", "bits", [self.fss_key_bytes(n, GATE_PAYLOAD)])]
         return spec
 
-    def _relu_spec(self, key: str, n: int) -> list[tuple[str, str, list[int]]]:
+    def _relu_spec(self, key: str, n: int, folded: bool) -> list[tuple[str, str, list[int]]]:
         nb = packed_size(n)
         spec = [(f"{key}.z0", "bits", [self.relu.relu_bits, nb])]
         for j, p in enumerate(self.relu.levels):
             spec.append((f"{key}.l{j}.w1", "bits", [p, nb]))
             if j < len(self.relu.levels) - 1:
                 spec.append((f"{key}.l{j}.w2", "bits", [p, nb]))
-        return spec + [(f"{key}.rA0", "ring", [n]), (f"{key}.rm0", "ring", [n])]
+        spec += [(f"{key}.rA0", "ring", [n]), (f"{key}.rm0", "ring", [n])]
+        return spec + [(f"{key}.{name}0", "ring", [n]) for name in FOLD_NAMES] if folded else spec
 
 
 def tournament(k: int) -> list[int]:
@@ -202,6 +204,9 @@ def party_randomness(prg: Prg, party: int, layout: Layout, query: int, batch: in
                 _fss_randomness(out, prg, party, f"{tag}.{key}", key, n)
             else:
                 _relu_randomness(out, prg, party, layout.relu, f"{tag}.{key}", key, n)
+                if party == 1 and layout.drop(op):  # the client's shares for the folded truncation
+                    for name in FOLD_NAMES:
+                        out[f"{key}.{name}1"] = prg.ring(f"{tag}.{key}.{name}1", [n])
     return out
 
 
@@ -241,7 +246,7 @@ def dealer_messages(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: 
             if layout.protocol == "fss":
                 _fss_keys(to_server, to_client, s, c, key, layout.drop(op), layout.fss_bits)
             else:
-                _relu_complement(to_server, len(layout.relu.levels), s, c, key, n)
+                _relu_complement(to_server, len(layout.relu.levels), s, c, key, n, layout.drop(op))
         for key, _ in layout.gate_sites(op, batch):
             _fss_keys(to_server, to_client, s, c, key, WEIGHT_BITS, layout.fss_bits, gate=True)
     return to_server, to_client
@@ -346,7 +351,7 @@ def wide_values(ops: list[Op]) -> set[int]:
     return wide
 
 
-def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int) -> None:
+def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int, drop: int = 0) -> None:
     msg[f"{i}.z0"] = (s[f"{i}.mask"] & c[f"{i}.mask"]) ^ c[f"{i}.z1"]
     for j in range(levels):
         u = s[f"{i}.l{j}.u"] ^ c[f"{i}.l{j}.u"]
@@ -359,6 +364,10 @@ def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int) -
     m = s[f"{i}.m"] + c[f"{i}.m"]
     msg[f"{i}.rA0"] = r - c[f"{i}.rA1"]
     msg[f"{i}.rm0"] = r * m - c[f"{i}.rm1"]
+    if drop:  # the folded truncation: M = m >> drop (logical) and b = the top bit of m, each times r too
+        M, b = (m >> drop) & ((1 << (64 - drop)) - 1), (m >> 63) & 1
+        for name, value in zip(FOLD_NAMES, (M, r * M, b, r * b)):
+            msg[f"{i}.{name}0"] = value - c[f"{i}.{name}1"]
 
 
 # -- serialisation of the server message: one int64 buffer and one packed-bit buffer --------------

@@ -448,7 +448,7 @@ class Party:
         (its input is wide); the gmw ReLU gets narrow inputs only."""
         if self.fss:
             return self._relu_fss(i, x, mat, drop)
-        return self._relu_gmw(i, x, mat)
+        return self._relu_gmw(i, x, mat, drop)
 
     def _relu_fss(self, i, x, mat, drop: int):
         """One round: open the window of x + r, evaluate the DCF key, combine locally (`fss_open`,
@@ -476,13 +476,14 @@ class Party:
         t = torch.from_numpy(fss.eval(j, dealer[f"{i}.k{j}"], u).view(np.int64))
         return X, t, (own if j == SERVER else dealer)  # the server's shares come from its seed
 
-    def _relu_gmw(self, i, x, mat):
-        """The sign from a carry tree over packed bit planes, then one multiplexer round."""
+    def _relu_gmw(self, i, x, mat, drop: int):
+        """The sign from a carry tree over packed bit planes, then one multiplexer round; a wide input's
+        truncation by `drop` bits is folded into the multiplexer (`gmw_folded_output`)."""
         j, p = self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
         dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
         shape, flat = x.shape, x.reshape(-1)
-        planes = to_planes(flat >> p.drop_bits, p.relu_bits + 1)
+        planes = to_planes(flat >> (p.drop_bits + drop), p.relu_bits + 1)
         a, msb = planes[: p.relu_bits], planes[p.relu_bits]
         opened = flat - own[f"{i}.m"]
         bits_out = a ^ own[f"{i}.mask"]
@@ -500,6 +501,10 @@ class Party:
         mine = d ^ own[f"{i}.r"][0]
         (theirs,) = self.ch.exchange(peer, [mine], like([mine]))
         e = from_plane(mine ^ theirs, flat.numel())  # d ^ r, public
+        if drop:
+            src, side = (dealer, "0") if j == SERVER else (own, "1")
+            fold = [src[f"{i}.{name}{side}"] for name in ("rA", "M", "rM", "b", "rb")]
+            return gmw_folded_output(j, e, masked, *fold, drop).view(shape)
         ra = dealer[f"{i}.rA0"] if j == SERVER else own[f"{i}.rA1"]
         rm = dealer[f"{i}.rm0"] if j == SERVER else own[f"{i}.rm1"]
         y = (1 - 2 * e) * (masked * ra + rm) + e * own[f"{i}.m"]
@@ -535,6 +540,21 @@ class Party:
             # a local truncation's rare wrap error is a multiple of 2^(64 - WEIGHT_BITS) and vanishes here
             s = (s << (64 - REVEAL_BITS)) >> (64 - REVEAL_BITS)
         return s.double() / (1 << (ACT_BITS + WEIGHT_BITS))
+
+
+def gmw_folded_output(j: int, e: torch.Tensor, F: torch.Tensor, r: torch.Tensor, M: torch.Tensor, rM: torch.Tensor,
+                      b: torch.Tensor, rb: torch.Tensor, drop: int) -> torch.Tensor:
+    """Party j's share of d (x >> drop) for the gmw ReLU of a wide input, exact to one unit: with the
+    public F = x - m and e = d ^ r, x = F + m - 2^64 w (F, m unsigned), and for d = 1 (0 <= x < 2^62)
+    the wrap is w = p or b (p, b: the top bits of F and m), so
+        d (x >> drop) = d (F >> drop) + d M - 2^(64 - drop) (p ? d : d b)      (M = m >> drop)
+    with [d] = e + (1 - 2e)[r], [d M] = e [M] + (1 - 2e)[r M], [d b] = e [b] + (1 - 2e)[r b] from the
+    dealer's shares (r, M, r M, b, r b); the carry out of the low `drop` bits is dropped (-1 at most)."""
+    flip = 1 - 2 * e
+    d = flip * r + (e if j == SERVER else 0)
+    high = (F >> drop) & ((1 << (64 - drop)) - 1)
+    wrap = torch.where(F < 0, d, e * b + flip * rb)
+    return high * d + e * M + flip * rM - (wrap << (64 - drop))
 
 
 # -- the FSS ReLU's local steps ----------------------------------------------------------------------
