@@ -153,15 +153,16 @@ def test_folded_truncation_is_exact_where_local_truncation_fails():
     c = {"k.r": torch.randint(-2 ** 63, 2 ** 63 - 1, (n,), generator=g)}
     to_server, to_client = {}, {}
     _fss_keys(to_server, to_client, s, c, "k", drop, w)
-    h0, h1 = fss_open(x0, s["k.r"], drop, w), fss_open(x1, c["k.r"], drop, w)
+    h0, h1 = fss_open(x0, s["k.r"], drop, w, 0), fss_open(x1, c["k.r"], drop, w, 1)
     X = (h0.long() + h1.long()) & ((1 << w) - 1)
     u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
     keys = [fss.from_bytes(to_server["k.k0"].numpy()), fss.from_bytes(to_client["k.k1"].numpy())]
     t = [torch.from_numpy(fss.eval(j, keys[j], u).view(np.int64)) for j in (0, 1)]
     y0 = fss_combine(0, X, t[0], s["k.m0"], s["k.R0"], s["k.mR0"], w)
     y1 = fss_combine(1, X, t[1], to_client["k.m1"], to_client["k.R1"], to_client["k.mR1"], w)
-    want = (x >> drop).clamp(min=0)
-    assert (y0 + y1 - want).abs().max().item() <= 1
+    want = (x.double() / 2 ** drop).clamp(min=0)  # to 1.5 units, without bias (the opening's rounding)
+    error = (y0 + y1).double() - want
+    assert error.abs().max().item() < 1.5 and abs(error[x > 2 ** 20].mean().item()) < 0.05
 
 
 def test_wrap_risk_of_the_shipped_plan_by_hand():
@@ -215,13 +216,14 @@ def test_gate_truncates_exactly_where_local_truncation_fails():
     to_server, to_client = {}, {}
     _fss_keys(to_server, to_client, s, c, "k", drop, w, gate=True)
     assert "k.mR1" not in to_client
-    X = (fss_open(x0, s["k.r"], drop, w).long() + fss_open(x1, c["k.r"], drop, w).long()) & ((1 << w) - 1)
+    X = (fss_open(x0, s["k.r"], drop, w, 0).long() + fss_open(x1, c["k.r"], drop, w, 1).long()) & ((1 << w) - 1)
     u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
     keys = [fss.from_bytes(to_server["k.k0"].numpy()), fss.from_bytes(to_client["k.k1"].numpy())]
     t = [torch.from_numpy(fss.eval(j, keys[j], u).view(np.int64)).view(n, 2) for j in (0, 1)]
     y = fss_truncate(0, X, t[0], s["k.m0"], s["k.R0"], w) + fss_truncate(1, X, t[1], to_client["k.m1"],
                                                                           to_client["k.R1"], w)
-    assert (y - (x >> drop)).abs().max().item() <= 1
+    error = y.double() - x.double() / 2 ** drop  # to 1.5 units, without bias
+    assert error.abs().max().item() < 1.5 and abs(error.mean().item()) < 0.05
 
 
 def test_auto_weighs_rounds_bytes_and_compute():
@@ -275,4 +277,5 @@ def test_gmw_folds_the_truncation_into_its_multiplexer_exactly():
         shares[name] = (value - other, other)
     y = sum(gmw_folded_output(j, e, F, *(shares[k][j] for k in ("r", "M", "rM", "b", "rb")), drop) for j in (0, 1))
     assert ((F.double() + m.double()) != x.double()).any()  # some masks do wrap
-    assert (y - d * (x >> drop)).abs().max().item() <= 1
+    error = y.double() - d * x.double() / 2 ** drop  # to one unit, without bias
+    assert error.abs().max().item() <= 1 and abs(error[d == 1].mean().item()) < 0.05

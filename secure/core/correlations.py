@@ -41,6 +41,7 @@ from secure.core import fss
 from secure.core.ring import WEIGHT_BITS, Prg, from_plane, linear_params, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
+LOCAL_OPS = ("add", "avgpool", "avgpool2d", "concat", "reshape", "scale")  # each party on its own share
 FSS_BITS = 20  # the FSS ReLU's window w: |x| < 2^(w - 1 - ACT_BITS) = 128 (docs/PROTOCOL.md)
 FSS_PAYLOAD = 3  # words of the DCF payload: 1 - 2m, (1 - 2m) Rr, m
 GATE_PAYLOAD = 2  # a truncation gate's: m, 1 - m
@@ -323,6 +324,21 @@ def harmful_truncations(ops: list[Op], protocol: str, wide: set[int], gates: set
         else:
             sources[op.id] = before
     return {i: math.prod(ops[i].shape) for i in harmful}
+
+
+def offline_known(ops: list[Op], gates: set[int] = frozenset()) -> dict[int, bool]:
+    """Whether the client's share of each value is independent of the input (known before it): such a
+    linear layer's X1 - B goes to the server offline."""
+    known = {}
+    for op in ops:
+        kind = op.kind
+        if kind in LINEAR_OPS:
+            known[op.id] = op.id not in gates  # E * B + C1: no input needed; a truncation gate changes it
+        elif kind in LOCAL_OPS:
+            known[op.id] = all(known[i] for i in op.inputs)
+        else:  # the input itself, ReLU and max-pool outputs
+            known[op.id] = False
+    return known
 
 
 def folded_pools(ops: list[Op]) -> set[int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from secure.core.correlations import FSS_BITS, LINEAR_OPS, Layout, ReluParams
+from secure.core.correlations import FSS_BITS, LINEAR_OPS, Layout, ReluParams, offline_known
 from secure.core.party import AUTO_CANDIDATES, RELU_CHOICES, RELU_PROTOCOLS
 from secure.core.plan import PublicPlan
 from secure.core.ring import ACT_BITS, WEIGHT_BITS, packed_size
@@ -60,10 +60,9 @@ def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCos
     for a linear layer whose input it cannot know before the query, one round unless its previous step
     was such a message too; the reveal. Bytes: 4 per element and direction for an FSS opening, the
     gmw planes (`_gmw_bytes`), 8 per element of X1 - B and of the logits."""
-    from secure.core.engine import _offline_known  # the engine decides which X1 - B go offline
     relu = ReluParams()
     layout = Layout.for_protocol(public.ops, public.tensor_shapes, relu, protocol)
-    ops, known = public.ops, _offline_known(public.ops, layout.gates)
+    ops, known = public.ops, offline_known(public.ops, layout.gates)
     rounds, sent, received, sending, elements, runs = 1, 0, 8 * batch * math.prod(ops[-1].shape), False, 0, 0
     fss = layout.protocol == "fss"
     per_run = 1 if fss else 2 + len(relu.levels)

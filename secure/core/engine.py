@@ -44,8 +44,9 @@ from deepreduce.errors import ProjectError
 from deepreduce.graph import Op, consumers
 from secure.core import fss
 from secure.core.channel import Channel, like
-from secure.core.correlations import (FSS_BITS, LINEAR_OPS, Layout, ReluParams, bias_name, dealer_messages,
-                                      folded_pools, message_sizes, pack_message, party_randomness, tournament, unpack_message,
+from secure.core.costmodel import fss_window_problem
+from secure.core.correlations import (FSS_BITS, LINEAR_OPS, LOCAL_OPS, Layout, ReluParams, bias_name,
+                                      dealer_messages, folded_pools, message_sizes, offline_known, pack_message, party_randomness, tournament, unpack_message,
                                       weight_masks, weight_name)
 from secure.core.party import RELU_PROTOCOLS, DealerLimits, Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
@@ -188,7 +189,6 @@ class Party:
                                           config.fss_bits)
         self.fss = self.layout.protocol == "fss"
         if self.fss:
-            from secure.core.costmodel import fss_window_problem
             problem = fss_window_problem(public, config.fss_bits)
             if problem:
                 raise EngineError(problem)
@@ -196,7 +196,7 @@ class Party:
         self.ops = public.ops
         self.consumers = consumers(self.ops)
         self.gates = self.layout.gates
-        self.offline_known = _offline_known(self.ops, self.gates)
+        self.offline_known = offline_known(self.ops, self.gates)
         self.folded = folded_pools(self.ops)
         self.keep = _kept_positions(public)
         self.windows = {op.id: pool_windows(*self.ops[op.inputs[0]].shape[1:], op.kernel, op.stride, op.padding)
@@ -469,7 +469,7 @@ class Party:
         DCF outputs at X mod 2^(w-1), and where its shares of the dealer's values are."""
         j, w = self.j, self.cfg.fss_bits
         own, dealer = mat["own"], mat["dealer"]
-        mine = fss_open(x.reshape(-1), own[f"{i}.r"], drop, w)
+        mine = fss_open(x.reshape(-1), own[f"{i}.r"], drop, w, j)
         (theirs,) = self.ch.exchange(1 - j, [mine], like([mine]))
         X = (mine.long() + theirs.long()) & ((1 << w) - 1)
         u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
@@ -549,20 +549,24 @@ def gmw_folded_output(j: int, e: torch.Tensor, F: torch.Tensor, r: torch.Tensor,
     the wrap is w = p or b (p, b: the top bits of F and m), so
         d (x >> drop) = d (F >> drop) + d M - 2^(64 - drop) (p ? d : d b)      (M = m >> drop)
     with [d] = e + (1 - 2e)[r], [d M] = e [M] + (1 - 2e)[r M], [d b] = e [b] + (1 - 2e)[r b] from the
-    dealer's shares (r, M, r M, b, r b); the carry out of the low `drop` bits is dropped (-1 at most)."""
+    dealer's shares (r, M, r M, b, r b). The carry out of the low `drop` bits is unknown; adding 1
+    instead makes the result x / 2^drop without bias, error in (-1, 1], as local truncation's is."""
     flip = 1 - 2 * e
     d = flip * r + (e if j == SERVER else 0)
-    high = (F >> drop) & ((1 << (64 - drop)) - 1)
+    high = ((F >> drop) & ((1 << (64 - drop)) - 1)) + 1
     wrap = torch.where(F < 0, d, e * b + flip * rb)
     return high * d + e * M + flip * rM - (wrap << (64 - drop))
 
 
 # -- the FSS ReLU's local steps ----------------------------------------------------------------------
 
-def fss_open(x: torch.Tensor, r: torch.Tensor, drop: int, w: int) -> torch.Tensor:
-    """A party's half of the opening: bits [drop, drop + w) of its share of x + r (int32). The sum of
-    both halves mod 2^w is X = (x + r) >> drop mod 2^w, up to the carry out of the low bits (-1 at most)."""
-    return (((x + r) >> drop) & ((1 << w) - 1)).to(torch.int32)
+def fss_open(x: torch.Tensor, r: torch.Tensor, drop: int, w: int, j: int = 0) -> torch.Tensor:
+    """Party j's half of the opening: bits [drop, drop + w) of its share of x + r (int32). The sum of
+    both halves mod 2^w is X = (x + r) >> drop mod 2^w, up to the carry out of the low bits; party 0
+    adds half a unit first, so that Y = X - Rr is x / 2^drop without bias (error below 1.5 units), as
+    local truncation's floor-plus-ceiling is."""
+    half = (1 << (drop - 1)) if drop and j == SERVER else 0
+    return (((x + r + half) >> drop) & ((1 << w) - 1)).to(torch.int32)
 
 
 def fss_combine(j: int, X: torch.Tensor, t: torch.Tensor, m: torch.Tensor, R: torch.Tensor, mR: torch.Tensor,
@@ -592,8 +596,7 @@ def fss_truncate(j: int, X: torch.Tensor, t: torch.Tensor, m: torch.Tensor, R: t
     return torch.where((X >> (w - 1)).bool(), base + ((m - one + t[:, 1]) << w), base + (t[:, 0] << w))
 
 
-# Ops every party computes on its own share (`Party._local`), and every kind this engine runs.
-LOCAL_OPS = ("add", "avgpool", "avgpool2d", "concat", "reshape", "scale")
+# Every kind this engine runs (LOCAL_OPS: what each party computes on its own share, `Party._local`).
 FAST_KINDS = ("input", "relu", "maxpool") + LINEAR_OPS + LOCAL_OPS
 
 
@@ -602,20 +605,6 @@ def _check_runs(ops: list[Op]) -> None:
     problem = next(((op, op.kind) for op in ops if op.kind not in FAST_KINDS), None)
     if problem is not None:
         raise EngineError(f"the fast engine cannot run op {problem[0].name!r} ({problem[1]}) of this plan yet")
-
-
-def _offline_known(ops: list[Op], gates: set[int] = frozenset()) -> dict[int, bool]:
-    """Whether the client's share of each value is independent of the input (known before it)."""
-    known = {}
-    for op in ops:
-        kind = op.kind
-        if kind in LINEAR_OPS:
-            known[op.id] = op.id not in gates  # E * B + C1: no input needed; a truncation gate changes it
-        elif kind in LOCAL_OPS:
-            known[op.id] = all(known[i] for i in op.inputs)
-        else:  # the input itself, ReLU and max-pool outputs
-            known[op.id] = False
-    return known
 
 
 def _pool_divisor(ops: list[Op], op: Op) -> int:

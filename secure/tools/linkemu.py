@@ -247,13 +247,13 @@ class _Direction:
                         pass
                     return
                 payload = b"".join(piece for _, piece in batch)
-                self.dst.sendall(payload)
-                s = self.stats
-                s.last_sent = time.monotonic()
+                s = self.stats  # counted before the send: a reader that got the bytes sees them counted
                 s.last_release = batch[-1][0]
                 s.max_late_s = max(s.max_late_s, now - batch[0][0])
                 s.bytes += len(payload)
                 s.chunks += len(batch)
+                self.dst.sendall(payload)
+                s.last_sent = time.monotonic()
         except OSError:
             self.relay.close()  # the receiving end is gone: end the link at both ends
         finally:
