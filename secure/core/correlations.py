@@ -35,8 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from deepreduce.graph import Op, consumers
-import numpy as np
-
 from secure.core import fss
 from secure.core.ring import WEIGHT_BITS, Prg, from_plane, linear_params, packed_size, ring_linear
 
@@ -261,17 +259,13 @@ def _fss_keys(to_server: dict, to_client: dict, s: dict, c: dict, i: str, drop: 
     m = window >> (bits - 1)
     sign = 1 - 2 * m
     beta = torch.stack([m, 1 - m] if gate else [sign, sign * window, m], dim=1)
-    k0, k1 = fss.keygen((window & ((1 << (bits - 1)) - 1)).numpy(), bits - 1, beta=_u64(beta))
+    k0, k1 = fss.keygen((window & ((1 << (bits - 1)) - 1)).numpy(), bits - 1, beta=beta.numpy())  # int64 as two's complement
     to_server[f"{i}.k0"] = _key_tensor(k0)
     to_client[f"{i}.k1"] = _key_tensor(k1)
     to_client[f"{i}.m1"] = m - s[f"{i}.m0"]
     to_client[f"{i}.R1"] = window - s[f"{i}.R0"]
     if not gate:
         to_client[f"{i}.mR1"] = m * window - s[f"{i}.mR0"]
-
-
-def _u64(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().numpy().view(np.uint64)
 
 
 def _key_tensor(key: fss.DcfKey) -> torch.Tensor:

@@ -481,7 +481,7 @@ class Party:
         truncation by `drop` bits is folded into the multiplexer (`gmw_folded_output`)."""
         j, p = self.j, self.cfg.relu
         own, peer = mat["own"], 1 - self.j
-        dealer = mat.get("dealer", own)  # the server's dealer-made parts; the client derives its own
+        dealer = mat["dealer"]  # the server's dealer-made parts (the client's gmw parts all come from its seed)
         shape, flat = x.shape, x.reshape(-1)
         planes = to_planes(flat >> (p.drop_bits + drop), p.relu_bits + 1)
         a, msb = planes[: p.relu_bits], planes[p.relu_bits]
