@@ -8,6 +8,7 @@ with and without emulation. The netns comparison with `tc tbf` and the projectio
 from __future__ import annotations
 
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -143,7 +144,11 @@ def test_the_delay_line_does_not_serialise_data_in_flight(wire):
         time.sleep(0.01)
     reader.join(10)
     delays = [a - s for a, s in zip(arrivals, sent)]
-    assert len(delays) == n and all(0.1 <= d < 0.1 + SLACK_S for d in delays), delays
+    # every message waits its one-way delay; a typical one no more (a single late timestamp is the reader
+    # thread descheduled on a busy machine: CI saw one past 0.1 + SLACK_S among 20), and all of them
+    # together take about 0.1 + 20 x 10 ms, not 20 x 0.1 s: nothing waits behind another in the delay line
+    assert len(delays) == n and all(0.1 <= d for d in delays), delays
+    assert statistics.median(delays) < 0.1 + SLACK_S, delays
     assert arrivals[-1] - sent[0] < 0.1 + n * 0.01 + 2 * SLACK_S
 
 
