@@ -36,6 +36,7 @@ import torch
 
 from deepreduce.graph import Op, consumers
 from secure.core import fss
+from secure.core.party import RELU_PROTOCOLS
 from secure.core.ring import WEIGHT_BITS, Prg, from_plane, linear_params, packed_size, ring_linear
 
 LINEAR_OPS = ("conv", "scale_shift", "linear")
@@ -90,8 +91,8 @@ class Layout:
     def for_protocol(cls, ops: list[Op], weight_shapes: dict, relu: ReluParams, relu_protocol: str,
                      fss_bits: int = FSS_BITS) -> "Layout":
         """The layout of a session run with `relu_protocol` (gmw, fss or fss-exact)."""
-        if relu_protocol not in ("gmw", "fss", "fss-exact"):
-            raise ValueError(f"unknown ReLU protocol {relu_protocol!r}: gmw, fss or fss-exact")
+        if relu_protocol not in RELU_PROTOCOLS:
+            raise ValueError(f"unknown ReLU protocol {relu_protocol!r}: one of {', '.join(RELU_PROTOCOLS)}")
         return cls(ops=ops, weight_shapes=weight_shapes, relu=relu, protocol=relu_protocol.split("-")[0],
                    fss_bits=fss_bits, exact_truncation=relu_protocol == "fss-exact")
 
@@ -344,14 +345,11 @@ def folded_pools(ops: list[Op]) -> set[int]:
 
 
 def wide_values(ops: list[Op]) -> set[int]:
-    """The linear and add ops whose output the FSS protocol keeps untruncated (ACT_BITS + WEIGHT_BITS
-    fractional bits): those read only by unmasked relus (which truncate exactly, folded into their
-    opening) and by adds that are themselves wide. The last op (the logits) is not counted: it is
-    never truncated. Everything else is truncated locally, as with gmw."""
-    readers: dict[int, list[int]] = {op.id: [] for op in ops}
-    for op in ops:
-        for j in op.inputs:
-            readers[j].append(op.id)
+    """The linear and add ops whose output stays untruncated (ACT_BITS + WEIGHT_BITS fractional bits):
+    those read only by unmasked relus (which truncate exactly, folded into their opening) and by adds
+    that are themselves wide. The last op (the logits) is not counted: it is never truncated.
+    Everything else is truncated locally."""
+    readers = consumers(ops)
     wide: set[int] = set()
     for op in reversed(ops[:-1]):
         if op.kind in LINEAR_OPS or op.kind == "add":
