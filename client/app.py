@@ -5,6 +5,8 @@
     pi-client infer ... --key client.key --cert client.crt --trust-server server.crt --trust-dealer dealer.crt
     pi-client infer ... --relu-protocol fss       # the fast engine's ReLU protocol (default auto: picked per plan)
     pi-client load  --server 127.0.0.1:7000 --clients 4 --sessions 20 --duration 300 IMAGE... [--json-out FILE]
+    pi-client load  --server 127.0.0.1:7000 --warm --clients 2 --sessions 100 [--pool 4] [--interval 0.5] IMAGE...
+    ls images/*.png | pi-client stream --server 127.0.0.1:7000 --token-file token [--pool 4] [--refill idle|eager]
 
 `infer` asks the server for the public plan (input shape, classes, normalisation, op shapes),
 checks and normalises the inputs locally, then runs one secure computation per batch of B images:
@@ -12,7 +14,13 @@ a session request, then the client party (rank 1) in a fresh worker process. Inp
 files (PNG, JPEG, ...) or .npy arrays of already-normalised float pixels (N x C x H x W or C x H x W).
 It prints each image's class and probability (only the class when the server is --label-only) and
 a latency table (or, with --json, one JSON document). `load` runs bounded concurrent sessions
-against a server on this machine and reports sessions per minute and latency percentiles.
+against a server on this machine and reports sessions per minute and latency percentiles (with
+--warm: warm sessions, --sessions queries in all, and per-query wall and online time percentiles).
+`stream` keeps one warm session open (its next --pool queries prepared ahead, so each answer takes
+about its online time) and reads input paths from standard input, one a line: for each image it
+prints one JSON line (image, class_index, class_name, probability, wall_s from reading the line to
+the answer, online_s, wait_s, query, session_id, reconnects), or {"image": ..., "error": ...} for a
+line it cannot use; end of input ends the session.
 Errors are one `error: ...` line and exit code 2.
 """
 
@@ -22,12 +30,16 @@ import argparse
 import json
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from client.inputs import load_inputs
-from client.load import LoadSettings, load_summary, print_load, run_load
+from client.load import (LoadSettings, load_summary, print_load, print_warm_load, run_load, run_warm_load,
+                         warm_load_summary)
 from client.session import (ClientSettings, check_relu_choice, check_tfp, fetch_info, one_session, public_plan,
                             records, relu_protocol_for)
+from client.warm import WarmSession, WarmSettings
+from deepreduce.errors import UserError
 from secure.control import auth, protocol
 from secure.control.service import run_main
 from secure.control.workers import private_tempdir, start_fork_server
@@ -231,25 +243,116 @@ def cmd_load(args) -> None:
     settings = settings_from_args(args)
     load = LoadSettings(clients=args.clients, sessions=args.sessions, duration_s=args.duration)
     load.check(settings.server[0])  # before anything is sent
+    if args.warm:
+        cmd_warm_load(args, settings, load)
+        return
+    if args.pool is not None or args.refill is not None or args.interval is not None:
+        raise protocol.ControlError("--pool, --refill and --interval are for warm sessions: pass --warm")
+    info, plan, relu, x, names = _load_inputs(args, settings)
+    size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
+    results, wall = run_load(settings, plan, [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
+    doc = {**load_summary(args.server, load, results, wall, size), "relu_protocol": relu,
+           "relu_protocol_choice": settings.relu_protocol}
+    print_load(doc)
+    _load_footer(args, doc, relu, settings)
+
+
+def _load_inputs(args, settings: ClientSettings):
+    """What both load modes need before their clients start: the server's plan, the ReLU protocol, the
+    checked inputs; -> (info, plan, relu protocol, images, names)."""
     check_relu_choice(settings)
     info = fetch_info(settings)
     check_tfp(bool(info.get("insecure_tfp")), settings)
     check_engine(settings.engine, info, None)
     plan = public_plan(info)
     relu = relu_protocol_for(settings, plan)
-    size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
     private_tempdir("pi-client")
     start_fork_server()
-    results, wall = run_load(settings, plan, [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
-    doc = {**load_summary(args.server, load, results, wall, size), "relu_protocol": relu,
-           "relu_protocol_choice": settings.relu_protocol}
-    print_load(doc)
+    return info, plan, relu, x, names
+
+
+def _load_footer(args, doc: dict, relu: str | None, settings: ClientSettings) -> None:
     print(relu_line(relu, settings))
     if args.json_out:
         from deepreduce.fileio import atomic_write_json
         atomic_write_json(args.json_out, doc)
         print(f"wrote {args.json_out}")
+
+
+def cmd_warm_load(args, settings: ClientSettings, load: LoadSettings) -> None:
+    """pi-client load --warm: one warm session per client, --sessions queries in all, one image each."""
+    warm = warm_settings(args)
+    if args.batch_size not in (None, 1):
+        raise protocol.ControlError("load --warm sends queries of one image: drop --batch-size")
+    interval = 0.5 if args.interval is None else args.interval
+    if not 0 <= interval <= 3600:
+        raise protocol.ControlError("--interval must be 0..3600 seconds")
+    _, _, relu, x, names = _load_inputs(args, settings)
+    results, clients, wall = run_warm_load(settings, warm, [(x[i:i + 1], names[i]) for i in range(len(x))], load,
+                                           interval)
+    doc = {**warm_load_summary(args.server, load, warm, interval, results, clients, wall), "relu_protocol": relu,
+           "relu_protocol_choice": settings.relu_protocol}
+    print_warm_load(doc)
+    _load_footer(args, doc, relu, settings)
+
+
+def warm_settings(args) -> WarmSettings:
+    """--pool and --refill as a warm session of one image per query (checked before anything is sent)."""
+    from secure.core.stream import DEFAULT_POOL, MAX_POOL, REFILL_POLICIES
+    pool = DEFAULT_POOL if args.pool is None else args.pool
+    refill = args.refill or "idle"
+    if not 1 <= pool <= MAX_POOL:
+        raise protocol.ControlError(f"--pool must be 1..{MAX_POOL} queries (the server allows at most its --max-pool)")
+    if refill not in REFILL_POLICIES:
+        raise protocol.ControlError(f"--refill must be one of {', '.join(REFILL_POLICIES)}")
+    return WarmSettings(batch_size=1, pool=pool, refill=refill)
+
+
+def cmd_stream(args) -> None:
+    """One warm session; input paths from standard input, one a line; one JSON line per image."""
+    warm = warm_settings(args)
+    settings = settings_from_args(args)
+    check_relu_choice(settings)  # before anything is sent
+    private_tempdir("pi-client")
+    start_fork_server()
+    rows: list[dict] = []
+    with WarmSession(settings, warm) as session:
+        plan = session.plan
+        while True:
+            line = sys.stdin.readline()
+            t0 = time.perf_counter()
+            if not line:
+                break
+            path = line.strip()
+            if not path:
+                continue
+            try:
+                x, names = load_inputs([path], plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
+            except (UserError, OSError, ValueError, RuntimeError) as exc:
+                _emit({"image": path, "error": protocol.one_line(str(exc) or type(exc).__name__, 300)})
+                continue
+            for i, name in enumerate(names):
+                rec = session.classify(x[i:i + 1], [name])[0]
+                row = {"image": name, "class_index": rec["class_index"], "class_name": rec["class_name"],
+                       "probability": rec["probability"], "wall_s": round(time.perf_counter() - t0, 6),
+                       "online_s": round(rec["online_s"], 6), "wait_s": round(rec["wait_s"], 6),
+                       "query_wall_s": round(rec["wall_s"], 6), "pool_level": rec["pool_level"],
+                       "query": rec["query"], "session_id": rec["session_id"], "reconnects": rec["reconnects"]}
+                _emit(row)
+                rows.append(row)
+    if args.json_out:
+        from client.load import spread
+        from deepreduce.fileio import atomic_write_json
+        atomic_write_json(args.json_out, {
+            "server": args.server, "pool": warm.pool, "refill": warm.refill, "relu_protocol": session.relu,
+            "queries": session.queries, "sessions": session.sessions, "session_summaries": session.summaries,
+            "wall_s": spread([r["wall_s"] for r in rows]), "online_s": spread([r["online_s"] for r in rows]),
+            "images": rows})
+
+
+def _emit(doc: dict) -> None:
+    print(json.dumps(doc), flush=True)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -260,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, text in (("info", cmd_info, "what the server serves"),
                              ("infer", cmd_infer, "classify images with secure inference"),
-                             ("load", cmd_load, "concurrent sessions against a local server: throughput, latency")):
+                             ("load", cmd_load, "concurrent sessions against a local server: throughput, latency"),
+                             ("stream", cmd_stream, "one warm session: classify the inputs named on standard input, "
+                                                    "one JSON line each")):
         s = sub.add_parser(name, help=text, allow_abbrev=False)  # `--token` must not pass for --token-file
         s.add_argument("--server", required=True, help="the pi-server's control address HOST:PORT")
         s.add_argument("--connect-timeout", type=float, default=30.0,
@@ -278,17 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "info":
             s.add_argument("--json", action="store_true", help="print one JSON document")
             continue
-        s.add_argument("images", nargs="+", metavar="INPUT",
-                       help="image files (PNG, JPEG, ...) or .npy arrays of normalised float pixels")
-        s.add_argument("--batch-size", type=int, help="images per query (default: as many as the server allows "
-                                                      "per session; load: 1)")
+        if name != "stream":  # stream reads its inputs from standard input, one path a line
+            s.add_argument("images", nargs="+", metavar="INPUT",
+                           help="image files (PNG, JPEG, ...) or .npy arrays of normalised float pixels")
+            s.add_argument("--batch-size", type=int, help="images per query (default: as many as the server allows "
+                                                          "per session; load: 1)")
         s.add_argument("--resize", action="store_true", help="resize images to the model's input size")
         s.add_argument("--convert", action="store_true",
                        help="convert grayscale images for a color model and color images for a grayscale one")
-        s.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
-                       help="the engine to run: fast (default, this project's protocol) or crypten (the CrypTen "
-                            "reference engine, over gloo, unencrypted: only on a trusted network); the server must "
-                            "run the same one")
+        if name != "stream":  # a warm session runs the fast engine with a dealer
+            s.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                           help="the engine to run: fast (default, this project's protocol) or crypten (the CrypTen "
+                                "reference engine, over gloo, unencrypted: only on a trusted network); the server "
+                                "must run the same one")
         s.add_argument("--dealer", metavar="HOST:PORT",
                        help="the pi-dealer's address (default: as the server names it; the dealer must prove its role "
                             "with a certificate this client trusts either way)")
@@ -301,20 +408,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for --relu-protocol auto: the round-trip time to the server and dealer (default 0: LAN)")
         s.add_argument("--rate-mbit", type=float, metavar="MBIT",
                        help="for --relu-protocol auto: the link's rate in Mbit/s (default: no limit)")
-        s.add_argument("--allow-insecure-tfp", action="store_true",
-                       help="INSECURE: run with a server that has no dealer (--insecure-tfp), which could decrypt the "
-                            "images; benchmarks only. Without it such a server is refused before anything is sent")
+        if name != "stream":
+            s.add_argument("--allow-insecure-tfp", action="store_true",
+                           help="INSECURE: run with a server that has no dealer (--insecure-tfp), which could decrypt "
+                                "the images; benchmarks only. Without it such a server is refused before anything "
+                                "is sent")
+        if name in ("load", "stream"):
+            s.add_argument("--pool", type=int,
+                           help=("warm sessions: " if name == "load" else "")
+                           + "queries prepared ahead (default 4; at most the server's --max-pool)")
+            s.add_argument("--refill", choices=("idle", "eager"),
+                           help=("warm sessions: " if name == "load" else "")
+                           + "refill the pool only while no query runs (idle, default) or beside it (eager)")
+            s.add_argument("--json-out", metavar="FILE",
+                           help="also write the summary as JSON" + ("" if name == "load" else
+                                                                    " (each image's line, wall and online "
+                                                                    "percentiles) at the end of input"))
         if name == "infer":
             s.add_argument("--json", action="store_true", help="print one JSON document")
             s.add_argument("--session-size", type=int,
                            help="images per secure session, run as queries of --batch-size: the session's set-up "
                                 "(processes, rendezvous, weight masks) is paid once (default: one query a session)")
-        else:
+        elif name == "load":
             s.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
-            s.add_argument("--sessions", type=int, default=20, help="sessions in all (default 20)")
+            s.add_argument("--sessions", type=int, default=20,
+                           help="sessions in all (default 20); with --warm: queries in all, shared among the clients")
             s.add_argument("--duration", type=float, default=300.0,
-                           help="seconds after which no new session starts (default 300)")
-            s.add_argument("--json-out", metavar="FILE", help="also write the summary as JSON")
+                           help="seconds after which no new session (with --warm: query) starts (default 300)")
+            s.add_argument("--warm", action="store_true",
+                           help="each client keeps one warm session (--pool queries prepared ahead), waits until its "
+                                "pool is full, then sends its queries of one image one at a time, --interval apart; "
+                                "reports wall and online time percentiles per query (the server needs --max-sessions "
+                                "of at least --clients: a warm session holds its slot)")
+            s.add_argument("--interval", type=float,
+                           help="with --warm: seconds between a client's queries, for its pool to refill (default 0.5)")
     return p
 
 

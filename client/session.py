@@ -122,17 +122,8 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
         ch.send("session", batch_sizes=[len(q) for q in queries], plan_hash=plan.plan_hash, engine=settings.engine,
                 **({"relu_protocol": relu} if relu else {}))
         reply = protocol.expect(ch.recv(settings.timeout), "session")
-        sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
-        tfp = protocol.field(reply, "insecure_tfp", bool)
-        # Every check below comes before anything derived from the images leaves this process.
-        check_tfp(tfp, settings)
-        if reply.get("engine", DEFAULT_ENGINE) != settings.engine:
-            raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
-                                        f"{settings.engine} engine this client asked for: refusing to share the images")
-        if relu and reply.get("relu_protocol", "gmw") != relu:  # a server from before the choice runs gmw
-            raise protocol.ControlError(f"the server answered with the {str(reply.get('relu_protocol'))[:32]} ReLU "
-                                        f"protocol, not {relu} this client asked for: refusing to share the images")
-        rdv, dealer = _meeting_point(reply, sid, tfp, settings)
+        sid, tfp = check_session_reply(reply, settings, relu)
+        rdv, dealer = meeting_point(reply, sid, tfp, settings)
         worker.start_job(PartyJob("client", rdv, insecure_tfp=tfp, engine=settings.engine, public=plan,
                                   batches=queries, relu_protocol=relu or "gmw"))
         outcome = supervise(worker, {"server": ch}, start + settings.timeout, read_timeout=settings.timeout)
@@ -152,6 +143,21 @@ def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, que
             "label_only": bool(reply.get("label_only")), "dealer_id": reply.get("dealer_id"), **outcome.result}
 
 
+def check_session_reply(reply: dict, settings: ClientSettings, relu: str | None) -> tuple[str, bool]:
+    """The server's session reply, checked before anything derived from the images leaves this process:
+    -> (session id, insecure TFP mode)."""
+    sid = protocol.field(reply, "session_id", str, lambda s: protocol.is_hex(s, 32), "32 lowercase hex digits")
+    tfp = protocol.field(reply, "insecure_tfp", bool)
+    check_tfp(tfp, settings)
+    if reply.get("engine", DEFAULT_ENGINE) != settings.engine:
+        raise protocol.ControlError(f"the server answered with the {str(reply.get('engine'))[:32]} engine, not the "
+                                    f"{settings.engine} engine this client asked for: refusing to share the images")
+    if relu and reply.get("relu_protocol", "gmw") != relu:  # a server from before the choice runs gmw
+        raise protocol.ControlError(f"the server answered with the {str(reply.get('relu_protocol'))[:32]} ReLU "
+                                    f"protocol, not {relu} this client asked for: refusing to share the images")
+    return sid, tfp
+
+
 def check_tfp(tfp: bool, settings: ClientSettings) -> None:
     """The client decides whether it runs without a dealer's protection, not the server."""
     if tfp and not settings.allow_insecure_tfp:
@@ -159,7 +165,7 @@ def check_tfp(tfp: bool, settings: ClientSettings) -> None:
                                     "images: refusing to share them (pass --allow-insecure-tfp for a benchmark)")
 
 
-def _meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
+def meeting_point(reply: dict, sid: str, tfp: bool, settings: ClientSettings):
     """Where the client party meets its peers, and the dealer's address. Fast engine: TLS links to the
     server's port (the address this client used) and to the dealer's port; the dealer must prove its
     role with a certificate this client trusts (its --trust-dealer, or the shared secret's), so a

@@ -17,6 +17,7 @@ whatever happens to a session; workers are reaped when it ends.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import select
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from secure.control import auth, protocol
 from secure.control.limits import QueryLimiter, QuotaExceeded
 from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
-from secure.control.workers import (PartyJob, Worker, peer_reason, private_tempdir, start_fork_server, supervise,
-                                    wait_done)
+from secure.control.workers import (PartyJob, Worker, peer_reason, private_tempdir, recv_done, start_fork_server,
+                                    supervise)
 from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
 from secure.transport.meeting import Meeting
 
@@ -62,6 +63,11 @@ class Settings:
     label_only: bool = False
     max_queries: int | None = None
     query_window: float = 86400.0
+    # Warm sessions (pi-client stream, client.warm.WarmSession): each holds a --max-sessions slot for its life.
+    max_pool: int = 16  # queries one warm session may keep prepared
+    max_pool_mb: float = 4096.0  # the prepared material of all warm sessions at once (the server party's part)
+    idle_timeout: float = 120.0  # a warm session without a query for this long ends (its pool is dropped)
+    warm_lifetime: float = 3600.0  # a warm session ends after this long (the client reconnects)
 
 
 class PiServer:
@@ -80,6 +86,7 @@ class PiServer:
         self._lock = threading.Lock()
         self._waiting = 0
         self._durations: deque[float] = deque(maxlen=20)
+        self._pool_bytes = 0  # the warm sessions' estimated pools (Settings.max_pool_mb)
 
     # -- requests -----------------------------------------------------------------------------
     def handle(self, ch) -> None:
@@ -97,6 +104,9 @@ class PiServer:
             raise protocol.ProtocolError(f"the server does not answer {kind[:40]!r} messages")
 
     def session(self, ch, msg: dict) -> None:
+        if "stream" in msg:
+            self.warm_session(ch, msg)
+            return
         if "batch_sizes" in msg:  # several queries in one session: set-up and weight masks paid once
             sizes = protocol.field(msg, "batch_sizes", list,
                                    lambda b: 0 < len(b) <= self.s.max_batch and all(
@@ -117,10 +127,7 @@ class PiServer:
             raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
         relu_protocol = _relu_protocol(msg, engine)
         n = sum(sizes)
-        wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
-        if wanted != self.plan.plan_hash:
-            raise protocol.ControlError(f"the server now serves plan {self.plan.plan_hash[:12]}, not {wanted[:12]} "
-                                        "from the client's info request: run the client again")
+        self._check_plan(msg)
         try:
             ticket = self.quota.reserve(ch.limit_key, n)
         except QuotaExceeded as exc:
@@ -138,6 +145,84 @@ class PiServer:
         finally:
             if refund:
                 self.quota.refund(ticket)
+
+    def warm_session(self, ch, msg: dict) -> None:
+        """A warm session: queries as the client sends them, on material prepared ahead, until the client
+        ends it, it idles past --idle-timeout or reaches --warm-lifetime. Its images are reserved against
+        the client's quota up front (as many as it asks for, at most what is left) and what it did not use
+        is given back at the end."""
+        stream = self._stream_request(msg)
+        relu_protocol = _relu_protocol(msg, self.s.engine)
+        self._check_plan(msg)
+        left = self.quota.left(ch.limit_key)
+        budget = stream.max_images if left is None else min(stream.max_images or left, left)
+        try:
+            ticket = self.quota.reserve(ch.limit_key, max(budget or 0, stream.batch_size))
+        except QuotaExceeded as exc:
+            self.service.log(f"refused {ch.peer_addr} ({ch.limit_key}): {exc}")
+            protocol.send_error(ch, str(exc), exc.retry_after)
+            return
+        stream = dataclasses.replace(stream, max_images=budget)
+        pool_bytes = stream.pool * _server_query_bytes(self.plan, relu_protocol, stream.batch_size)
+        used = None
+        try:
+            if not self._reserve_pool(ch, pool_bytes):
+                used = 0
+                return
+            try:
+                if not self._acquire_slot(ch):
+                    used = 0
+                    return
+                try:
+                    used = self._run(ch, [stream.batch_size], relu_protocol, stream)
+                finally:
+                    self.slots.release()
+            finally:
+                with self._lock:
+                    self._pool_bytes -= pool_bytes
+        finally:
+            self.quota.settle(ticket, used)
+
+    def _check_plan(self, msg: dict) -> None:
+        wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
+        if wanted != self.plan.plan_hash:
+            raise protocol.ControlError(f"the server now serves plan {self.plan.plan_hash[:12]}, not {wanted[:12]} "
+                                        "from the client's info request: run the client again")
+
+    def _stream_request(self, msg: dict):
+        from secure.core.stream import REFILL_POLICIES, StreamSettings
+        if self.s.engine != "fast" or self.s.insecure_tfp:
+            raise protocol.ControlError("warm sessions run the fast engine with a dealer: this server "
+                                        + ("runs the crypten engine" if self.s.engine != "fast" else
+                                           "has no dealer (--insecure-tfp)"))
+        spec = protocol.field(msg, "stream", dict)
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        batch = protocol.field(spec, "batch_size", int, lambda b: count(b) and 1 <= b <= self.s.max_batch,
+                               f"images per query in 1..{self.s.max_batch} (the server's --max-batch)")
+        pool = protocol.field(spec, "pool", int, lambda k: count(k) and 1 <= k <= self.s.max_pool,
+                              f"queries prepared ahead, 1..{self.s.max_pool} (the server's --max-pool)")
+        refill = protocol.field(spec, "refill", str, lambda r: r in REFILL_POLICIES, " or ".join(REFILL_POLICIES))
+        most = spec.get("max_images")
+        if most is not None and not (count(most) and most >= batch):
+            raise protocol.ControlError("the warm session's max_images must be a whole number of at least one query")
+        return StreamSettings(batch_size=batch, pool=pool, refill=refill, idle_timeout_s=self.s.idle_timeout,
+                              max_images=most)
+
+    def _reserve_pool(self, ch, nbytes: int) -> bool:
+        """Count a warm session's pool against --max-pool-mb; False (the client was told `busy`) if it
+        does not fit now, an error if it never could."""
+        limit = self.s.max_pool_mb * 1e6
+        if nbytes > limit:
+            raise protocol.ControlError(f"the warm session's pool needs about {nbytes / 1e6:,.0f} MB on the server, "
+                                        f"more than its --max-pool-mb of {self.s.max_pool_mb:g}: ask for a smaller pool")
+        with self._lock:
+            if self._pool_bytes + nbytes <= limit:
+                self._pool_bytes += nbytes
+                return True
+        after = self.retry_after()
+        protocol.send_busy(ch, f"the server's warm sessions hold {self._pool_bytes / 1e6:,.0f} MB of prepared material "
+                               f"(--max-pool-mb {self.s.max_pool_mb:g}): retry after {after:g} s", after)
+        return False
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the recent mean session time per slot, times the queue."""
@@ -192,9 +277,10 @@ class PiServer:
         return False
 
     # -- one session -----------------------------------------------------------------------------
-    def _run(self, ch, sizes: list[int], relu_protocol: str = "gmw") -> bool:
+    def _run(self, ch, sizes: list[int], relu_protocol: str = "gmw", stream=None):
         """Run one session of len(sizes) queries with the client's ReLU protocol; True if the client cannot
-        have received a result (the quota is refunded)."""
+        have received a result (the quota is refunded). A warm session (`stream`: its StreamSettings):
+        the images it classified (None when unknown: it failed)."""
         session_id = secrets.token_bytes(16)  # names the session's party connections on both ports
         sid, host = session_id.hex(), ch.getsockname()[0]
         links = self.s.engine == "fast"  # TLS links on the two ports; crypten meets over gloo at a fresh port
@@ -213,13 +299,16 @@ class PiServer:
             else:
                 rdv = Rendezvous(host, port, self.s.rendezvous_timeout)
             worker.start_job(PartyJob("server", rdv, insecure_tfp=self.s.insecure_tfp, engine=self.s.engine,
-                                      plan=self.plan, batch_sizes=sizes, relu_protocol=relu_protocol))
+                                      plan=self.plan, batch_sizes=sizes, relu_protocol=relu_protocol, stream=stream))
             ch.send("session", session_id=sid, host=None if links else host, port=port,
                     timeout_s=self.s.rendezvous_timeout, insecure_tfp=self.s.insecure_tfp,
                     plan_hash=self.plan.plan_hash, label_only=self.s.label_only, dealer_id=dealer_id,
                     engine=self.s.engine, relu_protocol=relu_protocol if links else None,
-                    dealer=None if self.s.insecure_tfp else protocol.format_address(*self.s.dealer))
-            self.service.log(f"session {sid[:12]}: {sum(sizes)} image(s), "
+                    dealer=None if self.s.insecure_tfp else protocol.format_address(*self.s.dealer),
+                    **({"stream": {**stream.to_dict(), "lifetime_s": self.s.warm_lifetime}} if stream else {}))
+            what = (f"warm, {stream.pool} queries of {stream.batch_size} image(s) prepared ahead ({stream.refill})"
+                    if stream else f"{sum(sizes)} image(s)")
+            self.service.log(f"session {sid[:12]}: {what}, "
                              + ("TLS links" if links else f"rendezvous {protocol.format_address(host, port)}")
                              + (f", {len(sizes)} queries" if len(sizes) > 1 else "")
                              + (f", ReLU protocol {relu_protocol}" if links else "")
@@ -227,10 +316,12 @@ class PiServer:
                              + (" (crypten engine)" if self.s.engine == "crypten" else "")
                              + (f", client {ch.peer_id!r} from {ch.peer_addr}" if ch.peer_addr else ""))
             peers = {"client": ch} if dealer is None else {"client": ch, "dealer": dealer}
-            outcome = supervise(worker, peers, started + self.s.session_timeout, self.service.stop,
-                                self.s.read_timeout)
+            lifetime = self.s.warm_lifetime if stream else self.s.session_timeout
+            outcome = supervise(worker, peers, started + lifetime, self.service.stop, self.s.read_timeout)
             outcome = peer_reason(outcome, "dealer", dealer)  # a refusing dealer names the cause
             self._conclude(ch, dealer, sid, outcome, time.monotonic() - started)
+            if stream:
+                return outcome.result.get("images") if outcome.kind == "ok" else None
             return outcome.kind != "ok" and outcome.peer != "client"
         finally:
             self.service.unroute(session_id)
@@ -266,12 +357,21 @@ class PiServer:
 
     def _conclude(self, ch, dealer, sid: str, outcome, elapsed: float) -> None:
         if outcome.kind == "ok":
+            said = outcome.done_messages.get("dealer")
             if dealer is not None and "dealer" not in outcome.done_peers:
-                wait_done(dealer, self.s.read_timeout)  # let the dealer's party end on its own
-            ch.send("done", session_id=sid, elapsed_s=round(elapsed, 3))
+                said = recv_done(dealer, self.s.read_timeout)  # let the dealer's party end on its own
+            warm = outcome.result if outcome.result and "queries" in outcome.result else None
+            rate = (said or {}).get("refill_queries_per_s")
+            ch.send("done", session_id=sid, elapsed_s=round(elapsed, 3),
+                    **({"queries": warm["queries"], "images": warm["images"], "ended": warm["ended"],
+                        "dealer_refill_queries_per_s": rate if isinstance(rate, (int, float)) else None}
+                       if warm else {}))
             with self._lock:
                 self._durations.append(elapsed)
-            self.service.log(f"session {sid[:12]}: done in {elapsed:.1f} s")
+            self.service.log(f"session {sid[:12]}: done in {elapsed:.1f} s" + (
+                f": {warm['queries']} queries, {warm['prepared']} prepared, pool peak "
+                f"{warm['pool_peak_bytes'] / 1e6:.1f} MB, ended by {_ENDED.get(warm['ended'], warm['ended'])}"
+                if warm else ""))
             return
         message = _describe(outcome)
         self.service.log(f"session {sid[:12]}: ended ({outcome.kind}) after {elapsed:.1f} s: {message}")
@@ -292,6 +392,14 @@ def _relu_protocol(msg: dict, engine: str) -> str:
     except ValueError as exc:
         raise protocol.ControlError(f"{exc}" + ("" if engine == "crypten" else
                                                  " (pi-client --relu-protocol auto, gmw or fss)")) from None
+
+
+_ENDED = {"end": "the client", "idle": "--idle-timeout", "budget": "the query quota"}
+
+
+def _server_query_bytes(plan, relu_protocol: str, batch: int) -> int:
+    from secure.core.stream import server_query_bytes  # torch is loaded (the plan)
+    return server_query_bytes(plan.public_info(), relu_protocol, batch)
 
 
 class _Stopping(Exception):
@@ -354,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the dealer, at startup and per session (default 30)")
     p.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
                    help="seconds to wait for a control message (default 30)")
+    w = p.add_argument_group("warm sessions (pi-client stream): each holds a --max-sessions slot while it lives")
+    w.add_argument("--max-pool", type=int, default=16, help="queries a warm session may keep prepared (default 16)")
+    w.add_argument("--max-pool-mb", type=float, default=4096.0,
+                   help="the server party's prepared material of all warm sessions at once, MB (default 4096)")
+    w.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds a warm session may wait for a query before it ends (default 120)")
+    w.add_argument("--warm-lifetime", type=float, default=3600.0,
+                   help="seconds a warm session may live; the client then starts a new one (default 3600)")
     g = p.add_argument_group("model-stealing limits")
     g.add_argument("--label-only", action="store_true",
                    help="reveal only each image's label to the client, never the logits (a head computed under "
@@ -374,10 +490,14 @@ def _settings(args) -> Settings:
         raise protocol.ControlError("pass --dealer HOST:PORT (the pi-dealer's control address), or --insecure-tfp "
                                     "for an INSECURE benchmark without a dealer")
     numbers = (args.max_batch, args.max_sessions, args.queue_timeout, args.session_timeout,
-               args.rendezvous_timeout, args.dealer_timeout, args.read_timeout, args.query_window, args.retry_after)
+               args.rendezvous_timeout, args.dealer_timeout, args.read_timeout, args.query_window, args.retry_after,
+               args.max_pool, args.max_pool_mb, args.idle_timeout, args.warm_lifetime)
     if min(numbers) <= 0 or args.max_waiting < 0:
-        raise protocol.ControlError("--max-batch, --max-sessions, --retry-after, --query-window and every "
-                                    "--*-timeout must be positive (--max-waiting at least 0)")
+        raise protocol.ControlError("--max-batch, --max-sessions, --retry-after, --query-window, --max-pool, "
+                                    "--max-pool-mb, --warm-lifetime and every --*-timeout must be positive "
+                                    "(--max-waiting at least 0)")
+    if args.max_pool > 64:
+        raise protocol.ControlError("--max-pool is at most 64 queries")
     if args.max_queries is not None and args.max_queries < 1:
         raise protocol.ControlError("--max-queries must be at least 1")
     return Settings(dealer=protocol.parse_address(args.dealer, "--dealer") if args.dealer else None,
@@ -385,7 +505,9 @@ def _settings(args) -> Settings:
                     read_timeout=args.read_timeout, rendezvous_timeout=args.rendezvous_timeout,
                     session_timeout=args.session_timeout, dealer_timeout=args.dealer_timeout,
                     queue_timeout=args.queue_timeout, max_waiting=args.max_waiting, retry_after=args.retry_after,
-                    label_only=args.label_only, max_queries=args.max_queries, query_window=args.query_window)
+                    label_only=args.label_only, max_queries=args.max_queries, query_window=args.query_window,
+                    max_pool=args.max_pool, max_pool_mb=args.max_pool_mb, idle_timeout=args.idle_timeout,
+                    warm_lifetime=args.warm_lifetime)
 
 
 def _check_dealer(settings: Settings, security) -> str:

@@ -90,8 +90,13 @@ class Dealer:
         outcome = supervise(worker, {"server": ch}, time.monotonic() + self.session_timeout,
                             self.service.stop, self.read_timeout)
         if outcome.kind == "ok":
-            ch.send("done", session_id=sid)
-            self.service.log(f"session {sid[:12]}: done")
+            made = outcome.result or {}
+            rate = made.get("refill_queries_per_s")  # a warm session: queries made as the server asked
+            ch.send("done", session_id=sid, **({"queries": made.get("queries"), "refill_queries_per_s": rate}
+                                               if rate else {}))
+            self.service.log(f"session {sid[:12]}: done" + (
+                f": {made['queries']} queries preprocessed, {made.get('bytes_sent', 0) / 1e6:,.1f} MB sent, "
+                f"refill rate {rate:,.1f} queries/s of dealer compute" if rate else ""))
         else:
             self.service.log(f"session {sid[:12]}: ended ({outcome.kind}): {outcome.message}")
             protocol.send_error(ch, f"dealer: {outcome.message}")

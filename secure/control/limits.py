@@ -160,6 +160,17 @@ class QueryLimiter:
             if q is not None and ticket in q:
                 q.remove(ticket)
 
+    def settle(self, ticket: Ticket | None, used: int | None) -> None:
+        """A warm session's reservation ends: keep the `used` images it classified, give back the rest
+        (None: unknown, the session failed: keep it all)."""
+        if ticket is None or used is None:
+            return
+        with self._lock:
+            ticket.n = min(ticket.n, max(0, int(used)))
+            q = self._used.get(ticket.key)
+            if q is not None and ticket in q and ticket.n == 0:
+                q.remove(ticket)
+
     def left(self, key: str) -> int | None:
         if self.max_queries is None:
             return None

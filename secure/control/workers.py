@@ -60,6 +60,10 @@ class PartyJob:
     batches: list[Any] = field(default_factory=list)
     limits: DealerLimits | None = None  # the dealer's caps on a session
     relu_protocol: str = "gmw"  # the fast engine's ReLU protocol (server and client: the same, never "auto")
+    # A warm session (`secure.core.stream.StreamSettings`): queries as they come instead of `batches`. The
+    # client's worker then takes ("query", images) and ("status",) messages over its pipe and answers each
+    # (`WarmChannel`); ("end",) ends the session.
+    stream: Any = None
 
 
 def worker_context():
@@ -163,11 +167,13 @@ def _worker_main(conn, owner_pid: int, handoff: socket.socket | None = None) -> 
         job = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         return  # the parent gave up before the job
-    threading.Thread(target=_watch_owner, args=(conn,), daemon=True).start()
+    talks = job.stream is not None and job.role == "client"  # the owner keeps sending (queries)
+    if not talks:
+        threading.Thread(target=_watch_owner, args=(conn,), daemon=True).start()
     try:
         if failure:
             raise RuntimeError(failure)
-        reply = ("ok", _run_party(job, handoff))
+        reply = ("ok", _run_warm(job, handoff, conn) if job.stream is not None else _run_party(job, handoff))
     except BaseException as exc:
         reply = ("error", _describe(exc))
     try:
@@ -204,8 +210,7 @@ def _run_party(job: PartyJob, handoff: socket.socket | None) -> dict:
     else:  # a Meeting: TLS links, some of them handed over by the role's listener
         job.rdv.handoff = handoff
     if job.role == "dealer":
-        runtime.run_dealer(job.rdv, job.engine, job.limits)
-        return {"role": job.role}
+        return {"role": job.role, **(runtime.run_dealer(job.rdv, job.engine, job.limits) or {})}
     if job.role == "server":
         result = runtime.run_server(job.plan, job.rdv, job.batch_sizes, job.insecure_tfp, job.engine,
                                     job.relu_protocol)
@@ -213,6 +218,37 @@ def _run_party(job: PartyJob, handoff: socket.socket | None) -> dict:
         result = runtime.run_client(job.public, job.batches, job.rdv, job.insecure_tfp, job.engine,
                                     job.relu_protocol)
     return result.to_dict()
+
+
+def _run_warm(job: PartyJob, handoff: socket.socket | None, conn) -> dict:
+    """A warm session's party (server or client): the client reads its queries from the owner's pipe and
+    answers each there; the owner's end of the pipe closing ends the process (the owner is gone)."""
+    from secure.core import runtime
+    job.rdv.handoff = handoff
+    if job.role == "server":
+        return runtime.run_warm("server", job.rdv, job.plan.public_info(), job.stream, job.relu_protocol,
+                                plan=job.plan).to_dict()
+    pools = []
+
+    def next_images():
+        while True:
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                os._exit(1)
+            if message[0] == "query":
+                return message[1]
+            if message[0] == "status":  # the pool's state, for a caller that waits until it is warm
+                conn.send_bytes(pickle.dumps(("status", pools[0].status() if pools else {})))
+                continue
+            return None
+
+    def answer(item) -> None:
+        conn.send_bytes(pickle.dumps(("answer", {**item.to_dict(), "logits": item.logits.double().tolist()})))
+
+    summary = runtime.run_warm("client", job.rdv, job.public, job.stream, job.relu_protocol, next_images=next_images,
+                               answer=answer, pools=pools)
+    return summary.to_dict()
 
 
 def _pin_interface(host: str, port: int) -> None:
@@ -305,6 +341,7 @@ class Outcome:
     message: str = ""
     peer: str = ""
     done_peers: set = field(default_factory=set)
+    done_messages: dict = field(default_factory=dict)  # peer -> its {"type": "done", ...} message
     retry_after: float | None = None  # a peer's error said that trying again later may work
 
 
@@ -314,14 +351,14 @@ def supervise(worker: Worker, peers: dict, deadline: float, stop: threading.Even
 
     `peers` maps a name to its ControlChannel. A peer's {"type": "done"} is remembered and that peer is no
     longer watched."""
-    watching, done = dict(peers), set()
+    watching, done, done_messages = dict(peers), set(), {}
     while True:
         if stop is not None and stop.is_set():
             return Outcome("stopped", message="shutting down", done_peers=done)
         try:
             outcome = _worker_outcome(worker)
             if outcome:
-                outcome.done_peers = done
+                outcome.done_peers, outcome.done_messages = done, done_messages
                 return outcome
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -340,6 +377,7 @@ def supervise(worker: Worker, peers: dict, deadline: float, stop: threading.Even
                     outcome.done_peers = done
                     return outcome
                 done.add(name)
+                done_messages[name] = msg
                 del watching[name]
 
 
@@ -386,7 +424,13 @@ def peer_reason(outcome: Outcome, name: str, ch, grace_s: float = 3.0) -> Outcom
 
 def wait_done(ch, timeout: float) -> bool:
     """Wait up to `timeout` s for a peer's {"type": "done"}; False on anything else."""
+    return recv_done(ch, timeout) is not None
+
+
+def recv_done(ch, timeout: float) -> dict | None:
+    """A peer's {"type": "done", ...} message within `timeout` s; None on anything else."""
     try:
-        return protocol.recv(ch, timeout)["type"] == "done"
+        msg = protocol.recv(ch, timeout)
     except protocol.ProtocolError:
-        return False
+        return None
+    return msg if msg["type"] == "done" else None

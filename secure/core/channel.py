@@ -20,7 +20,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from secure.transport import LinkError
+from secure.transport import LinkError, LinkTimeout
+
+
+class ChannelTimeout(RuntimeError):
+    """Nothing arrived from the peer within the timeout (a RuntimeError, like every channel failure)."""
 
 
 @dataclass
@@ -88,6 +92,13 @@ class Channel:
 
     def close(self) -> None:
         """Leave the session (idempotent)."""
+
+    def sibling(self, peer: int) -> "Channel":
+        """A second channel to `peer` over the same transport, with counts of its own: for a thread that
+        talks to that peer only while this channel talks to the others (a warm session's preparation,
+        `secure.core.stream`). Closing it leaves the transport open."""
+        raise NotImplementedError(f"{type(self).__name__} has no sibling channels (warm sessions run over "
+                                  "TLS links or in one process)")
 
     # -- the transport: subclasses move whole byte buffers -----------------------------------------
     def _send(self, dst: int, buf: torch.Tensor, timeout_s: float) -> None:
@@ -160,6 +171,8 @@ class LinkChannel(Channel):
     def _recv(self, src, nbytes, timeout_s):
         try:
             data = self.links[src].recv(max_bytes=nbytes, timeout=timeout_s)
+        except LinkTimeout as exc:
+            raise ChannelTimeout(f"rank {self.rank}: link from rank {src} failed: {exc}") from exc
         except LinkError as exc:
             raise RuntimeError(f"rank {self.rank}: link from rank {src} failed: {exc}") from exc
         if len(data) != nbytes:
@@ -187,6 +200,15 @@ class LinkChannel(Channel):
     def close(self) -> None:
         for link in self.links.values():
             link.close()
+
+    def sibling(self, peer: int) -> "LinkChannel":
+        return _LinkSibling(self.rank, self.timeout_s, links={peer: self.links[peer]})
+
+
+@dataclass
+class _LinkSibling(LinkChannel):
+    def close(self) -> None:
+        """The links belong to the channel this one is a sibling of."""
 
 
 # -- in one process (engine unit tests) ---------------------------------------------------------------
@@ -218,10 +240,13 @@ class InProcessChannel(Channel):
         try:
             buf = self.hub._queues[(src, self.rank)].get(timeout=timeout_s)
         except queue.Empty:
-            raise RuntimeError(f"rank {self.rank}: no message from rank {src} within {timeout_s:g} s") from None
+            raise ChannelTimeout(f"rank {self.rank}: no message from rank {src} within {timeout_s:g} s") from None
         if buf.numel() != nbytes:
             raise RuntimeError(f"rank {self.rank}: expected {nbytes} bytes from rank {src}, got {buf.numel()}")
         return buf
+
+    def sibling(self, peer: int) -> "InProcessChannel":
+        return InProcessChannel(self.rank, self.timeout_s, hub=self.hub)
 
 
 def like(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:

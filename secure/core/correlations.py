@@ -29,7 +29,9 @@ server in its message, the client in a message of its own (`client_message_spec`
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +46,11 @@ LOCAL_OPS = ("add", "avgpool", "avgpool2d", "concat", "reshape", "scale")  # eac
 FSS_BITS = 20  # the FSS ReLU's window w: |x| < 2^(w - 1 - ACT_BITS) = 128 (docs/PROTOCOL.md)
 FSS_PAYLOAD = 3  # words of the DCF payload: 1 - 2m, (1 - 2m) Rr, m
 GATE_PAYLOAD = 2  # a truncation gate's: m, 1 - m
-FOLD_NAMES = ("M", "rM", "b", "rb")  # gmw ReLU of a wide input: shares of m >> drop, r (m >> drop), msb(m), r msb(m)
+FOLD_NAMES = ("M", "rM", "b", "rb")
+# A test hook: a file to which every party appends a line per query's correlations, "made <label>" by the
+# dealer and "used <label>" by the party that consumes them (`record_correlation`), so that a test can
+# show that no correlation is ever used twice, across failures, kills and reconnects.
+CORRELATION_LOG_ENV = "DEEPREDUCE_CORRELATION_LOG"  # gmw ReLU of a wide input: shares of m >> drop, r (m >> drop), msb(m), r msb(m)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,25 @@ def tournament(k: int) -> list[int]:
         levels.append(k // 2)
         k -= k // 2
     return levels
+
+
+def correlation_label(seed: bytes, query: int) -> str:
+    """The name of query `query`'s correlations from a party's seed: PRG labels are q<query>-tagged
+    (`party_randomness`) and a seed belongs to one session, so (seed, query) names them for good. The seed
+    itself stays secret: the label carries a hash of it."""
+    return f"{hashlib.sha256(b'correlation-label' + seed).hexdigest()[:24]}:{query}"
+
+
+def record_correlation(event: str, seed: bytes, query: int) -> None:
+    """Append `event label` to $DEEPREDUCE_CORRELATION_LOG (unset: nothing). One short write with O_APPEND:
+    lines from concurrent processes do not interleave."""
+    path = os.environ.get(CORRELATION_LOG_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{event} {correlation_label(seed, query)}\n".encode())
+        finally:
+            os.close(fd)
 
 
 def weight_name(op: dict) -> str:

@@ -29,6 +29,7 @@ Online, per query:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,8 +47,8 @@ from secure.core import fss
 from secure.core.channel import Channel, like
 from secure.core.costmodel import fss_window_problem
 from secure.core.correlations import (FSS_BITS, LINEAR_OPS, LOCAL_OPS, Layout, ReluParams, bias_name,
-                                      dealer_messages, folded_pools, message_sizes, offline_known, pack_message, party_randomness, tournament, unpack_message,
-                                      weight_masks, weight_name)
+                                      dealer_messages, folded_pools, message_sizes, offline_known, pack_message, party_randomness,
+                                      record_correlation, tournament, unpack_message, weight_masks, weight_name)
 from secure.core.party import RELU_PROTOCOLS, DealerLimits, Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
 from secure.core.profiling import LayerProfile, Profile
@@ -94,14 +95,20 @@ def serve_dealer(ch: Channel, limits: DealerLimits | None = None) -> dict:
     layout = Layout.for_protocol(ops, desc["tensor_shapes"], ReluParams(desc["relu_bits"], desc["drop_bits"]),
                                  desc.get("relu_protocol", "gmw"), int(desc.get("fss_bits", FSS_BITS)))
     batches = [int(b) for b in desc["batch_sizes"]]
+    stream = desc.get("stream")
     streamed = layout.protocol == "fss"
     per_query = [_message_bytes(layout, b) for b in batches]
-    limits.check_session(batches, max(per_query) if streamed else sum(per_query))
+    if stream:
+        limits.check_stream(batches[0], int(stream["pool"]), per_query[0])
+    else:
+        limits.check_session(batches, max(per_query) if streamed else sum(per_query))
     seed_s, seed_c = os.urandom(32), os.urandom(32)
     ch.send(SERVER, [_seed_tensor(seed_s)])
     ch.send(CLIENT, [_seed_tensor(seed_c)])
     prg_s, prg_c = Prg(seed_s), Prg(seed_c)
     masks = weight_masks(prg_s, layout)
+    if stream:
+        return _serve_refills(ch, layout, masks, prg_s, prg_c, batches[0], float(stream["idle_s"]))
     wait = session_timeout(ch.timeout_s, len(batches))
     made_s = 0.0
     if streamed:
@@ -124,6 +131,32 @@ def serve_dealer(ch: Channel, limits: DealerLimits | None = None) -> dict:
     ch.recv(SERVER, [(torch.uint8, 1)], timeout_s=wait)  # the server is done with us
     return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received, "relu_protocol": layout.protocol,
             "correlations_s": made_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _serve_refills(ch: Channel, layout: Layout, masks, prg_s: Prg, prg_c: Prg, batch: int, idle_s: float) -> dict:
+    """A warm session (`secure.core.stream`): the server asks for n more queries' correlations whenever
+    its pool has room (an int64 n; 0 ends the session) and the dealer makes and sends them in order, one
+    query's at a time. Returns the traffic and the refill rate: queries made per second of the dealer's
+    own compute."""
+    made_s, q = 0.0, 0
+    wait = ch.timeout_s + idle_s  # a request may follow the session's longest idle time
+    while True:
+        (n,) = ch.recv(SERVER, [(torch.int64, 1)], timeout_s=wait)
+        n = int(n)
+        if n <= 0:
+            break
+        if n > 1 << 20:
+            raise EngineError(f"the server asked for {n} refills at once")
+        for _ in range(n):
+            start = time.perf_counter()
+            message = _dealer_query(layout, masks, prg_s, prg_c, q, batch)
+            made_s += time.perf_counter() - start
+            _send_query(ch, message, wait)
+            del message
+            q += 1
+    return {"bytes_sent": ch.traffic.sent, "bytes_received": ch.traffic.received, "relu_protocol": layout.protocol,
+            "correlations_s": made_s, "queries": q, "refill_queries_per_s": q / made_s if made_s > 0 else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _send_query(ch: Channel, message, wait: float) -> None:
@@ -151,6 +184,8 @@ def session_timeout(timeout_s: float, queries: int) -> float:
 
 def _dealer_query(layout, masks, prg_s, prg_c, q, batch):
     """Query q's messages: (server's, client's or None), each packed as (rings, bytes)."""
+    record_correlation("made", prg_s.seed, q)
+    record_correlation("made", prg_c.seed, q)
     s = party_randomness(prg_s, SERVER, layout, q, batch)
     c = party_randomness(prg_c, CLIENT, layout, q, batch)
     to_server, to_client = dealer_messages(layout, masks, s, c, batch)
@@ -181,9 +216,12 @@ class Party:
     """One computing party of one session. Server: `plan` set; client: `images` per query."""
 
     def __init__(self, role: int, ch: Channel, public: PublicPlan, batch_sizes: list[int], config: EngineConfig,
-                 insecure_tfp: bool, plan=None):
+                 insecure_tfp: bool, plan=None, stream_pool: int = 0, stream_idle_s: float = 0.0):
+        """`stream_pool` > 0: a warm session (`secure.core.stream`) of open-ended queries of
+        batch_sizes[0] images each, with that many queries prepared ahead."""
         _check_runs(public.ops)
         self.j, self.ch, self.public, self.batch_sizes = role, ch, public, batch_sizes
+        self.stream_pool, self.stream_idle_s = stream_pool, stream_idle_s
         self.cfg, self.tfp, self.plan = config, insecure_tfp, plan
         self.layout = Layout.for_protocol(public.ops, public.tensor_shapes, config.relu, config.relu_protocol,
                                           config.fss_bits)
@@ -218,11 +256,11 @@ class Party:
         c, h, w = self.public.input_shape
         mine = torch.tensor([int(self.public.plan_hash[:15], 16), len(self.batch_sizes), c, h, w,
                              self.cfg.relu.relu_bits, self.cfg.relu.drop_bits, ENGINE_VERSION, int(self.tfp),
-                             RELU_PROTOCOLS.index(self.cfg.relu_protocol), self.cfg.fss_bits])
+                             RELU_PROTOCOLS.index(self.cfg.relu_protocol), self.cfg.fss_bits, self.stream_pool])
         (theirs,) = self.ch.exchange(1 - self.j, [mine], like([mine]))
         if not torch.equal(mine, theirs):
             raise EngineError(f"server and client disagree on the session (plan hash, query count, input shape, "
-                              f"ReLU parameters, engine version, dealer mode, ReLU protocol and window): "
+                              f"ReLU parameters, engine version, dealer mode, ReLU protocol and window, warm pool): "
                               f"{mine.tolist()} vs {theirs.tolist()}")
         sizes = torch.tensor(self.batch_sizes)
         (theirs,) = self.ch.exchange(1 - self.j, [sizes], like([sizes]))
@@ -238,7 +276,9 @@ class Party:
             desc = json.dumps({"ops": [op.to_dict() for op in self.ops], "tensor_shapes": self.public.tensor_shapes,
                                "batch_sizes": self.batch_sizes, "relu_bits": self.cfg.relu.relu_bits,
                                "drop_bits": self.cfg.relu.drop_bits, "relu_protocol": self.cfg.relu_protocol,
-                               "fss_bits": self.cfg.fss_bits}).encode()
+                               "fss_bits": self.cfg.fss_bits,
+                               **({"stream": {"pool": self.stream_pool, "idle_s": self.stream_idle_s}}
+                                  if self.stream_pool else {})}).encode()
             self.ch.send(DEALER, [torch.tensor([len(desc)])])
             self.ch.send(DEALER, [torch.frombuffer(bytearray(desc), dtype=torch.uint8)])
             (seed,) = self.ch.recv(DEALER, [(torch.uint8, 32)])
@@ -275,10 +315,11 @@ class Party:
         received = self.ch.recv(SERVER, [(torch.int64, math.prod(s)) for s in shapes])
         self.masked_weights = {i: t.view(*s) for i, t, s in zip(linear, received, shapes)}
 
-    def _dealer_message(self, q: int) -> dict:
+    def _dealer_message(self, q: int, dealer_ch: Channel | None = None) -> dict:
         """Query q's correlations from the dealer (made by the server in TFP mode, which then sends the
-        client its part); {} for a client that gets nothing (gmw)."""
-        batch = self.batch_sizes[q]
+        client its part); {} for a client that gets nothing (gmw). `dealer_ch`: the channel to the dealer
+        when it is not `self.ch` (a warm session's preparation thread, `secure.core.stream`)."""
+        batch = self.batch(q)
         spec = (self.layout.server_message_spec if self.j == SERVER else self.layout.client_message_spec)(batch)
         if not spec:
             return {}
@@ -288,8 +329,9 @@ class Party:
                 self.ch.send(CLIENT, list(to_client), timeout_s=self.wait)
         else:
             n_ring, n_bits = message_sizes(spec)
-            rings, bits = self.ch.recv(SERVER if self.tfp else DEALER, [(torch.int64, n_ring), (torch.uint8, n_bits)],
-                                       timeout_s=self.wait)
+            rings, bits = (dealer_ch or self.ch).recv(SERVER if self.tfp else DEALER,
+                                                      [(torch.int64, n_ring), (torch.uint8, n_bits)],
+                                                      timeout_s=self.wait)
         msg = unpack_message(spec, rings, bits)
         for key in [k for k in msg if k.endswith((".k0", ".k1"))]:  # FSS keys: parsed once, not copied
             msg[key] = fss.from_bytes(msg[key].numpy())
@@ -300,17 +342,27 @@ class Party:
             self.ch.send(DEALER, [torch.zeros(1, dtype=torch.uint8)])
 
     # -- one query ------------------------------------------------------------------------------
+    def batch(self, q: int) -> int:
+        """Query q's image count (a warm session's queries all have its one batch size)."""
+        return self.batch_sizes[min(q, len(self.batch_sizes) - 1)] if self.stream_pool else self.batch_sizes[q]
+
     def query(self, q: int, images: torch.Tensor | None) -> QueryResult:
         start = time.perf_counter()
         self.ch.phase = "offline"
-        mat = self._prepare(q)
+        mat = self.material(q)
+        self._send_early(mat)
         offline_s = time.perf_counter() - start
         self.ch.exchange(1 - self.j, [torch.zeros(1, dtype=torch.uint8)], [(torch.uint8, 1)],  # start together
                          timeout_s=self.wait)
         self.ch.phase = "online"
+        return self.online(q, mat, images, offline_s)
+
+    def online(self, q: int, mat: dict, images: torch.Tensor | None, offline_s: float = 0.0) -> QueryResult:
+        """Query q's online phase on its prepared material (`material` plus the client's early message)."""
+        record_correlation("used", (self.prg_s if self.j == SERVER else self.prg_c).seed, q)
         start = time.perf_counter()
         layers, values = [], {}
-        batch = self.batch_sizes[q]
+        batch = self.batch(q)
         for op in self.ops:
             before = _snapshot(self.ch)
             t0 = time.perf_counter()
@@ -328,22 +380,24 @@ class Party:
         self.ch.phase = "offline"
         return QueryResult(logits, layers, time.perf_counter() - start, offline_s)
 
-    def _prepare(self, q: int) -> dict:
-        batch = self.batch_sizes[q]
+    def material(self, q: int, dealer_ch: Channel | None = None, pause=None) -> dict:
+        """Everything of query q that comes before its input, except the client's early message to the
+        server (`_send_early`): this party's randomness, its dealer correlations and, on the client, its
+        output share of every linear layer and the early message itself. Touches only the dealer link
+        (through `dealer_ch` if given): a warm session runs it in a thread beside the online phase.
+        `pause()`, if given, is called between layers (a warm session's refill policy waits there)."""
+        batch = self.batch(q)
         if self.j == SERVER:
-            mat = {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
-                   "dealer": self._dealer_message(q)}
-            ids = [op.id for op in self.layout.linear_ops() if self.offline_known[op.inputs[0]]]
-            shapes = [[batch, *self.layout.input_shape(self.ops[i])] for i in ids]
-            got = self.ch.recv(CLIENT, [(torch.int64, math.prod(s)) for s in shapes], timeout_s=self.wait)
-            mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
-            return mat
+            return {"own": party_randomness(self.prg_s, SERVER, self.layout, q, batch),
+                    "dealer": self._dealer_message(q, dealer_ch), "batch": batch}
         own = party_randomness(self.prg_c, CLIENT, self.layout, q, batch)
-        mat = {"own": own, "outputs": {}, "early": {}, "dealer": self._dealer_message(q)}
+        mat = {"own": own, "outputs": {}, "early": {}, "dealer": self._dealer_message(q, dealer_ch), "batch": batch}
         known = {}
         for op in self.ops:  # the client's shares that do not depend on the input
             i = op.id
             if op.kind in LINEAR_OPS:
+                if pause is not None:
+                    pause()
                 y = ring_linear(op.kind, self.masked_weights[i], own[f"{i}.B"], linear_params(op)) + own[f"{i}.C1"]
                 known[i] = y if i == self.last or i in self.wide or i in self.gates else \
                     truncate_share(y, WEIGHT_BITS, CLIENT)
@@ -352,8 +406,21 @@ class Party:
                     mat["early"][i] = known[op.inputs[0]] - own[f"{i}.B"]
             elif op.kind in LOCAL_OPS and self.offline_known[i]:
                 known[i] = self._local(op, [known[j] for j in op.inputs])
-        self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])], timeout_s=self.wait)
         return mat
+
+    def early_ids(self) -> list[int]:
+        """The linear layers whose input share the client knows before the query (its early message)."""
+        return [op.id for op in self.layout.linear_ops() if self.offline_known[op.inputs[0]]]
+
+    def _send_early(self, mat: dict) -> None:
+        """The client's X1 - B of every linear layer in `early_ids` (one message); the server takes it."""
+        if self.j == CLIENT:
+            self.ch.send(SERVER, [mat["early"][i] for i in sorted(mat["early"])], timeout_s=self.wait)
+            return
+        ids = self.early_ids()
+        shapes = [[mat["batch"], *self.layout.input_shape(self.ops[i])] for i in ids]
+        got = self.ch.recv(CLIENT, [(torch.int64, math.prod(s)) for s in shapes], timeout_s=self.wait)
+        mat["early"] = {i: t.view(*s) for i, t, s in zip(ids, got, shapes)}
 
     def _op(self, op, inputs, mat, batch, images):
         kind = op.kind
@@ -690,14 +757,8 @@ class FastEngine:
 def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: list[int] | None, insecure_tfp: bool,
          plan=None, images: list[torch.Tensor] | None = None, limits: DealerLimits | None = None,
          config: EngineConfig | None = None):
-    torch.set_num_threads(1)  # the server raises its own count for the online convolutions
-    rank = Role[role.upper()]
-    try:  # gloo for a Rendezvous, TLS links for a Meeting (secure.transport.meeting)
-        channel = rdv.channel(rank, world=2 if insecure_tfp else 3)
-    except Exception as exc:  # DistNetworkError, HandshakeError, ...: the peers did not all show up
-        raise SecureSessionError(f"{role}: {rdv.where} failed within {rdv.timeout_s:g} s "
-                                 f"({type(exc).__name__}: {exc})") from exc
-    try:
+    with session_channel(role, rdv, world=2 if insecure_tfp else 3) as channel:
+        rank = Role[role.upper()]
         if rank == DEALER:
             return serve_dealer(channel, limits)
         logits, profile = run_party(rank, channel, public, batch_sizes, config or EngineConfig(), insecure_tfp, plan,
@@ -707,6 +768,22 @@ def _run(role: str, rdv: Rendezvous, public: PublicPlan | None, batch_sizes: lis
         if hasattr(channel, "wire_counts"):
             profile.wire_bytes_sent, profile.wire_bytes_received = channel.wire_counts()
         return logits, profile
+
+
+@contextlib.contextmanager
+def session_channel(role: str, rdv: Rendezvous, world: int):
+    """This party's channel to its peers for one session (gloo for a Rendezvous, TLS links for a
+    `secure.transport.meeting.Meeting`), closed at the end; a failure is a SecureSessionError naming the role."""
+    torch.set_num_threads(1)  # the server raises its own count for the online convolutions
+    try:
+        channel = rdv.channel(Role[role.upper()], world=world)
+    except Exception as exc:  # DistNetworkError, HandshakeError, ...: the peers did not all show up
+        raise SecureSessionError(f"{role}: {rdv.where} failed within {rdv.timeout_s:g} s "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    try:
+        yield channel
+    except SecureSessionError:
+        raise
     except (RuntimeError, ValueError) as exc:  # gloo timeouts and resets are RuntimeErrors
         raise SecureSessionError(f"{role}: secure session failed ({type(exc).__name__}: {exc})") from exc
     finally:

@@ -86,6 +86,18 @@ class DealerLimits:
             raise ValueError(f"the session description has {length:,} bytes, the dealer accepts at most "
                              f"{self.max_description_bytes:,} (pi-dealer --max-description-kb)")
 
+    def check_stream(self, batch_size: int, pool: int, query_bytes: int) -> None:
+        """A warm session (queries as they come, `pool` prepared ahead): the dealer holds one query's
+        correlations at a time, so `max_session_bytes` bounds one query's, and a query is at most
+        `max_images` images. How many queries a warm session runs is the server's to limit (quotas)."""
+        if not 1 <= batch_size <= self.max_images or not 1 <= pool <= self.max_queries:
+            raise ValueError(f"the warm session asks for queries of {batch_size} images with {pool} prepared ahead, "
+                             f"the dealer serves at most {self.max_images} images a query and {self.max_queries} "
+                             "ahead (pi-dealer --max-images / --max-queries)")
+        if query_bytes > self.max_session_bytes:
+            raise ValueError(f"one query needs {query_bytes / 1e6:,.0f} MB of correlations, the dealer holds at most "
+                             f"{self.max_session_bytes / 1e6:,.0f} MB a session (pi-dealer --max-session-mb)")
+
     def check_session(self, batch_sizes: list[int], correlation_bytes: int) -> None:
         images = sum(batch_sizes)
         if len(batch_sizes) > self.max_queries or images > self.max_images:

@@ -94,3 +94,13 @@ def run_client(public: PublicPlan, batches: list[torch.Tensor], rdv: Rendezvous,
 def run_dealer(rdv: Rendezvous, engine: str = DEFAULT_ENGINE, limits: DealerLimits | None = None) -> dict:
     """Serve correlated randomness until the server party is done; returns the dealer's traffic."""
     return get_engine(engine).run_dealer(rdv, limits or DealerLimits())
+
+
+def run_warm(role: str, rdv, public: PublicPlan, settings, relu_protocol: str = DEFAULT_RELU_PROTOCOL, plan=None,
+             next_images=None, answer=None, pools: list | None = None):
+    """One computing party's warm session (`secure.core.stream`: queries as they come, each on material
+    prepared ahead); the fast engine only. Returns its `StreamSummary`."""
+    from secure.core.engine import EngineConfig
+    from secure.core.stream import run_stream
+    config = EngineConfig(relu_protocol=check_relu_protocol(relu_protocol))
+    return run_stream(role, rdv, public, settings, config, plan, next_images, answer, pools)
