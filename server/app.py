@@ -68,6 +68,7 @@ class Settings:
     max_pool_mb: float = 4096.0  # the prepared material of all warm sessions at once (the server party's part)
     idle_timeout: float = 120.0  # a warm session without a query for this long ends (its pool is dropped)
     warm_lifetime: float = 3600.0  # a warm session ends after this long (the client reconnects)
+    warm_reserve: int = 64  # with --max-queries: images a warm session reserves at most (then a fresh one)
 
 
 class PiServer:
@@ -150,12 +151,15 @@ class PiServer:
         """A warm session: queries as the client sends them, on material prepared ahead, until the client
         ends it, it idles past --idle-timeout or reaches --warm-lifetime. Its images are reserved against
         the client's quota up front (as many as it asks for, at most what is left) and what it did not use
-        is given back at the end."""
+        is given back at the end. With a quota, a session reserves at most --warm-reserve images, so a
+        session that fails (what it used is then unknown and all its reservation stays used) costs the
+        client at most that many; the client then starts a fresh session."""
         stream = self._stream_request(msg)
         relu_protocol = _relu_protocol(msg, self.s.engine)
         self._check_plan(msg)
         left = self.quota.left(ch.limit_key)
-        budget = stream.max_images if left is None else min(stream.max_images or left, left)
+        budget = stream.max_images if left is None else min(stream.max_images or self.s.warm_reserve,
+                                                             self.s.warm_reserve, left)
         try:
             ticket = self.quota.reserve(ch.limit_key, max(budget or 0, stream.batch_size))
         except QuotaExceeded as exc:
@@ -470,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a warm session may wait for a query before it ends (default 120)")
     w.add_argument("--warm-lifetime", type=float, default=3600.0,
                    help="seconds a warm session may live; the client then starts a new one (default 3600)")
+    w.add_argument("--warm-reserve", type=int, default=64,
+                   help="with --max-queries: images a warm session reserves of the client's quota when it starts; "
+                        "it gives back what it did not use when it ends, keeps all of it if it fails (default 64)")
     g = p.add_argument_group("model-stealing limits")
     g.add_argument("--label-only", action="store_true",
                    help="reveal only each image's label to the client, never the logits (a head computed under "
@@ -491,11 +498,11 @@ def _settings(args) -> Settings:
                                     "for an INSECURE benchmark without a dealer")
     numbers = (args.max_batch, args.max_sessions, args.queue_timeout, args.session_timeout,
                args.rendezvous_timeout, args.dealer_timeout, args.read_timeout, args.query_window, args.retry_after,
-               args.max_pool, args.max_pool_mb, args.idle_timeout, args.warm_lifetime)
+               args.max_pool, args.max_pool_mb, args.idle_timeout, args.warm_lifetime, args.warm_reserve)
     if min(numbers) <= 0 or args.max_waiting < 0:
         raise protocol.ControlError("--max-batch, --max-sessions, --retry-after, --query-window, --max-pool, "
-                                    "--max-pool-mb, --warm-lifetime and every --*-timeout must be positive "
-                                    "(--max-waiting at least 0)")
+                                    "--max-pool-mb, --warm-lifetime, --warm-reserve and every --*-timeout must be "
+                                    "positive (--max-waiting at least 0)")
     if args.max_pool > 64:
         raise protocol.ControlError("--max-pool is at most 64 queries")
     if args.max_queries is not None and args.max_queries < 1:
@@ -507,7 +514,7 @@ def _settings(args) -> Settings:
                     queue_timeout=args.queue_timeout, max_waiting=args.max_waiting, retry_after=args.retry_after,
                     label_only=args.label_only, max_queries=args.max_queries, query_window=args.query_window,
                     max_pool=args.max_pool, max_pool_mb=args.max_pool_mb, idle_timeout=args.idle_timeout,
-                    warm_lifetime=args.warm_lifetime)
+                    warm_lifetime=args.warm_lifetime, warm_reserve=args.warm_reserve)
 
 
 def _check_dealer(settings: Settings, security) -> str:

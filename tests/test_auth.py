@@ -203,6 +203,17 @@ def test_query_limiter_sliding_window():
     assert QueryLimiter(None, 1.0).reserve("a", 10 ** 9) is None
 
 
+def test_a_warm_sessions_reservation_is_settled_with_what_it_used():
+    q = QueryLimiter(10, 100.0, clock=lambda: 0.0)
+    t = q.reserve("a", 8)  # a warm session reserves its images up front
+    assert q.left("a") == 2
+    q.settle(t, 3)  # it classified 3: the other 5 come back
+    assert q.left("a") == 7
+    q.settle(q.reserve("a", 7), None)  # it failed: what it used is unknown, all of it stays used
+    assert q.left("a") == 0
+    q.settle(None, 5)  # no quota configured: nothing to settle
+
+
 # -- processes --------------------------------------------------------------------------------------------
 
 def write(path: Path, text: str) -> Path:

@@ -160,9 +160,11 @@ def test_train_then_evaluate(capsys, tmp_path, tiny_folder):
 
     rc, out, _ = run(capsys, "evaluate", summary["final"], "--data", data_arg, "--json")
     assert rc == 0
-    assert json.loads(out) == {"checkpoint": summary["final"], "test_acc": summary["test_acc"], "images": 6}
+    assert json.loads(out) == {"checkpoint": summary["final"], "test_acc": summary["test_acc"],
+                               "accuracy": summary["test_acc"], "relu_count": summary["relu_count"], "images": 6}
     rc, out, _ = run(capsys, "evaluate", summary["final"], "--data", data_arg)
-    assert rc == 0 and out.strip() == f"top-1 accuracy: {summary['test_acc']:.2f}% on 6 test images"
+    assert rc == 0 and out.strip() == (f"top-1 accuracy: {summary['test_acc']:.2f}% on 6 test images "
+                                       f"({summary['relu_count']:,} ReLUs per image)")
 
 
 def test_train_grayscale_resized(capsys, tmp_path):

@@ -222,3 +222,27 @@ def test_a_server_without_a_dealer_refuses_warm_sessions(plan_file, tmp_path):
     assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "warm sessions need one" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_warm_sessions_reserve_the_quota_in_parts_and_give_back_the_rest(plan_file, plan):
+    """--max-queries 5 with --warm-reserve 2: each warm session reserves 2 images and the client starts a
+    fresh one when they are used; the fifth image gets the last one; the sixth is refused in one line."""
+    env = role_env()
+    dealer, server, address = roles(plan_file, env, "--max-queries", "5", "--query-window", "3600",
+                                    "--warm-reserve", "2")
+    images = [IMAGES[i] for i in (2, 6, 10, 14, 18, 3)]
+    expected = [r["class_index"] for r in plaintext(plan, images)]
+    try:
+        done = subprocess.run([sys.executable, "-m", "client", "stream", "--server", address, "--pool", "2",
+                               "--relu-protocol", "gmw", *CLIENT_FAST], cwd=ROOT, env=env,
+                              input="".join(f"{p}\n" for p in images), capture_output=True, text=True, timeout=240)
+    finally:
+        server.terminate()
+        dealer.terminate()
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["class_index"] for r in rows] == expected[:5], rows
+    assert [len({r["session_id"] for r in rows[k:k + 2]}) for k in (0, 2)] == [1, 1]
+    assert len({r["session_id"] for r in rows}) == 3  # 2 + 2 + 1 images
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "query limit reached" in lines[0], done.stderr
