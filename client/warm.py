@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from client.session import (ClientSettings, check_relu_choice, check_session_reply, fetch_info, meeting_point,
-                            public_plan, records, relu_protocol_for)
+                            public_plan, records, relu_protocol_for, with_retries)
 from secure.control import auth, protocol
 from secure.control.workers import PartyJob, Worker, recv_done
 
@@ -87,7 +87,7 @@ class WarmSession:
         self.plan = public_plan(info)
         self.label_only = bool(info.get("label_only"))
         self.relu = relu_protocol_for(self.settings, self.plan)
-        self._start()
+        with_retries(self.settings, self._start)  # a busy or restarting server: --retries
 
     def _start(self) -> None:
         from secure.core.stream import StreamSettings
@@ -175,7 +175,7 @@ class WarmSession:
             try:
                 if not self._usable():
                     self._drop()
-                    self._start()
+                    with_retries(self.settings, self._start)
                 self._worker.conn.send_bytes(pickle.dumps(("query", chunk)))
                 answer = self._await(("answer",), self.settings.timeout)[1]
             except (SessionBroken, OSError) as exc:
@@ -207,7 +207,7 @@ class WarmSession:
         """The client party's pool: level, prepared, held and peak bytes (and a preparation error)."""
         if not self._usable():
             self._drop()
-            self._start()
+            with_retries(self.settings, self._start)
         self._worker.conn.send_bytes(pickle.dumps(("status",)))
         return self._await(("status",), self.settings.timeout)[1]
 

@@ -5,7 +5,8 @@
 Per plan (the shipped demo/model.plan; a random-weight full ResNet18, alpha 1): starts pi-dealer and
 pi-server on 127.0.0.1 (single-operator trust, a fresh token), then from this process, batch 1:
   cold   one secure session per query (`client.session.one_session`: session request, party process,
-         links, weights, correlations, the query), as `pi-client infer` runs each call;
+         links, weights, correlations, the query), as each `pi-client infer` call runs it, without the
+         command's own start-up (imports, the info request);
   warm   one `client.warm.WarmSession` (pool --pool), filled before the first query, then --queries
          queries spaced by the plan's interval so that the pool refills between them;
   4x     --clients warm sessions at once, each sending --queries / --clients queries so spaced.

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class Answer:
     rounds: int
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "logits"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "logits"}
 
 
 @dataclass
@@ -107,9 +107,8 @@ class StreamSummary:
     answers: list[Answer] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["answers"] = [a.to_dict() for a in self.answers]
-        return d
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "answers"},
+                "answers": [a.to_dict() for a in self.answers]}
 
 
 # -- the pool -------------------------------------------------------------------------------------
