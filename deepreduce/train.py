@@ -4,10 +4,15 @@ Hyperparameters live in `TrainConfig` (one visible place). `train()` is resumabl
 holds model, optimizer, scheduler and RNG state after every epoch; `DIR/final.pt` is the
 self-contained checkpoint (see checkpoint.py). Under torchrun (WORLD_SIZE > 1) it trains
 data-parallel with DistributedDataParallel (gloo on CPU, nccl on CUDA).
+
+Recipe options, all off by default: label smoothing (with or without KD), an exponential moving
+average of the weights (`ema_decay`; the EMA weights are the ones evaluated and saved), and test-time
+horizontal-flip averaging (`evaluate_model(flip=True)`).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -51,6 +56,11 @@ class TrainConfig:
     kd_alpha: float = 0.9
     eval_batch_size: int = 1000
     compile: bool = False      # torch.compile the training step (~15% faster on CPU after ~1 min)
+    # Exponential moving average of the weights (0 = off; e.g. 0.999): after every optimizer step
+    # ema = decay * ema + (1 - decay) * weights; the EMA is what is evaluated and saved (see WeightEMA).
+    # A field added here must default to the behaviour of the code before it: a last.pt written
+    # without it resumes as if it were at its default (_check_resumable).
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -59,6 +69,10 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
             raise UserError("--kd-alpha must be in [0, 1] and --kd-temperature positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema (the EMA decay) must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema_decay}")
 
 
 @dataclass
@@ -91,8 +105,15 @@ def device() -> torch.device:
         else torch.device("cpu")
 
 
-def evaluate_model(model: nn.Module, split: Split, mean, std, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate_model(model: nn.Module, split: Split, mean, std, batch_size: int = 1000, flip: bool = False) -> float:
+    """Top-1 accuracy in percent.
+
+    `flip`: test-time augmentation; the prediction is the argmax of the mean of the softmax
+    probabilities of the image and of its horizontal mirror (the flip the training augmentation
+    uses). Probabilities rather than logits: the usual rule for averaging predictions, and each view
+    weighs at most 1, so one over-confident view cannot outvote the other by its logit scale; a
+    secure client computes it in plaintext on the two outputs it receives. It takes two forward
+    passes per image, which doubles the secure online cost: report the plain figure beside it."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -100,9 +121,45 @@ def evaluate_model(model: nn.Module, split: Split, mean, std, batch_size: int = 
     with torch.no_grad():
         for i in range(0, len(split), batch_size):
             x = normalize(split.images[i:i + batch_size], mean, std).to(dev)
-            correct += (model(x).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
+            scores = model(x)
+            if flip:
+                scores = (F.softmax(scores.float(), dim=1) + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
+            correct += (scores.argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * correct / max(1, len(split))
+
+
+class WeightEMA:
+    """An exponential moving average of a module's parameters and buffers, in a copy of the module.
+
+    `update(live)` after every optimizer step: ema = decay * ema + (1 - decay) * live for every
+    floating-point tensor of the state dict. BatchNorm running statistics are averaged, not copied:
+    copied, they would be the statistics of the live weights' activations, paired with other
+    (averaged) weights; averaged with the same decay, they follow the weight average's trajectory
+    (a running mean is itself a linear average of recent batch statistics, so this is the EMA of
+    those statistics over the same horizon). Integer buffers (num_batches_tracked) are copied.
+    `live` is the plain module (not its DDP or torch.compile wrapper: both share its tensors), so
+    the keys are the plain state dict's and the copy can be saved and evaluated as it is."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, live: nn.Module) -> None:
+        ema, new = self.module.state_dict(), live.state_dict()
+        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
+        # lerp: ema + (1 - decay) * (live - ema), i.e. decay * ema + (1 - decay) * live
+        torch._foreach_lerp_([ema[k] for k in floats], [new[k] for k in floats], 1.0 - self.decay)
+        for k, v in ema.items():
+            if not v.dtype.is_floating_point:
+                v.copy_(new[k])
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
 
 
 def _distributed() -> tuple[int, int]:
@@ -160,6 +217,7 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, one_cycle(config.epochs * steps_per_epoch, config.warmup_frac))
     teacher_model = _load_teacher(teacher, spec, data, dev, config.compile)
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None  # from the initial weights
     history, start_epoch = [], 0
     if resume and rank == 0:
         remove_stale_temps(out_dir)  # a kill during a checkpoint write leaves one
@@ -170,6 +228,10 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if ema is not None:
+            if "ema" not in state:  # cannot happen with a matching config; a hand-edited file, say
+                raise UserError(f"{last_path} holds no EMA of the weights: use a fresh --out directory")
+            ema.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
         if rank == 0:
             log(json.dumps({"resumed_from_epoch": start_epoch}))
@@ -180,11 +242,19 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         stats = _train_epoch(ddp, teacher_model, train_split, data, config, optimizer, scheduler,
-                             epoch, steps_per_epoch, rank, world, dev, progress)
+                             epoch, steps_per_epoch, rank, world, dev, progress,
+                             ema_update=(lambda: ema.update(model)) if ema is not None else None)
         _sync_buffers(model, world)
+        if ema is not None:  # averaging the ranks' EMAs of BN statistics = the EMA of the averaged statistics
+            _sync_buffers(ema.module, world)
         seconds = time.time() - t0
-        test_acc = evaluate_model(model, data.test, data.mean, data.std, config.eval_batch_size) if rank == 0 else None
-        row = {"epoch": epoch + 1, **stats, "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
+        # test_acc: the weights that are saved (the EMA when on); test_acc_raw: the live ones (EMA only)
+        evaluated = {"test_acc": ema.module if ema is not None else model}
+        if ema is not None:
+            evaluated["test_acc_raw"] = model
+        accs = {key: evaluate_model(m, data.test, data.mean, data.std, config.eval_batch_size) if rank == 0 else None
+                for key, m in evaluated.items()}
+        row = {"epoch": epoch + 1, **stats, **accs, "lr": scheduler.get_last_lr()[0],
                "seconds": round(seconds, 2), "images_per_s": round(stats["images"] / seconds, 1)}
         history.append(row)
         if rank == 0:
@@ -192,7 +262,8 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
             atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "rng": torch.get_rng_state(), "history": history,
-                               "spec": spec.to_dict(), "config": asdict(config)}, last_path)
+                               "spec": spec.to_dict(), "config": asdict(config),
+                               **({"ema": ema.state_dict()} if ema is not None else {})}, last_path)
         if world > 1:
             dist.barrier()
 
@@ -200,8 +271,11 @@ def train(spec: ModelSpec, data: Dataset, out_dir: str, config: TrainConfig | No
     metrics = {"test_acc": history[-1]["test_acc"] if history else None, "epochs": config.epochs,
                "relu_count": relu_count(spec), "train_seconds": round(sum(h["seconds"] for h in history), 1),
                "teacher": teacher, "init": init, "config": asdict(config), "data": data.name}
+    if ema is not None:
+        metrics["test_acc_raw"] = history[-1].get("test_acc_raw") if history else None
     if rank == 0:
-        Checkpoint(spec, model.state_dict(), data.mean, data.std, data.classes, metrics).save(final_path)
+        weights = ema.state_dict() if ema is not None else model.state_dict()
+        Checkpoint(spec, weights, data.mean, data.std, data.classes, metrics).save(final_path)
     return TrainResult(final_path, metrics, history)
 
 
@@ -222,7 +296,7 @@ def training_progress(out_dir: str) -> dict | None:
 
 
 def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoch, steps,
-                 rank, world, dev, progress) -> dict:
+                 rank, world, dev, progress, ema_update=None) -> dict:
     model.train()
     # One permutation per epoch from (seed, epoch): identical on every rank and after a resume.
     gen = torch.Generator().manual_seed(config.seed * 100003 + epoch)
@@ -242,12 +316,15 @@ def _train_epoch(model, teacher, split, data, config, optimizer, scheduler, epoc
         if teacher is not None:
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss = kd_loss(logits, t_logits, y, config.kd_temperature, config.kd_alpha)
+            loss = kd_loss(logits, t_logits, y, config.kd_temperature, config.kd_alpha,
+                           label_smoothing=config.label_smoothing)
         else:
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema_update is not None:
+            ema_update()
         scheduler.step()
         if not math.isfinite(loss.item()):
             raise UserError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}: lower --lr")
@@ -299,6 +376,12 @@ def _check_fits(spec: ModelSpec, data: Dataset) -> None:
 
 
 def _check_resumable(state: dict, spec: ModelSpec, config: TrainConfig, path: str) -> None:
-    if state.get("spec") != spec.to_dict() or state.get("config") != asdict(config):
+    """The run in `path` is this spec and configuration. A configuration saved before a field of
+    TrainConfig existed (e.g. ema_decay) lacks it: it counts as that field's default, which is, by
+    the rule on TrainConfig, how that older code trained."""
+    saved = state.get("config")
+    if isinstance(saved, dict):
+        saved = {**asdict(TrainConfig()), **saved}
+    if state.get("spec") != spec.to_dict() or saved != asdict(config):
         raise UserError(f"{path} was written with another spec or configuration: "
                         "use a fresh --out directory or the same arguments as the interrupted run")

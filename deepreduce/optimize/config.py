@@ -16,7 +16,9 @@ built-in ``deepreduce/configs/resnet18-cifar.yaml``; a user file needs only the 
       teacher: {...}          #   epochs (>= 1), batch_size (>= 1), lr (> 0), weight_decay (>= 0),
       criticality: {...}      #   subset (images, or null = all), seed, compile (bool), init
       candidates: {...}       #   (scratch | teacher: warm start, below); criticality nets train
-      finals: {...}           #   without KD, candidates, finals and ablations with it (kd below)
+      finals: {...}           #   without KD, candidates, finals and ablations with it (kd below);
+                              #   optional: label_smoothing (in [0, 1), with KD too) and ema_decay
+                              #   (in [0, 1); 0 = off: evaluate and save an EMA of the weights), default 0
     kd:                       # distillation of every candidate from the teacher
       enabled: true
       temperature: 4.0        # > 0
@@ -136,6 +138,11 @@ class Training:
     seed: int
     compile: bool
     init: str = "scratch"   # scratch | teacher: warm-start from the teacher's weights where shapes match
+    # Recipe options, optional in the YAML (default 0 = off). At 0 they are left out of
+    # OptimizeConfig.to_dict, the run's identity in run.json, so a run started before they existed
+    # still resumes (see OPTIONAL_AT_ZERO).
+    label_smoothing: float = 0.0   # of the hard-label loss, in [0, 1) (with KD too)
+    ema_decay: float = 0.0         # exponential moving average of the weights, in [0, 1): evaluated and saved
 
     def check(self, where: str) -> None:
         _require(self.init in INITS, f"{where}.init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
@@ -145,12 +152,22 @@ class Training:
         _require(self.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.subset is None or self.subset >= 1, f"{where}.subset",
                  f"must be a positive number of images or null, got {self.subset}")
+        _require(0 <= self.label_smoothing < 1, f"{where}.label_smoothing",
+                 f"must be in [0, 1) (0 = off), got {self.label_smoothing}")
+        _require(0 <= self.ema_decay < 1, f"{where}.ema_decay",
+                 f"must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema_decay}")
 
     def train_config(self, kd: "KD | None" = None) -> TrainConfig:
         extra = {"kd_temperature": kd.temperature, "kd_alpha": kd.alpha} if kd else {}
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay, subset=self.subset, seed=self.seed,
-                           compile=self.compile, **extra)
+                           compile=self.compile, label_smoothing=self.label_smoothing,
+                           ema_decay=self.ema_decay, **extra)
+
+
+# Training keys added after runs had been recorded: at their default (0, off) they are left out of
+# OptimizeConfig.to_dict, so run.json's config of a run started before them equals the current one.
+OPTIONAL_AT_ZERO = ("label_smoothing", "ema_decay")
 
 
 @dataclass(frozen=True)
@@ -287,7 +304,14 @@ class OptimizeConfig:
                  f"must be a positive ReLU count or null, got {self.ablations.budget}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain data (run.json's identity of a run, frontier.json's meta): the keys of
+        OPTIONAL_AT_ZERO appear only when set, so a run recorded before they existed still matches."""
+        out = dataclasses.asdict(self)
+        for section in out["train"].values():
+            for key in OPTIONAL_AT_ZERO:
+                if section.get(key) == 0:
+                    del section[key]
+        return out
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -369,9 +393,10 @@ def _build(cls: type, raw, where: str):
     name = where.rstrip(".") or "the config"
     _require(isinstance(raw, dict), name, f"must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    missing = [k for k in hints if k not in raw]
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    missing = [k for k in hints if k not in raw and k not in optional]
     _require(not missing, name, f"lacks {', '.join(missing)}: add them (see deepreduce/configs/{DEFAULT_CONFIG})")
-    return cls(**{k: _coerce(raw[k], hints[k], f"{where}{k}") for k in hints})
+    return cls(**{k: _coerce(raw[k], hints[k], f"{where}{k}") for k in hints if k in raw})
 
 
 def _coerce(value, hint, key: str):
