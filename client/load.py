@@ -166,16 +166,15 @@ def load_summary(server: str, load: LoadSettings, results: list[dict], wall: flo
             "sessions": len(results), "ok": len(ok), "busy": sum(r["status"] == "busy" for r in results),
             "failed": sum(r["status"] == "failed" for r in results),
             "sessions_per_minute": round(60 * len(ok) / wall, 3) if wall > 0 else None,
-            "latency_s": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                          "max": max(lat) if lat else None,
-                          "mean": round(sum(lat) / len(lat), 3) if lat else None},
+            "latency_s": spread(lat, digits=3),
             "consistent": all(len(v) == 1 for v in labels.values()), "results": results}
 
 
-def spread(values: list[float]) -> dict:
+def spread(values: list[float], digits: int = 6) -> dict:
+    """p50, p90, p99, max and mean (rounded to `digits`) of `values`; None each for no values."""
     return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
             "max": max(values) if values else None,
-            "mean": round(sum(values) / len(values), 6) if values else None}
+            "mean": round(sum(values) / len(values), digits) if values else None}
 
 
 def warm_load_summary(server: str, load: LoadSettings, warm: WarmSettings, interval_s: float, results: list[dict],

@@ -344,7 +344,7 @@ class Party:
     # -- one query ------------------------------------------------------------------------------
     def batch(self, q: int) -> int:
         """Query q's image count (a warm session's queries all have its one batch size)."""
-        return self.batch_sizes[min(q, len(self.batch_sizes) - 1)] if self.stream_pool else self.batch_sizes[q]
+        return self.batch_sizes[0] if self.stream_pool else self.batch_sizes[q]
 
     def query(self, q: int, images: torch.Tensor | None) -> QueryResult:
         start = time.perf_counter()
