@@ -168,14 +168,12 @@ class PiServer:
             return
         stream = dataclasses.replace(stream, max_images=budget)
         pool_bytes = stream.pool * _server_query_bytes(self.plan, relu_protocol, stream.batch_size)
-        used = None
+        used = 0  # refunded in full unless the session ran: then what it used, or None (kept) if it failed
         try:
             if not self._reserve_pool(ch, pool_bytes):
-                used = 0
                 return
             try:
                 if not self._acquire_slot(ch):
-                    used = 0
                     return
                 try:
                     used = self._run(ch, [stream.batch_size], relu_protocol, stream)

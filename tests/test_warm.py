@@ -227,13 +227,20 @@ def test_a_server_without_a_dealer_refuses_warm_sessions(plan_file, tmp_path):
 @pytest.mark.slow
 def test_warm_sessions_reserve_the_quota_in_parts_and_give_back_the_rest(plan_file, plan):
     """--max-queries 5 with --warm-reserve 2: each warm session reserves 2 images and the client starts a
-    fresh one when they are used; the fifth image gets the last one; the sixth is refused in one line."""
+    fresh one when they are used; the fifth image gets the last one; the sixth is refused in one line. A
+    request the server refuses (a pool above --max-pool-mb) costs no quota."""
+    from secure.core.stream import server_query_bytes
     env = role_env()
+    limit_mb = 3 * server_query_bytes(plan.public_info(), "gmw", 1) / 1e6  # a pool of 2 fits, one of 4 never
     dealer, server, address = roles(plan_file, env, "--max-queries", "5", "--query-window", "3600",
-                                    "--warm-reserve", "2")
+                                    "--warm-reserve", "2", "--max-pool-mb", f"{limit_mb:.6f}")
     images = [IMAGES[i] for i in (2, 6, 10, 14, 18, 3)]
     expected = [r["class_index"] for r in plaintext(plan, images)]
     try:
+        big = subprocess.run([sys.executable, "-m", "client", "stream", "--server", address, "--pool", "4",
+                              "--relu-protocol", "gmw", *CLIENT_FAST], cwd=ROOT, env=env, input=f"{images[0]}\n",
+                             capture_output=True, text=True, timeout=120)
+        assert big.returncode == 2 and "--max-pool-mb" in big.stderr, big.stderr
         done = subprocess.run([sys.executable, "-m", "client", "stream", "--server", address, "--pool", "2",
                                "--relu-protocol", "gmw", *CLIENT_FAST], cwd=ROOT, env=env,
                               input="".join(f"{p}\n" for p in images), capture_output=True, text=True, timeout=240)
