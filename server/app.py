@@ -168,22 +168,33 @@ class PiServer:
             return
         stream = dataclasses.replace(stream, max_images=budget)
         pool_bytes = stream.pool * _server_query_bytes(self.plan, relu_protocol, stream.batch_size)
+        pooled, settled = False, False
+
+        def give_back(used: int | None) -> None:
+            """Free the pool and settle the quota once: before the client hears `done` (it may open its next
+            session at once and must find both given back), or on the way out if it never does."""
+            nonlocal pooled, settled
+            if pooled:
+                with self._lock:
+                    self._pool_bytes -= pool_bytes
+                pooled = False
+            if not settled:
+                self.quota.settle(ticket, used)
+                settled = True
+
         used = 0  # refunded in full unless the session ran: then what it used, or None (kept) if it failed
         try:
             if not self._reserve_pool(ch, pool_bytes):
                 return
+            pooled = True
+            if not self._acquire_slot(ch):
+                return
             try:
-                if not self._acquire_slot(ch):
-                    return
-                try:
-                    used = self._run(ch, [stream.batch_size], relu_protocol, stream)
-                finally:
-                    self.slots.release()
+                used = self._run(ch, [stream.batch_size], relu_protocol, stream, before_reply=give_back)
             finally:
-                with self._lock:
-                    self._pool_bytes -= pool_bytes
+                self.slots.release()
         finally:
-            self.quota.settle(ticket, used)
+            give_back(used)
 
     def _check_plan(self, msg: dict) -> None:
         wanted = protocol.field(msg, "plan_hash", str, lambda h: 0 < len(h) <= 128, "the plan hash from info")
@@ -279,10 +290,11 @@ class PiServer:
         return False
 
     # -- one session -----------------------------------------------------------------------------
-    def _run(self, ch, sizes: list[int], relu_protocol: str = "gmw", stream=None):
+    def _run(self, ch, sizes: list[int], relu_protocol: str = "gmw", stream=None, before_reply=None):
         """Run one session of len(sizes) queries with the client's ReLU protocol; True if the client cannot
         have received a result (the quota is refunded). A warm session (`stream`: its StreamSettings):
-        the images it classified (None when unknown: it failed)."""
+        the images it classified (None when unknown: it failed), also given to `before_reply` before the
+        client is told how the session ended."""
         session_id = secrets.token_bytes(16)  # names the session's party connections on both ports
         sid, host = session_id.hex(), ch.getsockname()[0]
         links = self.s.engine == "fast"  # TLS links on the two ports; crypten meets over gloo at a fresh port
@@ -321,9 +333,12 @@ class PiServer:
             lifetime = self.s.warm_lifetime if stream else self.s.session_timeout
             outcome = supervise(worker, peers, started + lifetime, self.service.stop, self.s.read_timeout)
             outcome = peer_reason(outcome, "dealer", dealer)  # a refusing dealer names the cause
+            images = (outcome.result.get("images") if outcome.kind == "ok" else None) if stream else None
+            if before_reply is not None:
+                before_reply(images)
             self._conclude(ch, dealer, sid, outcome, time.monotonic() - started)
             if stream:
-                return outcome.result.get("images") if outcome.kind == "ok" else None
+                return images
             return outcome.kind != "ok" and outcome.peer != "client"
         finally:
             self.service.unroute(session_id)

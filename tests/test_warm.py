@@ -248,7 +248,7 @@ def test_warm_sessions_reserve_the_quota_in_parts_and_give_back_the_rest(plan_fi
         server.terminate()
         dealer.terminate()
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["class_index"] for r in rows] == expected[:5], rows
+    assert [r["class_index"] for r in rows] == expected[:5], (rows, done.stderr)
     assert [len({r["session_id"] for r in rows[k:k + 2]}) for k in (0, 2)] == [1, 1]
     assert len({r["session_id"] for r in rows}) == 3  # 2 + 2 + 1 images
     lines = done.stderr.strip().splitlines()
