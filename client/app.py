@@ -27,6 +27,7 @@ Errors are one `error: ...` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -80,7 +81,8 @@ def cmd_info(args) -> None:
                           "input_shape": plan["input_shape"], "classes": plan["classes"],
                           "relu_count": plan.get("relu_count"), "label_only": bool(info.get("label_only")),
                           "dealer_id": info.get("dealer_id"), "queries_left": info.get("queries_left"),
-                          "engine": info.get("engine", DEFAULT_ENGINE), "plan": plan}))
+                          "engine": info.get("engine", DEFAULT_ENGINE), "relu_protocols": info.get("relu_protocols"),
+                          "plan": plan}))
         return
     if info.get("insecure_tfp"):
         print(f"WARNING: {INSECURE_NOTE}")
@@ -92,6 +94,9 @@ def cmd_info(args) -> None:
     print(f"engine      {info.get('engine', DEFAULT_ENGINE)}"
           + (" (CrypTen reference engine: pass --engine crypten to infer; over gloo, unencrypted)"
              if info.get("engine") == "crypten" else ""))
+    if isinstance(info.get("relu_protocols"), list):
+        print(f"ReLU        protocols {', '.join(map(str, info['relu_protocols']))[:120]} (--relu-protocol auto picks "
+              "among them)")
     if info.get("dealer_id"):
         print(f"dealer      {info['dealer_id']} (as the server names it; infer authenticates the dealer itself)")
     print(f"plan        {plan['plan_hash']}")
@@ -115,7 +120,7 @@ def cmd_infer(args) -> None:
     tfp = bool(info.get("insecure_tfp"))
     check_tfp(tfp, settings)
     check_engine(settings.engine, info, args.session_size)
-    relu_protocol_for(settings, plan)  # auto resolves here, before any image is read
+    resolved = resolved_settings(settings, plan, info)  # auto resolves here, before any image is read
     size = _batch_size(args.batch_size, info.get("max_batch"), len(args.images))
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize,
                            args.convert)  # bad inputs fail before any process starts
@@ -133,9 +138,16 @@ def cmd_infer(args) -> None:
         raise protocol.ControlError(f"--session-size {args.session_size} exceeds the server's limit of {limit} "
                                     "images per session")
     per_session = max(size, args.session_size or size)
-    runs = [one_session(x[start:start + per_session], plan, settings, size)
+    runs = [one_session(x[start:start + per_session], plan, resolved, size)
             for start in range(0, len(x), per_session)]
     report(args, plan, names, runs, tfp or any(r["insecure_tfp"] for r in runs), settings)
+
+
+def resolved_settings(settings: ClientSettings, plan: PublicPlan, info: dict) -> ClientSettings:
+    """`settings` with the concrete ReLU protocol its sessions ask for (auto resolved among what the
+    server offers); the original keeps the user's choice for the report."""
+    relu = relu_protocol_for(settings, plan, info)
+    return dataclasses.replace(settings, relu_protocol=relu) if relu else settings
 
 
 def check_engine(engine: str, info: dict, session_size: int | None) -> None:
@@ -250,7 +262,8 @@ def cmd_load(args) -> None:
         raise protocol.ControlError("--pool, --refill and --interval are for warm sessions: pass --warm")
     info, plan, relu, x, names = _load_inputs(args, settings)
     size = _batch_size(args.batch_size or 1, info.get("max_batch"), len(args.images))
-    results, wall = run_load(settings, plan, [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
+    results, wall = run_load(dataclasses.replace(settings, relu_protocol=relu or settings.relu_protocol), plan,
+                             [(x[i:i + size], names[i:i + size]) for i in range(0, len(x), size)], load)
     doc = {**load_summary(args.server, load, results, wall, size), "relu_protocol": relu,
            "relu_protocol_choice": settings.relu_protocol}
     print_load(doc)
@@ -265,7 +278,7 @@ def _load_inputs(args, settings: ClientSettings):
     check_tfp(bool(info.get("insecure_tfp")), settings)
     check_engine(settings.engine, info, None)
     plan = public_plan(info)
-    relu = relu_protocol_for(settings, plan)
+    relu = relu_protocol_for(settings, plan, info)
     x, names = load_inputs(args.images, plan.input_shape, plan.mean, plan.std, args.resize, args.convert)
     private_tempdir("pi-client")
     start_fork_server()

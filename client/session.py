@@ -99,16 +99,37 @@ def check_relu_choice(settings: ClientSettings) -> None:
         raise protocol.ControlError("--rtt-ms must be at least 0 and --rate-mbit positive")
 
 
-def relu_protocol_for(settings: ClientSettings, plan: PublicPlan) -> str | None:
+def relu_protocol_for(settings: ClientSettings, plan: PublicPlan, info: dict | None = None) -> str | None:
     """The concrete ReLU protocol this client asks for: its choice, or what auto picks for `plan` and the
-    link hint (LAN unless given); None for the crypten engine (CrypTen's own)."""
+    link hint (LAN unless given) among the protocols the server's `info` offers; None for the crypten
+    engine (CrypTen's own). A choice the server does not offer fails here, before any image is read."""
     check_relu_choice(settings)
     if settings.engine != "fast":
         return None
+    offered = offered_relu_protocols(info)
     if settings.relu_protocol in RELU_PROTOCOLS:
+        if settings.relu_protocol not in offered:
+            raise protocol.ControlError(f"the server runs the ReLU protocols {', '.join(offered)} (its --relu-protocols), "
+                                        f"not {settings.relu_protocol}: pass --relu-protocol auto or {offered[0]}")
         return settings.relu_protocol
     from secure.core.costmodel import resolve_relu_protocol
-    return resolve_relu_protocol(settings.relu_protocol, plan, settings.link_rtt_s, settings.link_rate_bps)
+    try:
+        return resolve_relu_protocol(settings.relu_protocol, plan, settings.link_rtt_s, settings.link_rate_bps,
+                                     offered)
+    except ValueError as exc:
+        raise protocol.ControlError(str(exc)) from None
+
+
+def offered_relu_protocols(info: dict | None) -> tuple[str, ...]:
+    """The ReLU protocols a server's info reply lists (all, for a server that lists none); names this
+    client does not know are ignored."""
+    listed = (info or {}).get("relu_protocols")
+    if not isinstance(listed, list):
+        return RELU_PROTOCOLS
+    known = tuple(p for p in RELU_PROTOCOLS if p in listed)
+    if not known:
+        raise protocol.ProtocolError(f"the server offers no ReLU protocol this client runs ({', '.join(RELU_PROTOCOLS)})")
+    return known
 
 
 def run_batch(worker: Worker, x, plan: PublicPlan, settings: ClientSettings, query_size: int | None = None) -> dict:

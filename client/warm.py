@@ -86,7 +86,7 @@ class WarmSession:
             raise protocol.ControlError("the server runs without a dealer (--insecure-tfp): warm sessions need one")
         self.plan = public_plan(info)
         self.label_only = bool(info.get("label_only"))
-        self.relu = relu_protocol_for(self.settings, self.plan)
+        self.relu = relu_protocol_for(self.settings, self.plan, info)
         with_retries(self.settings, self._start)  # a busy or restarting server: --retries
 
     def _start(self) -> None:

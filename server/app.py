@@ -33,7 +33,7 @@ from secure.control.limits import QueryLimiter, QuotaExceeded
 from secure.control.service import PortPicker, Service, add_limit_arguments, limits_from_args, run_main
 from secure.control.workers import (PartyJob, Worker, peer_reason, private_tempdir, recv_done, start_fork_server,
                                     supervise)
-from secure.core.party import DEFAULT_ENGINE, ENGINES, Rendezvous
+from secure.core.party import DEFAULT_ENGINE, ENGINES, RELU_PROTOCOLS, Rendezvous
 from secure.transport.meeting import Meeting
 
 INSECURE_WARNING = ("INSECURE: --insecure-tfp runs without a dealer (trusted-first-party mode); "
@@ -69,6 +69,9 @@ class Settings:
     idle_timeout: float = 120.0  # a warm session without a query for this long ends (its pool is dropped)
     warm_lifetime: float = 3600.0  # a warm session ends after this long (the client reconnects)
     warm_reserve: int = 64  # with --max-queries: images a warm session reserves at most (then a fresh one)
+    # The fast engine's ReLU protocols this server runs (--relu-protocols): a client asking for another is
+    # refused; `info` lists them so that a client's auto picks among them.
+    relu_protocols: tuple[str, ...] = RELU_PROTOCOLS
 
 
 class PiServer:
@@ -97,7 +100,7 @@ class PiServer:
             ch.send("pong", role="server")
         elif kind == "info":
             ch.send("info", plan=self.public, insecure_tfp=self.s.insecure_tfp, max_batch=self.s.max_batch,
-                    engine=self.s.engine,
+                    engine=self.s.engine, relu_protocols=list(self.s.relu_protocols) if self.s.engine == "fast" else None,
                     label_only=self.s.label_only, dealer_id=self.dealer_id, queries_left=self.quota.left(ch.limit_key))
         elif kind == "session":
             self.session(ch, msg)
@@ -126,7 +129,7 @@ class PiServer:
                                            if self.s.engine == "crypten" else "drop --engine"))
         if engine == "crypten" and len(sizes) > 1:
             raise protocol.ControlError("the crypten engine runs one query per session: drop --session-size")
-        relu_protocol = _relu_protocol(msg, engine)
+        relu_protocol = _relu_protocol(msg, engine, self.s.relu_protocols)
         n = sum(sizes)
         self._check_plan(msg)
         try:
@@ -155,7 +158,7 @@ class PiServer:
         session that fails (what it used is then unknown and all its reservation stays used) costs the
         client at most that many; the client then starts a fresh session."""
         stream = self._stream_request(msg)
-        relu_protocol = _relu_protocol(msg, self.s.engine)
+        relu_protocol = _relu_protocol(msg, self.s.engine, self.s.relu_protocols)
         self._check_plan(msg)
         left = self.quota.left(ch.limit_key)
         budget = stream.max_images if left is None else min(stream.max_images or self.s.warm_reserve,
@@ -396,19 +399,23 @@ class PiServer:
             protocol.send_error(ch, message, self.s.retry_after)
 
 
-def _relu_protocol(msg: dict, engine: str) -> str:
-    """The ReLU protocol the client asked for (the fast engine's gmw or fss; the client resolved "auto"),
-    or gmw for a client that names none; an unknown one, or any with the crypten engine but its default, is
-    refused with one line naming the choices."""
+def _relu_protocol(msg: dict, engine: str, allowed: tuple[str, ...] = RELU_PROTOCOLS) -> str:
+    """The ReLU protocol the client asked for (the fast engine's gmw, fss or fss-exact; the client resolved
+    "auto"), or gmw for a client that names none; an unknown one, one outside the server's --relu-protocols,
+    or any with the crypten engine but its default, is refused with one line naming the choices."""
     from secure.core.runtime import DEFAULT_RELU_PROTOCOL, check_relu_protocol  # torch is loaded (the plan)
-    if "relu_protocol" not in msg:
-        return DEFAULT_RELU_PROTOCOL
-    wanted = protocol.field(msg, "relu_protocol", str, lambda p: 0 < len(p) <= 32, "a ReLU protocol name")
+    wanted = DEFAULT_RELU_PROTOCOL if "relu_protocol" not in msg else \
+        protocol.field(msg, "relu_protocol", str, lambda p: 0 < len(p) <= 32, "a ReLU protocol name")
     try:
-        return check_relu_protocol(wanted, engine)
+        chosen = check_relu_protocol(wanted, engine)
     except ValueError as exc:
         raise protocol.ControlError(f"{exc}" + ("" if engine == "crypten" else
-                                                 " (pi-client --relu-protocol auto, gmw or fss)")) from None
+                                                 f" (pi-client --relu-protocol auto or {', '.join(allowed)})")) from None
+    if engine == "fast" and chosen not in allowed:
+        asked = "" if "relu_protocol" in msg else " (the default of a client that names none)"
+        raise protocol.ControlError(f"this server runs the ReLU protocols {', '.join(allowed)} (its --relu-protocols), "
+                                    f"not {chosen}{asked}: pass --relu-protocol auto or {allowed[0]}")
+    return chosen
 
 
 _ENDED = {"end": "the client", "idle": "--idle-timeout", "budget": "the query quota"}
@@ -490,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--warm-reserve", type=int, default=64,
                    help="with --max-queries: images a warm session reserves of the client's quota when it starts; "
                         "it gives back what it did not use when it ends, keeps all of it if it fails (default 64)")
+    p.add_argument("--relu-protocols", default=",".join(RELU_PROTOCOLS),
+                   help="the fast engine's ReLU protocols clients may ask for, comma-separated, of "
+                        f"{', '.join(RELU_PROTOCOLS)} (default: all). E.g. fss-exact alone: no wrap of a local "
+                        "truncation can garble an image (docs/PROTOCOL.md, Faithful truncation); gmw alone: no FSS "
+                        "keys, the dealer's smallest traffic")
     g = p.add_argument_group("model-stealing limits")
     g.add_argument("--label-only", action="store_true",
                    help="reveal only each image's label to the client, never the logits (a head computed under "
@@ -520,6 +532,7 @@ def _settings(args) -> Settings:
         raise protocol.ControlError("--max-pool is at most 64 queries")
     if args.max_queries is not None and args.max_queries < 1:
         raise protocol.ControlError("--max-queries must be at least 1")
+    relu_protocols = _protocol_list(args.relu_protocols)
     return Settings(dealer=protocol.parse_address(args.dealer, "--dealer") if args.dealer else None,
                     insecure_tfp=args.insecure_tfp, engine=args.engine, max_batch=args.max_batch, max_sessions=args.max_sessions,
                     read_timeout=args.read_timeout, rendezvous_timeout=args.rendezvous_timeout,
@@ -527,7 +540,17 @@ def _settings(args) -> Settings:
                     queue_timeout=args.queue_timeout, max_waiting=args.max_waiting, retry_after=args.retry_after,
                     label_only=args.label_only, max_queries=args.max_queries, query_window=args.query_window,
                     max_pool=args.max_pool, max_pool_mb=args.max_pool_mb, idle_timeout=args.idle_timeout,
-                    warm_lifetime=args.warm_lifetime, warm_reserve=args.warm_reserve)
+                    warm_lifetime=args.warm_lifetime, warm_reserve=args.warm_reserve, relu_protocols=relu_protocols)
+
+
+def _protocol_list(text: str) -> tuple[str, ...]:
+    """--relu-protocols: known names, at least one, each once, in the order given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RELU_PROTOCOLS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise protocol.ControlError(f"--relu-protocols {text[:80]!r}: give one or more of {', '.join(RELU_PROTOCOLS)}, "
+                                    "comma-separated, each once")
+    return tuple(names)
 
 
 def _check_dealer(settings: Settings, security) -> str:
@@ -546,6 +569,16 @@ def _check_dealer(settings: Settings, security) -> str:
     return str(reply.get("dealer_id"))
 
 
+def _check_protocols_fit(settings: Settings, plan) -> None:
+    """--relu-protocols without gmw needs a plan whose activations stay inside the fss window."""
+    from secure.core.costmodel import fss_window_problem
+    if settings.engine == "fast" and "gmw" not in settings.relu_protocols:
+        problem = fss_window_problem(plan.public_info())
+        if problem:
+            raise protocol.ControlError(f"--relu-protocols {','.join(settings.relu_protocols)}: {problem} "
+                                        "(add gmw to --relu-protocols)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
@@ -559,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     service.announce()  # before the slow imports: clients queue in the listen backlog meanwhile
     from secure.core.plan import SecurePlan  # imports torch
     plan = SecurePlan.load(args.plan)
+    _check_protocols_fit(settings, plan)
     if settings.insecure_tfp:
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
     if settings.engine == "crypten":
@@ -576,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                    if settings.label_only else "")
                 + (f"; at most {settings.max_queries} images per client per {settings.query_window:g} s"
                    if settings.max_queries else "")
+                + (f"; ReLU protocols {', '.join(settings.relu_protocols)}"
+                   if settings.engine == "fast" and settings.relu_protocols != RELU_PROTOCOLS else "")
                 + f"; TLS 1.3, {security.party.trust_mode}")
     service.serve(server.handle)
     service.log("stopped")

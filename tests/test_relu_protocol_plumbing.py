@@ -39,7 +39,7 @@ def fake_costmodel(monkeypatch):
     """secure.core.costmodel stood in for: records each call, picks `picks["protocol"]`."""
     calls, picks = [], {"protocol": "gmw"}
 
-    def resolve_relu_protocol(choice, public, rtt_s=0.0, rate_bps=None):
+    def resolve_relu_protocol(choice, public, rtt_s=0.0, rate_bps=None, offered=None):
         calls.append((choice, public.plan_hash, rtt_s, rate_bps))
         return choice if choice != "auto" else picks["protocol"]
     module = types.ModuleType("secure.core.costmodel")
@@ -168,6 +168,45 @@ def test_client_resolves_auto_with_its_link_hint(tiny_plan, fake_costmodel):
     assert calls == [("auto", tiny_plan.plan_hash, 0.0, None), ("auto", tiny_plan.plan_hash, 0.03, 5e7)]
     crypten = ClientSettings(server=("127.0.0.1", 7000), security=auth.Security(None, "client"), engine="crypten")
     assert relu_protocol_for(crypten, tiny_plan.public_info()) is None and len(calls) == 2
+
+
+def test_auto_picks_among_the_protocols_the_server_offers(tiny_plan):
+    import dataclasses
+    from secure.core.costmodel import protocol_costs, resolve_relu_protocol
+    public = tiny_plan.public_info()
+    costs = protocol_costs(public)
+    fastest = lambda names, rtt: min(names, key=lambda p: costs[p].online_s(rtt, None))  # noqa: E731
+    for rtt in (0.0, 0.05):
+        assert resolve_relu_protocol("auto", public, rtt) == fastest(("gmw", "fss"), rtt)
+        assert resolve_relu_protocol("auto", public, rtt, offered=("gmw", "fss-exact")) == "gmw"
+        assert resolve_relu_protocol("auto", public, rtt, offered=("fss-exact",)) == "fss-exact"
+        assert resolve_relu_protocol("auto", public, rtt, offered=("fss", "fss-exact")) == "fss"
+    wide = dataclasses.replace(public, spec={**public.spec, "value_range": 500.0})  # beyond the fss window (128)
+    assert resolve_relu_protocol("auto", wide, 0.05, offered=("gmw", "fss")) == "gmw"
+    with pytest.raises(ValueError, match=r"the server runs only fss, fss-exact: the plan's activations reach 500"):
+        resolve_relu_protocol("auto", wide, 0.05, offered=("fss", "fss-exact"))
+
+
+def test_client_checks_its_choice_against_the_offer_before_sending(tiny_plan):
+    from client.session import ClientSettings, offered_relu_protocols, relu_protocol_for
+    public = tiny_plan.public_info()
+    base = dict(server=("127.0.0.1", 7000), security=auth.Security(None, "client"))
+    offer = {"relu_protocols": ["fss-exact", "some-future-protocol"]}
+    assert offered_relu_protocols(None) == offered_relu_protocols({}) == ("gmw", "fss", "fss-exact")
+    assert offered_relu_protocols(offer) == ("fss-exact",)
+    with pytest.raises(protocol.ProtocolError, match="no ReLU protocol this client runs"):
+        offered_relu_protocols({"relu_protocols": ["some-future-protocol"]})
+    assert relu_protocol_for(ClientSettings(**base), public, offer) == "fss-exact"
+    with pytest.raises(protocol.ControlError, match=r"runs the ReLU protocols fss-exact \(its --relu-protocols\), not "
+                                                    r"gmw: pass --relu-protocol auto or fss-exact"):
+        relu_protocol_for(ClientSettings(**base, relu_protocol="gmw"), public, offer)
+
+
+@pytest.mark.parametrize("value", ["bogus", "gmw,gmw", ",", "gmw,fss-exactly"])
+def test_pi_server_checks_its_protocol_list(value):
+    line = one_error_line(["-m", "server", "--plan", "/nonexistent.plan", "--dealer", "127.0.0.1:1",
+                           "--relu-protocols", value])
+    assert "--relu-protocols" in line and "give one or more of gmw, fss, fss-exact" in line
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -302,6 +341,39 @@ def test_the_client_choice_travels_in_the_session_request(plan_file, plan):
         assert doc["relu_protocol"] == "gmw" and doc["relu_protocol_choice"] == "gmw"
         assert [s["relu_protocol"] for s in doc["sessions"]] == ["gmw"]
         server.wait_line(r"session \w+: 2 image\(s\), TLS links, ReLU protocol gmw", 10)
+    finally:
+        if server is not None:
+            assert server.terminate() == 0
+        assert dealer.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_server_that_runs_only_fss_exact_refuses_any_other(plan_file, plan):
+    """pi-server --relu-protocols fss-exact: info lists it, auto picks it, an explicit gmw fails at the client
+    before any image is read, and a raw request for gmw, or one naming none (gmw by default), is refused by
+    the server itself (a client that skips its own check gains nothing)."""
+    dealer, dealer_addr = start_dealer()
+    server = None
+    try:
+        server, address = start_server(plan_file, "--dealer", dealer_addr, "--relu-protocols", "fss-exact")
+        info = client("info", "--server", address, "--json", *CLIENT_FAST)
+        assert info.returncode == 0 and json.loads(info.stdout)["relu_protocols"] == ["fss-exact"], info.stderr
+        host, port = protocol.parse_address(address)
+        request = {"type": "session", "batch_sizes": [1], "plan_hash": plan.plan_hash, "engine": "fast"}
+        for extra, said in (({"relu_protocol": "gmw"}, "not gmw:"), ({}, "not gmw (the default of a client")):
+            with pytest.raises(protocol.RemoteError, match="this server runs the ReLU protocols fss-exact") as refused:
+                auth.request(host, port, {**request, **extra}, 10, 10, "server", "session", security=security(),
+                             role="client")
+            assert said in str(refused.value) and "\n" not in str(refused.value)
+        images = IMAGES[::5][:2]
+        wrong = client("infer", "--server", address, "--relu-protocol", "gmw", *CLIENT_FAST, *map(str, images))
+        assert_one_line_error(wrong, r"runs the ReLU protocols fss-exact .*not gmw: pass --relu-protocol auto or fss-exact")
+        done = client("infer", "--server", address, "--batch-size", "2", "--json", *CLIENT_FAST, *map(str, images))
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert_matches_plaintext(doc["images"], plaintext(plan, images))
+        assert doc["relu_protocol"] == "fss-exact" and doc["relu_protocol_choice"] == "auto"
+        server.wait_line(r"session \w+: 2 image\(s\), TLS links, ReLU protocol fss-exact", 10)
     finally:
         if server is not None:
             assert server.terminate() == 0

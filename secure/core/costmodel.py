@@ -112,14 +112,19 @@ def fss_window_problem(public: PublicPlan, fss_bits: int = FSS_BITS) -> str | No
     return None
 
 
-def resolve_relu_protocol(choice: str, public: PublicPlan, rtt_s: float = 0.0, rate_bps: float | None = None) -> str:
+def resolve_relu_protocol(choice: str, public: PublicPlan, rtt_s: float = 0.0, rate_bps: float | None = None,
+                          offered: tuple[str, ...] = RELU_PROTOCOLS) -> str:
     """A concrete protocol: `choice` itself, or for "auto" the one with the smaller predicted online time
-    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited); never fss for a
+    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited), among the
+    server's `offered` protocols: gmw and fss where offered, else what is offered; never an fss one for a
     plan whose recorded activations leave its window."""
     if choice not in RELU_CHOICES:
         raise ValueError(f"unknown ReLU protocol {choice!r}: one of {', '.join(RELU_CHOICES)}")
     if choice != "auto":
         return choice
+    runnable = [p for p in offered if p == "gmw" or fss_window_problem(public) is None]
+    candidates = [p for p in AUTO_CANDIDATES if p in runnable] or runnable
+    if not candidates:
+        raise ValueError(f"the server runs only {', '.join(offered)}: {fss_window_problem(public)}")
     costs = protocol_costs(public)
-    candidates = [p for p in AUTO_CANDIDATES if p == "gmw" or fss_window_problem(public) is None]
     return min(candidates, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), p != "gmw"))
