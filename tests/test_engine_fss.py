@@ -156,7 +156,7 @@ def test_folded_truncation_is_exact_where_local_truncation_fails():
     h0, h1 = fss_open(x0, s["k.r"], drop, w, 0), fss_open(x1, c["k.r"], drop, w, 1)
     X = (h0.long() + h1.long()) & ((1 << w) - 1)
     u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
-    keys = [fss.from_bytes(to_server["k.k0"].numpy()), fss.from_bytes(to_client["k.k1"].numpy())]
+    keys = [fss.from_bytes(fss.to_bytes(to_server["k.k0"])), fss.from_bytes(fss.to_bytes(to_client["k.k1"]))]
     t = [torch.from_numpy(fss.eval(j, keys[j], u).view(np.int64)) for j in (0, 1)]
     y0 = fss_combine(0, X, t[0], s["k.m0"], s["k.R0"], s["k.mR0"], w)
     y1 = fss_combine(1, X, t[1], to_client["k.m1"], to_client["k.R1"], to_client["k.mR1"], w)
@@ -218,7 +218,7 @@ def test_gate_truncates_exactly_where_local_truncation_fails():
     assert "k.mR1" not in to_client
     X = (fss_open(x0, s["k.r"], drop, w, 0).long() + fss_open(x1, c["k.r"], drop, w, 1).long()) & ((1 << w) - 1)
     u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
-    keys = [fss.from_bytes(to_server["k.k0"].numpy()), fss.from_bytes(to_client["k.k1"].numpy())]
+    keys = [fss.from_bytes(fss.to_bytes(to_server["k.k0"])), fss.from_bytes(fss.to_bytes(to_client["k.k1"]))]
     t = [torch.from_numpy(fss.eval(j, keys[j], u).view(np.int64)).view(n, 2) for j in (0, 1)]
     y = fss_truncate(0, X, t[0], s["k.m0"], s["k.R0"], w) + fss_truncate(1, X, t[1], to_client["k.m1"],
                                                                           to_client["k.R1"], w)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deepreduce.graph import Op
-from secure.core.correlations import Layout, ReluParams, message_sizes, pack_message, unpack_message
+from secure.core.correlations import Layout, PackedMessage, ReluParams, message_sizes, unpack_message
 from secure.core.ring import (LimbPlan, Prg, _balanced_limbs, from_plane, plan_limbs, ring_linear,
                               ring_linear_small, to_planes, truncate_share)
 
@@ -107,10 +107,20 @@ def test_dealer_message_round_trips_through_its_layout():
     spec = layout.server_message_spec(batch=2)
     msg = {k: (uniform(*shape) if kind == "ring" else torch.randint(0, 256, shape, dtype=torch.uint8, generator=GEN))
            for k, kind, shape in spec}
-    rings, bits = pack_message(spec, msg)
-    assert (rings.numel(), bits.numel()) == message_sizes(spec)
+    packed = PackedMessage(spec)
+    for k in reversed(list(msg)):  # any order: each part lands in its own slot
+        packed[k] = msg[k]
+    packed.check_complete()
+    n_ring, n_bits = message_sizes(spec)
+    assert (packed.rings.numel(), packed.bits.numel(), packed.buffer.numel()) == (n_ring, n_bits, 8 * n_ring + n_bits)
+    # what the party receives: the one buffer, read as the int64 rings and then the bits
+    rings, bits = packed.buffer[:8 * n_ring].clone().view(torch.int64), packed.buffer[8 * n_ring:].clone()
     back = unpack_message(spec, rings, bits)
     assert all(torch.equal(back[k], msg[k]) for k in msg)
+    partial = PackedMessage(spec)
+    partial[spec[0][0]] = msg[spec[0][0]]
+    with pytest.raises(AssertionError, match="slots never written"):  # never send allocator leftovers
+        partial.check_complete()
 
 
 def test_ring_linear_refuses_a_fan_in_beyond_exact_float64():

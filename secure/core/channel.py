@@ -59,10 +59,13 @@ class Channel:
             self.traffic.rounds += 1
         self._last[peer] = kind
 
-    def send(self, dst: int, tensors: list[torch.Tensor], timeout_s: float | None = None) -> None:
+    def send(self, dst: int, tensors: list[torch.Tensor], timeout_s: float | None = None,
+             handoff: bool = False) -> None:
         """Returns once the message is on its way (a transport may queue it; a busy peer may take up to
-        `timeout_s` to take it)."""
-        buf = _to_bytes(tensors)
+        `timeout_s` to take it). `handoff`: the caller never touches the one contiguous uint8 tensor it
+        passes again, so it goes as it is, without the copy that otherwise protects it from later
+        writes while a transport still holds it (the dealer's large messages)."""
+        buf = tensors[0] if handoff and _whole_bytes(tensors) else _to_bytes(tensors)
         if buf.numel():
             self._send(dst, buf, timeout_s or self.timeout_s)
         self.traffic.sent += buf.numel()
@@ -164,7 +167,7 @@ class LinkChannel(Channel):
 
     def _send(self, dst, buf, timeout_s):
         try:
-            self.links[dst].send(buf.numpy().tobytes())
+            self.links[dst].send(buf.numpy(), owned=True)  # buf is this send's own (`Channel.send`)
         except LinkError as exc:
             raise RuntimeError(f"rank {self.rank}: link to rank {dst} failed: {exc}") from exc
 
@@ -252,6 +255,10 @@ class InProcessChannel(Channel):
 def like(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
     """The receive spec of a message shaped like `tensors` (both parties send alike)."""
     return [(t.dtype, t.numel()) for t in tensors]
+
+
+def _whole_bytes(tensors: list[torch.Tensor]) -> bool:
+    return len(tensors) == 1 and tensors[0].dtype == torch.uint8 and tensors[0].dim() == 1 and tensors[0].is_contiguous()
 
 
 def _to_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -259,10 +259,12 @@ def _relu_randomness(out: dict, prg: Prg, party: int, relu: ReluParams, label: s
 
 
 def dealer_messages(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: dict,
-                    batch: int) -> tuple[dict, dict]:
-    """The dealer's messages for the server and for the client (empty for gmw), from both parties'
-    randomness `s` and `c`."""
-    to_server, to_client = {}, {}
+                    batch: int) -> tuple["PackedMessage", "PackedMessage | None"]:
+    """The dealer's messages for the server and for the client (None for gmw), from both parties'
+    randomness `s` and `c`, each written in place into its wire buffer."""
+    client_spec = layout.client_message_spec(batch)
+    to_server = PackedMessage(layout.server_message_spec(batch))
+    to_client = PackedMessage(client_spec) if client_spec else None
     for op in layout.ops:
         i = op.id
         if op.kind in LINEAR_OPS:
@@ -274,6 +276,9 @@ def dealer_messages(layout: Layout, masks: dict[int, torch.Tensor], s: dict, c: 
                 _relu_complement(to_server, len(layout.relu.levels), s, c, key, n, layout.drop(op))
         for key, _ in layout.gate_sites(op, batch):
             _fss_keys(to_server, to_client, s, c, key, WEIGHT_BITS, layout.fss_bits, gate=True)
+    to_server.check_complete()
+    if to_client is not None:
+        to_client.check_complete()
     return to_server, to_client
 
 
@@ -286,16 +291,11 @@ def _fss_keys(to_server: dict, to_client: dict, s: dict, c: dict, i: str, drop: 
     sign = 1 - 2 * m
     beta = torch.stack([m, 1 - m] if gate else [sign, sign * window, m], dim=1)
     k0, k1 = fss.keygen((window & ((1 << (bits - 1)) - 1)).numpy(), bits - 1, beta=beta.numpy())  # int64 as two's complement
-    to_server[f"{i}.k0"] = _key_tensor(k0)
-    to_client[f"{i}.k1"] = _key_tensor(k1)
+    to_server[f"{i}.k0"], to_client[f"{i}.k1"] = k0, k1  # written straight into the messages (`PackedMessage`)
     to_client[f"{i}.m1"] = m - s[f"{i}.m0"]
     to_client[f"{i}.R1"] = window - s[f"{i}.R0"]
     if not gate:
         to_client[f"{i}.mR1"] = m * window - s[f"{i}.mR0"]
-
-
-def _key_tensor(key: fss.DcfKey) -> torch.Tensor:
-    return torch.frombuffer(bytearray(fss.to_bytes(key)), dtype=torch.uint8)
 
 
 def truncation_gates(ops: list[Op], wide: set[int]) -> set[int]:
@@ -405,11 +405,30 @@ def _relu_complement(msg: dict, levels: int, s: dict, c: dict, i: str, n: int, d
 
 # -- serialisation of the server message: one int64 buffer and one packed-bit buffer --------------
 
-def pack_message(spec, msg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    rings = [msg[k].reshape(-1) for k, kind, _ in spec if kind == "ring"]
-    bits = [msg[k].reshape(-1) for k, kind, _ in spec if kind == "bits"]
-    return (torch.cat(rings) if rings else torch.zeros(0, dtype=torch.long),
-            torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8))
+class PackedMessage:
+    """One party's per-query message from the dealer, written in place: one buffer, the int64 rings of
+    `spec` then its bits, which is what the party receives. `msg[key] = value` copies a tensor (or
+    writes an FSS key) into its slot, so that the dealer holds each correlation once, in the buffer it
+    sends; every slot must be written once before the buffer goes out (`check_complete`)."""
+
+    def __init__(self, spec):
+        n_ring, n_bits = message_sizes(spec)
+        self.buffer = torch.empty(8 * n_ring + n_bits, dtype=torch.uint8)
+        self.rings, self.bits = self.buffer[:8 * n_ring].view(torch.int64), self.buffer[8 * n_ring:]
+        self._slots = unpack_message(spec, self.rings, self.bits)
+        self._unwritten = set(self._slots)
+
+    def __setitem__(self, key: str, value) -> None:
+        slot = self._slots[key]
+        if isinstance(value, fss.DcfKey):
+            fss.write_key(value, slot.numpy())
+        else:
+            slot.copy_(value.reshape(slot.shape))
+        self._unwritten.discard(key)
+
+    def check_complete(self) -> None:
+        if self._unwritten:  # an unwritten slot would send whatever the allocator left there
+            raise AssertionError(f"dealer message slots never written: {', '.join(sorted(self._unwritten)[:4])}")
 
 
 def message_sizes(spec) -> tuple[int, int]:

@@ -47,7 +47,7 @@ from secure.core import fss
 from secure.core.channel import Channel, like
 from secure.core.costmodel import fss_window_problem
 from secure.core.correlations import (FSS_BITS, LINEAR_OPS, LOCAL_OPS, Layout, ReluParams, bias_name,
-                                      dealer_messages, folded_pools, message_sizes, offline_known, pack_message, party_randomness,
+                                      dealer_messages, folded_pools, message_sizes, offline_known, party_randomness,
                                       record_correlation, tournament, unpack_message, weight_masks, weight_name)
 from secure.core.party import RELU_PROTOCOLS, DealerLimits, Rendezvous, Role, SecureSessionError
 from secure.core.plan import PublicPlan
@@ -160,10 +160,10 @@ def _serve_refills(ch: Channel, layout: Layout, masks, prg_s: Prg, prg_c: Prg, b
 
 
 def _send_query(ch: Channel, message, wait: float) -> None:
-    to_server, to_client = message
-    ch.send(SERVER, list(to_server), timeout_s=wait)
+    to_server, to_client = message  # PackedMessage: each sent as the buffer it was written into
+    ch.send(SERVER, [to_server.buffer], timeout_s=wait, handoff=True)
     if to_client is not None:
-        ch.send(CLIENT, list(to_client), timeout_s=wait)
+        ch.send(CLIENT, [to_client.buffer], timeout_s=wait, handoff=True)
         ch.flush(CLIENT, wait)
     ch.flush(SERVER, wait)
 
@@ -188,10 +188,7 @@ def _dealer_query(layout, masks, prg_s, prg_c, q, batch):
     record_correlation("made", prg_c.seed, q)
     s = party_randomness(prg_s, SERVER, layout, q, batch)
     c = party_randomness(prg_c, CLIENT, layout, q, batch)
-    to_server, to_client = dealer_messages(layout, masks, s, c, batch)
-    client_spec = layout.client_message_spec(batch)
-    return (pack_message(layout.server_message_spec(batch), to_server),
-            pack_message(client_spec, to_client) if client_spec else None)
+    return dealer_messages(layout, masks, s, c, batch)
 
 
 def _seed_tensor(seed: bytes) -> torch.Tensor:
@@ -324,9 +321,10 @@ class Party:
         if not spec:
             return {}
         if self.tfp and self.j == SERVER:
-            (rings, bits), to_client = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+            to_server, to_client = _dealer_query(self.layout, self.masks, self.prg_s, self.prg_c_insecure, q, batch)
+            rings, bits = to_server.rings, to_server.bits
             if to_client is not None:
-                self.ch.send(CLIENT, list(to_client), timeout_s=self.wait)
+                self.ch.send(CLIENT, [to_client.buffer], timeout_s=self.wait, handoff=True)
         else:
             n_ring, n_bits = message_sizes(spec)
             rings, bits = (dealer_ch or self.ch).recv(SERVER if self.tfp else DEALER,

@@ -427,14 +427,24 @@ def _eval_chunk(party: int, key: DcfKey, x: np.ndarray, lo: int, hi: int, acc: n
 
 def to_bytes(key: DcfKey) -> bytes:
     """The flat layout of the module docstring; len() == key_size(N, n, k)."""
+    out = np.empty(key.nbytes, dtype=np.uint8)
+    write_key(key, out)
+    return out.tobytes()
+
+
+def write_key(key: DcfKey, out: np.ndarray) -> None:
+    """Write `to_bytes(key)` into `out` (uint8, exactly key.nbytes long) with no intermediate copy: the
+    dealer writes each key straight into the message it sends."""
     N, n, k = key.count, key.n_bits, key.k
-    header = MAGIC + bytes([key.party, n, k, 0]) + int(N).to_bytes(8, "little")
-    parts = [header, key.seed, key.s_cw, key.v_cw.astype(_U64, copy=False), key.t_cw,
-             key.cw_last.astype(_U64, copy=False)]
-    out = b"".join(memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8)) if isinstance(p, np.ndarray)
-                   else p for p in parts)
-    assert len(out) == key_size(N, n, k)
-    return out
+    if out.dtype != np.uint8 or out.ndim != 1 or out.size != key_size(N, n, k):
+        raise ValueError(f"a DCF key of {key_size(N, n, k)} bytes needs a uint8 buffer of that size")
+    out[:HEADER] = np.frombuffer(MAGIC + bytes([key.party, n, k, 0]) + int(N).to_bytes(8, "little"), np.uint8)
+    pos = HEADER
+    for part in (key.seed, key.s_cw, key.v_cw.astype(_U64, copy=False), key.t_cw, key.cw_last.astype(_U64, copy=False)):
+        raw = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+        out[pos: pos + raw.size] = raw
+        pos += raw.size
+    assert pos == out.size
 
 
 def from_bytes(buf) -> DcfKey:

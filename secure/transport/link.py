@@ -173,10 +173,11 @@ class Link:
 
     # -- sending ----------------------------------------------------------------------------------------
 
-    def send(self, data) -> None:
+    def send(self, data, owned: bool = False) -> None:
         """Queue one message and return (the writer thread sends it). `data` is copied unless it is
-        bytes. FrameTooLarge (the link stays usable) above max_frame; the link's error if it ended."""
-        payload = data if isinstance(data, bytes) else bytes(data)
+        bytes or `owned` (a buffer the caller hands over and never writes again: sent from where it is).
+        FrameTooLarge (the link stays usable) above max_frame; the link's error if it ended."""
+        payload = data if isinstance(data, bytes) else memoryview(data).cast("B") if owned else bytes(data)
         if len(payload) > self.max_frame:
             raise FrameTooLarge(f"a {len(payload)}-byte message is above this link's {self.max_frame}-byte limit")
         self._enqueue(payload)
