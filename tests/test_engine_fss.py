@@ -187,17 +187,21 @@ def test_wrap_risk_of_the_shipped_plan_by_hand():
 def test_exact_truncation_gates_on_the_shipped_plan():
     """Gates where a second local truncation would follow a first (hand: the conv1 of both stage-1 blocks,
     which read the stem's and the first block's truncated outputs, and the shortcut convs of stages 2-4,
-    which read the residual stream): each one exchange, and the next linear layer's X1 - B now goes
-    online: 14 + 5 x 2 = 24 rounds a query; secure == plaintext."""
+    which read the residual stream). A stage-1 gate costs one exchange, and the next linear layer's X1 - B
+    then goes online: 2 rounds each. A shortcut's gate rides its block's conv1 ReLU (one exchange for
+    both), and the X1 - B of the conv after the block's add goes with that of the block's conv2: no round.
+    14 + 2 x 2 = 18 rounds a query; secure == plaintext."""
     plan = SecurePlan.load("demo/model.plan")
     layout = Layout.for_protocol(plan.ops, plan.public_info().tensor_shapes, ReluParams(), "fss-exact")
     assert sorted(plan.ops[i].name for i in layout.gates) == ["s1.b1.conv1", "s1.b2.conv1", "s2.b1.shortcut",
                                                                "s3.b1.shortcut", "s4.b1.shortcut"]
+    riders = {plan.ops[r].name: [plan.ops[g].name for g in gs] for r, gs in layout.riders.items()}
+    assert riders == {f"s{k}.b1.r1": [f"s{k}.b1.shortcut"] for k in (2, 3, 4)}, riders
     x = images(plan, batches=[2], seed=3)
     session = run_session(plan, x, config=EngineConfig(server_threads=1, relu_protocol="fss-exact"), timeout_s=30)
     assert_clean(session)
     assert_matches_plaintext(plan, torch.cat(x), client_logits(session))
-    assert online(session)[2] == 24 == hand_rounds_and_bytes(plan, 2, "fss-exact")[0]
+    assert online(session)[2] == 18 == hand_rounds_and_bytes(plan, 2, "fss-exact")[0]
     assert online(session)[:2] == hand_rounds_and_bytes(plan, 2, "fss-exact")[1:]
 
 

@@ -152,9 +152,10 @@ def test_an_idle_session_ends_and_drops_its_pool(relu_plan):
     deadline = time.monotonic() + 30
     while Role.SERVER not in run.results and Role.SERVER not in run.errors and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert Role.SERVER in run.results, run.errors  # the server ended on its own, before the client's END
+    run.finish()  # the client's END goes nowhere: its session is over; the dealer's thread ends too
     server = run.results[Role.SERVER]
     assert server.ended == "idle" and server.queries == 1 and run.results[Role.DEALER]["queries"] == server.prepared
-    run.finish()  # the client's END goes nowhere: its session is over
 
 
 def test_the_image_budget_ends_the_session(relu_plan):

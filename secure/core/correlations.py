@@ -92,6 +92,8 @@ class Layout:
         self.wide = wide_values(self.ops)
         # linear layers whose truncation is a gate (an FSS opening), the others are truncated locally
         self.gates = truncation_gates(self.ops, self.wide) if self.exact_truncation else set()
+        # {relu op: the gates that open in its exchange}: no round of their own
+        self.riders = gate_riders(self.ops, self.gates)
 
     @classmethod
     def for_protocol(cls, ops: list[Op], weight_shapes: dict, relu: ReluParams, relu_protocol: str,
@@ -319,6 +321,22 @@ def truncation_gates(ops: list[Op], wide: set[int]) -> set[int]:
         else:  # wide or last linear layers, adds, pools, pass-through positions of masked relus, max pools
             dirty[op.id] = before
     return gates
+
+
+def gate_riders(ops: list[Op], gates: set[int]) -> dict[int, list[int]]:
+    """{relu op id: the gated linear ops whose gate opens in that ReLU's exchange}. A gated linear op can
+    run as soon as its input exists: it rides the first relu op between its input and itself (a residual
+    block's shortcut conv and its conv1's ReLU), its X1 - B, if the client's input share is not known
+    early, sent just before that ReLU's exchange (after the previous layer's, in the same flight), its
+    gate's opening in that exchange. Its readers' X1 - B then go in the flight of that ReLU's next layer
+    instead of one of their own: a riding gate costs no round."""
+    riders: dict[int, list[int]] = {}
+    for g in sorted(gates):
+        op = ops[g]
+        relu = next((o.id for o in ops[max(op.inputs) + 1: g] if o.kind == "relu"), None)
+        if relu is not None:
+            riders.setdefault(relu, []).append(g)
+    return riders
 
 
 def harmful_truncations(ops: list[Op], protocol: str, wide: set[int], gates: set[int]) -> dict[int, int]:

@@ -56,7 +56,8 @@ def protocol_costs(public: PublicPlan, batch: int = 1) -> dict[str, ProtocolCost
 
 def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCost:
     """One query's online cost under `protocol` (gmw, fss, or fss-exact with truncation gates): one
-    round per ReLU run (fss) or 2 + log2(relu_bits) (gmw), one per truncation gate; the client's X1 - B
+    round per ReLU run (fss) or 2 + log2(relu_bits) (gmw), one per truncation gate unless it rides a
+    ReLU's exchange (`correlations.gate_riders`); the client's X1 - B
     for a linear layer whose input it cannot know before the query, one round unless its previous step
     was such a message too; the reveal. Bytes: 4 per element and direction for an FSS opening, the
     gmw planes (`_gmw_bytes`), 8 per element of X1 - B and of the logits."""
@@ -66,7 +67,15 @@ def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCos
     rounds, sent, received, sending, elements, runs = 1, 0, 8 * batch * math.prod(ops[-1].shape), False, 0, 0
     fss = layout.protocol == "fss"
     per_run = 1 if fss else 2 + len(relu.levels)
+    riding = {g for gs in layout.riders.values() for g in gs}
     for op in ops[1:]:
+        if op.id in riding:
+            continue  # ran with an earlier ReLU (counted there)
+        for g in layout.riders.get(op.id, ()):  # before that ReLU's exchange: the riders' X1 - B
+            if not known[ops[g].inputs[0]]:
+                rounds += not sending
+                sending = True
+                sent += 8 * batch * math.prod(ops[ops[g].inputs[0]].shape)
         if op.kind in LINEAR_OPS and not known[op.inputs[0]]:
             rounds += not sending  # the client's X1 - B; consecutive ones travel as one message
             sending = True
@@ -76,6 +85,9 @@ def query_cost(public: PublicPlan, protocol: str, batch: int = 1) -> ProtocolCos
             runs += 1
             each_way = 4 * n if fss else _gmw_bytes(relu, n)
             sent, received, elements, sending = sent + each_way, received + each_way, elements + n, False
+        for g in layout.riders.get(op.id, ()):  # in the same exchange: bytes and DCF work, no round
+            n = batch * math.prod(ops[g].shape)
+            runs, sent, received, elements = runs + 1, sent + 4 * n, received + 4 * n, elements + n
     compute = (elements * FSS_S_PER_LEVEL * (layout.fss_bits - 1) + runs * FSS_S_PER_RUN if fss
                else elements * GMW_S_PER_ELEMENT)
     return ProtocolCost(protocol, rounds, sent, received, elements, compute)

@@ -231,6 +231,8 @@ class Party:
         self.ops = public.ops
         self.consumers = consumers(self.ops)
         self.gates = self.layout.gates
+        self.riders = self.layout.riders  # gates opened in a ReLU's exchange (`correlations.gate_riders`)
+        self._riding: list[tuple[int, torch.Tensor]] = []  # the current ReLU's riders: (op id, linear output)
         self.offline_known = offline_known(self.ops, self.gates)
         self.folded = folded_pools(self.ops)
         self.keep = _kept_positions(public)
@@ -364,7 +366,12 @@ class Party:
         for op in self.ops:
             before = _snapshot(self.ch)
             t0 = time.perf_counter()
-            values[op.id] = self._op(op, [values[i] for i in op.inputs], mat, batch, images)
+            if op.id not in values:  # a gated linear op that rode an earlier ReLU is done already
+                self._riding = [(g, self._linear_output(self.ops[g], values[self.ops[g].inputs[0]], mat))
+                                for g in self.riders.get(op.id, ())]
+                values[op.id] = self._op(op, [values[i] for i in op.inputs], mat, batch, images)
+                values.update(self._riding)  # each rider's truncated output, from the ReLU's exchange
+                self._riding = []
             sent, received, rounds = _delta(self.ch, before)
             if op.kind != "input":  # a max pool's comparisons are their own kind, not ReLUs
                 layers.append(LayerProfile(op.name, op.kind, time.perf_counter() - t0, sent, received, rounds,
@@ -460,12 +467,21 @@ class Party:
         return y if op.id in self.folded else mul_public(y, 1 / _pool_divisor(self.ops, op), self.j)
 
     def _linear(self, op, x, mat):
+        y = self._linear_output(op, x, mat)
+        if op.id in self.gates:
+            return self._gate(f"{op.id}.g", y, mat)
+        if self.j == CLIENT:
+            return y
+        return y if op.id == self.last or op.id in self.wide else truncate_share(y, WEIGHT_BITS, SERVER)
+
+    def _linear_output(self, op, x, mat):
+        """This party's share of a linear op's output before its truncation (the client's was computed
+        before the query; only a gate or the server's local truncation follows)."""
         i = op.id
         if self.j == CLIENT:
             if i not in mat["early"]:
                 self.ch.send(SERVER, [x - mat["own"][f"{i}.B"]])
-            y = mat["outputs"][i]
-            return self._gate(f"{i}.g", y, mat) if i in self.gates else y
+            return mat["outputs"][i]
         if i in mat["early"]:
             masked = x + mat["early"][i]
         else:
@@ -481,9 +497,7 @@ class Party:
         if i in self.biases:
             b = self.biases[i]
             y = y + (b.view(1, -1, *([1] * (y.dim() - 2))))
-        if i in self.gates:
-            return self._gate(f"{i}.g", y, mat)
-        return y if i == self.last or i in self.wide else truncate_share(y, WEIGHT_BITS, SERVER)
+        return y
 
     def _masked_relu(self, op, x, mat):
         """A relu op: the ReLU protocol on every position, or on the kept ones of a masked relu while
@@ -517,29 +531,41 @@ class Party:
 
     def _relu_fss(self, i, x, mat, drop: int):
         """One round: open the window of x + r, evaluate the DCF key, combine locally (`fss_open`,
-        `fss_combine`; PROTOCOL.md, "FSS ReLU")."""
-        X, t, shares = self._fss_open(i, x, mat, drop)
+        `fss_combine`; PROTOCOL.md, "FSS ReLU"). The gates riding this ReLU (`self._riding`) open in
+        the same exchange; their truncated outputs replace their linear outputs there."""
+        riding, self._riding = self._riding, []
+        opened = self._fss_open([(i, x, drop)] + [(f"{g}.g", y, WEIGHT_BITS) for g, y in riding], mat)
+        self._riding = [(g, self._truncated(f"{g}.g", y, got, mat)) for (g, y), got in zip(riding, opened[1:])]
+        X, t, shares = opened[0]
         return fss_combine(self.j, X, t, *(shares[f"{i}.{name}{self.j}"] for name in ("m", "R", "mR")),
                            self.cfg.fss_bits).view(x.shape)
 
     def _gate(self, i, y, mat):
         """Exact truncation of a linear output by WEIGHT_BITS: the FSS ReLU's opening without the ReLU
         (`fss_truncate`; PROTOCOL.md, "Faithful truncation")."""
-        X, t, shares = self._fss_open(i, y, mat, WEIGHT_BITS)
+        (got,) = self._fss_open([(i, y, WEIGHT_BITS)], mat)
+        return self._truncated(i, y, got, mat)
+
+    def _truncated(self, i, y, opened, mat):
+        X, t, shares = opened
         return fss_truncate(self.j, X, t, shares[f"{i}.m{self.j}"], shares[f"{i}.R{self.j}"],
                             self.cfg.fss_bits).view(y.shape)
 
-    def _fss_open(self, i, x, mat, drop: int):
-        """The one round of an FSS gate: both halves of the window of x + r; the public X, this party's
-        DCF outputs at X mod 2^(w-1), and where its shares of the dealer's values are."""
+    def _fss_open(self, runs, mat):
+        """The one round of FSS openings: for each (key, x, drop) both halves of the window of x + r, all
+        in one exchange; per run the public X, this party's DCF outputs at X mod 2^(w-1), and where its
+        shares of the dealer's values are."""
         j, w = self.j, self.cfg.fss_bits
         own, dealer = mat["own"], mat["dealer"]
-        mine = fss_open(x.reshape(-1), own[f"{i}.r"], drop, w, j)
-        (theirs,) = self.ch.exchange(1 - j, [mine], like([mine]))
-        X = (mine.long() + theirs.long()) & ((1 << w) - 1)
-        u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
-        t = torch.from_numpy(fss.eval(j, dealer[f"{i}.k{j}"], u).view(np.int64))
-        return X, t, (own if j == SERVER else dealer)  # the server's shares come from its seed
+        mine = [fss_open(x.reshape(-1), own[f"{i}.r"], drop, w, j) for i, x, drop in runs]
+        theirs = self.ch.exchange(1 - j, mine, like(mine))
+        out = []
+        for (i, _, _), a, b in zip(runs, mine, theirs):
+            X = (a.long() + b.long()) & ((1 << w) - 1)
+            u = (X & ((1 << (w - 1)) - 1)).numpy().view(np.uint64)
+            t = torch.from_numpy(fss.eval(j, dealer[f"{i}.k{j}"], u).view(np.int64))
+            out.append((X, t, own if j == SERVER else dealer))  # the server's shares come from its seed
+        return out
 
     def _relu_gmw(self, i, x, mat, drop: int):
         """The sign from a carry tree over packed bit planes, then one multiplexer round; a wide input's
