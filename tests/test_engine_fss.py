@@ -14,7 +14,7 @@ import torch
 
 from secure.core import fss
 from secure.core.correlations import FSS_BITS, FSS_PAYLOAD, Layout, ReluParams, _fss_keys, tournament
-from secure.core.costmodel import protocol_costs, query_cost, resolve_relu_protocol, wrap_bound
+from secure.core.costmodel import faithful, protocol_costs, query_cost, resolve_relu_protocol, wrap_bound
 from secure.core.engine import EngineConfig, fss_combine, fss_open, fss_truncate, gmw_folded_output
 from secure.core.party import DealerLimits, Role
 from secure.core.plan import SecurePlan
@@ -232,14 +232,19 @@ def test_gate_truncates_exactly_where_local_truncation_fails():
 
 def test_auto_weighs_rounds_bytes_and_compute():
     """`auto` (secure.core.costmodel): the cost model's rounds and bytes are the engine's (asserted above);
-    on a slow link the protocol with fewer rounds wins, on localhost the one with less ReLU compute."""
+    among the protocols faithful for the plan, on a slow link the one with fewer rounds wins, on localhost
+    the one with less ReLU compute. The shipped plan's ReLU-free first stage leaves gmw and fss with local
+    truncations at risk (bound 1.2e-4 per image): auto runs fss-exact there, on any link."""
     shipped = SecurePlan.load("demo/model.plan").public_info()
     costs = protocol_costs(shipped)
-    assert (costs["gmw"].rounds, costs["fss"].rounds) == (50, 14)
+    assert (costs["gmw"].rounds, costs["fss"].rounds, costs["fss-exact"].rounds) == (50, 14, 18)
     assert costs["fss"].compute_s > costs["gmw"].compute_s  # 19 AES levels a ReLU against a carry tree
-    assert resolve_relu_protocol("auto", shipped, rtt_s=0.1) == "fss"  # 36 rounds fewer: 1.8 s less waiting
+    assert [faithful(shipped, p) for p in ("gmw", "fss", "fss-exact")] == [False, False, True]
+    assert resolve_relu_protocol("auto", shipped) == resolve_relu_protocol("auto", shipped, rtt_s=0.1) == "fss-exact"
     full = plan_from_checkpoint(random_checkpoint(ModelSpec(alpha=1.0), seed=0)).public_info()
+    assert all(faithful(full, p) for p in ("gmw", "fss", "fss-exact"))  # every truncation folds into a ReLU
     assert resolve_relu_protocol("auto", full) == "gmw"  # 557,056 ReLUs of compute, no link to save on
+    assert resolve_relu_protocol("auto", full, rtt_s=0.1) == "fss"  # 102 rounds fewer: 5 s less waiting
     for choice in ("gmw", "fss", "fss-exact"):
         assert resolve_relu_protocol(choice, full) == choice
     with pytest.raises(ValueError, match="unknown ReLU protocol"):

@@ -171,18 +171,23 @@ def test_client_resolves_auto_with_its_link_hint(tiny_plan, fake_costmodel):
 
 
 def test_auto_picks_among_the_protocols_the_server_offers(tiny_plan):
+    """The tiny plan's stem and first stage have no ReLU: gmw and fss leave local truncations whose wrap can
+    garble an image (bound about 6.5e-6 each), fss-exact's gates leave none. auto takes the faithful one
+    where the server offers it, else the fastest of what it offers."""
     import dataclasses
-    from secure.core.costmodel import protocol_costs, resolve_relu_protocol
+    from secure.core.costmodel import protocol_costs, resolve_relu_protocol, wrap_bound
     public = tiny_plan.public_info()
+    assert [wrap_bound(public, p)[1] > 2.0 ** -40 for p in ("gmw", "fss", "fss-exact")] == [True, True, False]
     costs = protocol_costs(public)
     fastest = lambda names, rtt: min(names, key=lambda p: costs[p].online_s(rtt, None))  # noqa: E731
     for rtt in (0.0, 0.05):
-        assert resolve_relu_protocol("auto", public, rtt) == fastest(("gmw", "fss"), rtt)
-        assert resolve_relu_protocol("auto", public, rtt, offered=("gmw", "fss-exact")) == "gmw"
-        assert resolve_relu_protocol("auto", public, rtt, offered=("fss-exact",)) == "fss-exact"
-        assert resolve_relu_protocol("auto", public, rtt, offered=("fss", "fss-exact")) == "fss"
+        assert resolve_relu_protocol("auto", public, rtt) == "fss-exact"
+        assert resolve_relu_protocol("auto", public, rtt, offered=("gmw", "fss-exact")) == "fss-exact"
+        assert resolve_relu_protocol("auto", public, rtt, offered=("gmw", "fss")) == fastest(("gmw", "fss"), rtt)
+        assert resolve_relu_protocol("auto", public, rtt, offered=("gmw",)) == "gmw"
+    assert fastest(("gmw", "fss"), 0.05) == "fss"
     wide = dataclasses.replace(public, spec={**public.spec, "value_range": 500.0})  # beyond the fss window (128)
-    assert resolve_relu_protocol("auto", wide, 0.05, offered=("gmw", "fss")) == "gmw"
+    assert resolve_relu_protocol("auto", wide, 0.05) == "gmw"
     with pytest.raises(ValueError, match=r"the server runs only fss, fss-exact: the plan's activations reach 500"):
         resolve_relu_protocol("auto", wide, 0.05, offered=("fss", "fss-exact"))
 

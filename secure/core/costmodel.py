@@ -12,8 +12,10 @@ one-way delay, rtt / 2. The compute terms are per-element constants measured on 
 2-core development VM (docs/RESULTS.md, "ReLU protocols"): the gmw ReLU's bit-sliced carry tree is
 cheap per element but pays a local turnaround per round; the FSS ReLU's DCF evaluation walks
 fss_bits - 1 AES levels per element. The model predicts the ReLUs and the link, not the linear layers. The linear layers cost the same under both protocols, so they do
-not enter the choice. `resolve_relu_protocol("auto", ...)` picks the smaller predicted time.
-"""
+not enter the choice. `resolve_relu_protocol("auto", ...)` picks the smallest predicted time among the
+protocols that are faithful for the plan (no truncation wrap garbles an image but with probability at most
+2^-40: gmw and fss where every truncation folds into a ReLU's opening, fss-exact with its gates), and
+among all of them only if none is."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from secure.core.correlations import FSS_BITS, LINEAR_OPS, Layout, ReluParams, offline_known
-from secure.core.party import AUTO_CANDIDATES, RELU_CHOICES, RELU_PROTOCOLS
+from secure.core.party import RELU_CHOICES, RELU_PROTOCOLS
 from secure.core.plan import PublicPlan
 from secure.core.ring import ACT_BITS, WEIGHT_BITS, packed_size
 
@@ -33,6 +35,8 @@ LOCAL_S_PER_ROUND = 0.7e-3  # a round's turnaround on localhost (TLS records, wa
 GMW_S_PER_ELEMENT = 0.07e-6  # the carry tree and multiplexer over bit planes, per ReLU element
 FSS_S_PER_LEVEL = 0.052e-6  # DCF evaluation and the combine, per element and level (w - 1 levels)
 FSS_S_PER_RUN = 3.8e-3  # per run of the FSS ReLU or gate: buffers, conversions, both parties' turns
+# auto's bar for a protocol on a plan: a truncation wrap garbles at most one image in 2^40 (`faithful`)
+FAITHFUL_BOUND = 2.0 ** -40
 
 
 @dataclass(frozen=True)
@@ -126,17 +130,24 @@ def fss_window_problem(public: PublicPlan, fss_bits: int = FSS_BITS) -> str | No
 
 def resolve_relu_protocol(choice: str, public: PublicPlan, rtt_s: float = 0.0, rate_bps: float | None = None,
                           offered: tuple[str, ...] = RELU_PROTOCOLS) -> str:
-    """A concrete protocol: `choice` itself, or for "auto" the one with the smaller predicted online time
-    for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited), among the
-    server's `offered` protocols: gmw and fss where offered, else what is offered; never an fss one for a
-    plan whose recorded activations leave its window."""
+    """A concrete protocol: `choice` itself, or for "auto" the faithful one (`faithful`: no truncation
+    wrap can garble an image, but with probability at most FAITHFUL_BOUND) with the smallest predicted
+    online time for one image on a link of round trip `rtt_s` and rate `rate_bps` (None: unlimited),
+    among the server's `offered` protocols; if none of them is faithful for this plan, the fastest. Never
+    an fss one for a plan whose recorded activations leave its window."""
     if choice not in RELU_CHOICES:
         raise ValueError(f"unknown ReLU protocol {choice!r}: one of {', '.join(RELU_CHOICES)}")
     if choice != "auto":
         return choice
     runnable = [p for p in offered if p == "gmw" or fss_window_problem(public) is None]
-    candidates = [p for p in AUTO_CANDIDATES if p in runnable] or runnable
-    if not candidates:
+    if not runnable:
         raise ValueError(f"the server runs only {', '.join(offered)}: {fss_window_problem(public)}")
+    candidates = [p for p in runnable if faithful(public, p)] or runnable
     costs = protocol_costs(public)
-    return min(candidates, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), p != "gmw"))
+    return min(candidates, key=lambda p: (costs[p].online_s(rtt_s, rate_bps), RELU_PROTOCOLS.index(p)))
+
+
+def faithful(public: PublicPlan, protocol: str) -> bool:
+    """Whether `protocol` keeps the chance that a local truncation's wrap garbles an image of this plan
+    at most FAITHFUL_BOUND (`wrap_bound`)."""
+    return wrap_bound(public, protocol)[1] <= FAITHFUL_BOUND
